@@ -1,0 +1,22 @@
+"""Plan activation checkpointing for a memory budget.
+
+``plan(model, budget_gb, example_inputs)`` returns a :class:`Plan`: which forward
+values to keep for backward and which to recompute, found by an ILP (PuLP) or the
+sqrt(L) heuristic, with peaks checked by exact liveness simulation.
+"""
+
+from .api import SOLVERS, BudgetTooSmall, minimum_budget_bytes, plan, plan_profile
+from .plan_type import GiB, SCHEMA_VERSION, NodeDecision, Plan, SolverInfo
+
+__all__ = [
+    "plan",
+    "plan_profile",
+    "minimum_budget_bytes",
+    "Plan",
+    "NodeDecision",
+    "SolverInfo",
+    "BudgetTooSmall",
+    "SOLVERS",
+    "SCHEMA_VERSION",
+    "GiB",
+]

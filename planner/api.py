@@ -1,0 +1,278 @@
+"""``plan()``: capture, profile, solve, and package the result as a ``Plan``."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+import time
+from typing import Any
+
+import torch
+
+from profiles.capture import capture, normalize_inputs
+from profiles.graph_profile import GraphProfile, profile_graph
+
+from .ilp import solve_ilp
+from .plan_type import GiB, NodeDecision, Plan, SolverInfo
+from .problem import Evaluation, Problem, build_problem
+from .sqrt import solve_sqrt
+
+__all__ = ["plan", "plan_profile", "BudgetTooSmall", "minimum_budget_bytes", "SOLVERS"]
+
+SOLVERS = ("auto", "ilp", "sqrt")
+
+
+class BudgetTooSmall(ValueError):
+    """The budget is below the lowest peak the planner can reach for this model and input."""
+
+    def __init__(self, budget_bytes: int, min_budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.min_budget_bytes = min_budget_bytes
+        super().__init__(
+            f"budget {budget_bytes / GiB:.4f} GiB is below the minimum of {min_budget_bytes / GiB:.4f} GiB "
+            f"({min_budget_bytes} bytes) that this planner can reach for this model and input; "
+            "raise the budget to at least that, or use a smaller batch"
+        )
+
+
+def check_budget(budget_gb: Any) -> int:
+    """Validate ``budget_gb`` and return it in bytes."""
+    if isinstance(budget_gb, bool) or not isinstance(budget_gb, numbers.Real):
+        raise TypeError(f"budget_gb must be a number of GiB (e.g. 2.5), not {type(budget_gb).__name__}")
+    value = float(budget_gb)
+    if math.isnan(value) or math.isinf(value) or value <= 0:
+        raise ValueError(f"budget_gb must be a finite number of GiB above 0, not {budget_gb!r}")
+    if value > 2**20:
+        raise ValueError(f"budget_gb={budget_gb!r} GiB is absurd (over a PiB); give the budget in GiB")
+    return int(value * GiB)
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[planner] {msg}", file=sys.stderr, flush=True)
+
+
+def plan(
+    model: torch.nn.Module,
+    budget_gb: float,
+    example_inputs: Any = None,
+    *,
+    solver: str = "auto",
+    target: str | None = None,
+    time_limit_s: float = 60.0,
+    measure_time: bool = False,
+    progress: bool = False,
+) -> Plan:
+    """Plan activation checkpointing for one training step of ``model``.
+
+    ``budget_gb`` is GiB (2**30 bytes) for everything live on the device from the
+    start of forward to the end of backward: parameters, buffers, inputs,
+    activations, temporaries and gradients (``torch.cuda.max_memory_allocated``'s
+    measure). ``example_inputs`` is a tuple of positional arguments or a dict of
+    keyword arguments (default: ``model.example_input_array``). ``solver`` is
+    ``"ilp"``, ``"sqrt"`` or ``"auto"`` (ILP, then sqrt(L) if the ILP finds nothing).
+    Raises :class:`BudgetTooSmall` when no plan fits.
+    """
+    budget_bytes = check_budget(budget_gb)
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
+    if not isinstance(time_limit_s, numbers.Real) or not time_limit_s > 0:
+        raise ValueError(f"time_limit_s must be a positive number of seconds, not {time_limit_s!r}")
+    args, kwargs = normalize_inputs(model, example_inputs)
+    t0 = time.perf_counter()
+    _log(progress, f"capturing {type(model).__name__} forward+backward")
+    joint = capture(model, kwargs if kwargs else args)
+    _log(progress, f"captured {len(joint.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s; profiling")
+    gp = profile_graph(joint, target=target, measure_time=measure_time)
+    joint.drop_tensors()
+    model_info = {
+        "fingerprint": joint.fingerprint,
+        "class": type(model).__name__,
+        "inputs": _describe_inputs(args, kwargs),
+    }
+    return plan_profile(gp, budget_bytes, solver=solver, time_limit_s=time_limit_s, model_info=model_info, progress=progress)
+
+
+def _describe_inputs(args, kwargs) -> list:
+    out = []
+    items = [(str(i), a) for i, a in enumerate(args)] + list(kwargs.items())
+    for name, a in items:
+        if isinstance(a, torch.Tensor):
+            out.append([name, list(a.shape), str(a.dtype).replace("torch.", "")])
+        else:
+            out.append([name, None, type(a).__name__])
+    return out
+
+
+def _granularity(gp: GraphProfile) -> int:
+    for n in gp.gm.graph.find_nodes(op="placeholder"):
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.device.type == "cuda":
+            return 512  # the CUDA caching allocator rounds every block to 512 bytes
+    return 1
+
+
+def plan_profile(
+    gp: GraphProfile,
+    budget_bytes: int,
+    *,
+    solver: str = "auto",
+    time_limit_s: float = 60.0,
+    model_info: dict | None = None,
+    progress: bool = False,
+) -> Plan:
+    """Plan from an already captured and profiled graph."""
+    prob = build_problem(gp, granularity=_granularity(gp))
+    baseline = prob.evaluate(frozenset())
+    _log(progress, f"no-checkpoint peak {baseline.sim.peak_bytes / GiB:.4f} GiB, budget {budget_bytes / GiB:.4f} GiB")
+    info = model_info or {"fingerprint": gp.joint.fingerprint}
+
+    def package(ev: Evaluation, solver_info: SolverInfo) -> Plan:
+        return _make_plan(prob, ev, baseline, budget_bytes, solver_info, info)
+
+    if baseline.sim.peak_bytes <= budget_bytes:
+        return package(baseline, SolverInfo(name="none", status="budget fits without recomputation", seconds=0.0))
+
+    best: tuple[Evaluation, SolverInfo] | None = None
+    if solver in ("ilp", "auto"):
+        _log(progress, "solving ILP")
+        found = _search_ilp(prob, budget_bytes, time_limit_s)
+        if found is not None:
+            best = found
+    if solver == "sqrt" or (solver == "auto" and best is None):
+        _log(progress, "trying sqrt(L) segments")
+        res = solve_sqrt(prob, budget_bytes)
+        if res.evaluation is not None:
+            best = (res.evaluation, SolverInfo(name="sqrt", status=f"{res.status}, {res.segments} segments", seconds=res.seconds, calls=len(res.tried)))
+    if best is None:
+        _log(progress, "no plan fits; computing the minimum budget")
+        low_ev, low_info = _lowest(prob, time_limit_s)
+        if low_ev.sim.peak_bytes <= budget_bytes:
+            return package(low_ev, low_info)
+        raise BudgetTooSmall(budget_bytes, low_ev.sim.peak_bytes)
+    return package(*best)
+
+
+def _search_ilp(prob: Problem, budget: int, time_limit_s: float, max_calls: int = 6):
+    """Solve the ILP, check the solution by exact simulation, and move the ILP's
+    internal budget until the simulated peak fits (tighten) with little slack (loosen)."""
+    start = time.perf_counter()
+    internal = float(budget)
+    lo = hi = None  # internal budgets known to give a fitting / non-fitting plan
+    best: Evaluation | None = None
+    status, gap, calls = "Infeasible", None, 0
+    for _ in range(max_calls):
+        remaining = time_limit_s - (time.perf_counter() - start)
+        if remaining <= 0.5:
+            break
+        res = solve_ilp(prob, internal, time_limit_s=remaining)
+        calls += 1
+        if res.recompute is None:
+            hi = internal if hi is None else min(hi, internal)
+            if lo is None:
+                break
+        else:
+            ev = prob.evaluate(res.recompute)
+            refined = prob.refine(ev)
+            if ev.sim.peak_bytes <= budget:
+                if best is None or ev.cost_s < best.cost_s:
+                    best, status, gap = ev, res.status, res.gap
+                lo = internal if lo is None else max(lo, internal)
+                slack = budget - ev.sim.peak_bytes
+                if slack <= 0.005 * budget:
+                    break
+                step = internal + slack
+            elif refined and hi is None:
+                step = internal  # same budget, better intervals
+            else:
+                hi = internal if hi is None else min(hi, internal)
+                step = internal - (ev.sim.peak_bytes - budget) - 0.001 * budget
+            internal = step
+        if lo is not None and hi is not None:
+            if hi - lo <= 0.002 * budget:
+                break
+            internal = (lo + hi) / 2
+    if best is None:
+        return None
+    return best, SolverInfo(name="ilp", status=status, seconds=time.perf_counter() - start, gap=gap, calls=calls)
+
+
+def _lowest(prob: Problem, time_limit_s: float) -> tuple[Evaluation, SolverInfo]:
+    """The lowest-peak plan found by the ILP (minimising memory) and sqrt(L)."""
+    start = time.perf_counter()
+    options: list[tuple[Evaluation, str]] = []
+    for _ in range(4):  # refine the ILP's live intervals from each exact schedule
+        remaining = time_limit_s - (time.perf_counter() - start)
+        if remaining <= 0.5:
+            break
+        res = solve_ilp(prob, None, time_limit_s=remaining, minimize_memory=True)
+        if res.recompute is None:
+            break
+        ev = prob.evaluate(res.recompute)
+        options.append((ev, f"ilp minimum memory: {res.status}"))
+        if not prob.refine(ev):
+            break
+    sq = solve_sqrt(prob, None)
+    if sq.evaluation is not None:
+        options.append((sq.evaluation, f"sqrt minimum memory, {sq.segments} segments"))
+    options.append((prob.evaluate(frozenset(prob.can_recompute)), "recompute everything"))
+    ev, how = min(options, key=lambda o: (o[0].sim.peak_bytes, o[0].cost_s))
+    name = "ilp" if how.startswith("ilp") else "sqrt"
+    return ev, SolverInfo(name=name, status=how, seconds=time.perf_counter() - start, calls=len(options))
+
+
+def minimum_budget_bytes(gp_or_problem, *, time_limit_s: float = 60.0) -> int:
+    """The lowest peak (bytes) the planner can reach for a profiled graph."""
+    prob = gp_or_problem if isinstance(gp_or_problem, Problem) else build_problem(gp_or_problem, granularity=_granularity(gp_or_problem))
+    return _lowest(prob, time_limit_s)[0].sim.peak_bytes
+
+
+def _make_plan(prob: Problem, ev: Evaluation, baseline: Evaluation, budget: int, solver: SolverInfo, model_info: dict) -> Plan:
+    gp = prob.gp
+    info = gp.nodes
+    recomputed = set(ev.recomputed)
+    saved = set(ev.saved)
+    decisions = []
+    for name in prob.fwd:
+        if name not in recomputed and name not in saved:
+            continue
+        ni = info[name]
+        if name in recomputed:
+            decision = "recompute"
+            reason = "view: free to rebuild" if prob.own_bytes.get(name, 0) == 0 else "recomputed from saved inputs"
+        else:
+            decision = "save"
+            if name in prob.free_save:
+                reason = "model output: held anyway"
+            elif not ni.recomputable:
+                reason = "random or effectful op: never recomputed"
+            else:
+                reason = "saved for backward"
+        decisions.append(
+            NodeDecision(
+                name=name,
+                op=ni.op,
+                module=ni.module,
+                bytes=prob.own_bytes.get(name, 0),
+                flops=ni.flops,
+                time_s=ni.time_s,
+                decision=decision,
+                reason=reason,
+            )
+        )
+    total_flops = sum(n.flops for n in info.values() if n.phase in ("forward", "backward"))
+    return Plan(
+        model=dict(model_info),
+        target=gp.target,
+        time_source=gp.time_source,
+        budget_bytes=int(budget),
+        predicted_peak_bytes=int(ev.sim.peak_bytes),
+        baseline_peak_bytes=int(baseline.sim.peak_bytes),
+        static_bytes=int(ev.sim.static_bytes),
+        recompute_flops=int(ev.flops),
+        total_flops=int(total_flops),
+        recompute_time_s=float(ev.cost_s),
+        solver=solver,
+        nodes=tuple(decisions),
+    )

@@ -1,0 +1,201 @@
+"""The ``Plan``: what to keep and what to recompute, with the numbers behind it.
+
+A plan is immutable data: it serialises to versioned JSON and back exactly, and it
+explains itself (``explain()``, ``summary()``): which values are saved, which are
+recomputed, what each costs, where they come from in the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["Plan", "NodeDecision", "SolverInfo", "SCHEMA_VERSION", "GiB"]
+
+SCHEMA_VERSION = 1
+GiB = 2**30
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeDecision:
+    """One forward value that backward needs, and what the plan does with it."""
+
+    #: fx node name in the joint graph.
+    name: str
+    #: Operator that produces it, e.g. ``aten.mm.default``.
+    op: str
+    #: Owning module path, e.g. ``transformer.h.3.mlp.c_fc``.
+    module: str
+    #: Bytes of storage the value owns (0 for views).
+    bytes: int
+    #: FLOPs to compute it once.
+    flops: int
+    #: Seconds to compute it once (see ``Plan.time_source``).
+    time_s: float
+    #: ``"save"``: kept from forward for backward; ``"recompute"``: rebuilt in backward.
+    decision: str
+    #: Why, in a few words (e.g. "random op: never recomputed").
+    reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolverInfo:
+    """Which solver produced the plan, and how it went."""
+
+    #: ``"none"`` (nothing to recompute), ``"ilp"`` or ``"sqrt"``.
+    name: str
+    #: Solver status, e.g. ``"Optimal"``.
+    status: str
+    #: Wall-clock seconds spent solving (all solver calls together).
+    seconds: float
+    #: Relative MIP gap when the solver reports one.
+    gap: float | None = None
+    #: Solver calls made (the ILP is re-solved until the exact simulation fits).
+    calls: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """An activation-checkpointing plan for one model and input shape."""
+
+    #: Version of this structure's JSON form.
+    schema_version: int = SCHEMA_VERSION
+    #: Model identity: ``fingerprint`` (hash of the captured graph), ``class`` and ``inputs``.
+    model: dict = field(default_factory=dict)
+    #: Device profile the costs refer to (``"cpu"``, ``"h100"``, ...).
+    target: str = "cpu"
+    #: How node times were obtained (``"roofline:h100"``, ``"measured:cuda:0"``).
+    time_source: str = ""
+    #: The budget: bytes for the whole training step (parameters, buffers, inputs,
+    #: activations, temporaries and gradients).
+    budget_bytes: int
+    #: Peak of the planned step, by exact liveness simulation.
+    predicted_peak_bytes: int
+    #: Peak of the same step with no recomputation.
+    baseline_peak_bytes: int
+    #: Bytes live for the whole step: parameters, buffers and inputs.
+    static_bytes: int = 0
+    #: FLOPs spent recomputing.
+    recompute_flops: int
+    #: Forward + backward FLOPs without recomputation.
+    total_flops: int
+    #: Seconds spent recomputing, by the same estimate as the node times.
+    recompute_time_s: float = 0.0
+    #: Solver name, status, seconds, gap.
+    solver: SolverInfo
+    #: Per-value decisions, in forward order.
+    nodes: tuple[NodeDecision, ...] = ()
+
+    # -- derived -----------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return self.model.get("fingerprint", "")
+
+    @property
+    def recomputed(self) -> list[str]:
+        """Names of the values rebuilt in backward."""
+        return [n.name for n in self.nodes if n.decision == "recompute"]
+
+    @property
+    def saved(self) -> list[str]:
+        return [n.name for n in self.nodes if n.decision == "save"]
+
+    @property
+    def overhead(self) -> float:
+        """Recompute FLOPs as a fraction of the step's FLOPs."""
+        return self.recompute_flops / self.total_flops if self.total_flops else 0.0
+
+    # -- JSON ------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["nodes"] = [asdict(n) for n in self.nodes]
+        return d
+
+    def to_json(self, path: str | Path | None = None, *, indent: int = 1) -> str:
+        """The plan as JSON text; written to ``path`` too when given."""
+        text = json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        if not isinstance(d, dict) or "schema_version" not in d:
+            raise ValueError("not a plan: the JSON has no 'schema_version' (was it written by Plan.to_json?)")
+        if d["schema_version"] != SCHEMA_VERSION:
+            raise ValueError(
+                f"plan schema version {d['schema_version']} is not supported (this planner reads "
+                f"version {SCHEMA_VERSION}); re-plan the model with this version"
+            )
+        try:
+            d = dict(d)
+            d["solver"] = SolverInfo(**d["solver"])
+            d["nodes"] = tuple(NodeDecision(**n) for n in d["nodes"])
+            plan = cls(**d)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed plan JSON: {e}") from e
+        for n in plan.nodes:
+            if n.decision not in ("save", "recompute"):
+                raise ValueError(f"node {n.name!r} has decision {n.decision!r}; expected 'save' or 'recompute'")
+        return plan
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> "Plan":
+        """Read a plan from a JSON file path or JSON text."""
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.exists():
+                raise FileNotFoundError(f"no plan file at {path}")
+            text = path.read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"plan JSON is truncated or invalid: {e}") from e
+        return cls.from_dict(data)
+
+    # -- explaining --------------------------------------------------------
+    def summary(self) -> str:
+        """A few lines: budget, peaks, overhead, solver."""
+        return (
+            f"budget {self.budget_bytes / GiB:.3f} GiB, predicted peak {self.predicted_peak_bytes / GiB:.3f} GiB "
+            f"(no checkpointing: {self.baseline_peak_bytes / GiB:.3f} GiB)\n"
+            f"recompute {self.recompute_flops / 1e9:.3f} GFLOP = {100 * self.overhead:.1f}% of the step's "
+            f"{self.total_flops / 1e9:.3f} GFLOP; {len(self.recomputed)} values recomputed, {len(self.saved)} saved\n"
+            f"solver {self.solver.name}: {self.solver.status} in {self.solver.seconds:.2f} s"
+        )
+
+    def by_module(self, depth: int | None = None) -> list[dict]:
+        """Per module (path cut to ``depth`` parts): bytes saved and recomputed, FLOPs recomputed."""
+        rows: dict[str, dict] = defaultdict(lambda: {"saved_bytes": 0, "recomputed_bytes": 0, "recompute_flops": 0})
+        for n in self.nodes:
+            mod = n.module or "(top)"
+            if depth is not None:
+                mod = ".".join(mod.split(".")[:depth])
+            r = rows[mod]
+            if n.decision == "save":
+                r["saved_bytes"] += n.bytes
+            else:
+                r["recomputed_bytes"] += n.bytes
+                r["recompute_flops"] += n.flops
+        return [{"module": k, **v} for k, v in rows.items()]
+
+    def explain(self, *, depth: int | None = 3, top: int = 10) -> str:
+        """What is saved and recomputed, per module, and the largest recomputed values."""
+        lines = [self.summary(), "", f"{'module':<40} {'saved MiB':>10} {'recomp MiB':>10} {'recomp GFLOP':>12}"]
+        for r in self.by_module(depth):
+            lines.append(
+                f"{r['module'][:40]:<40} {r['saved_bytes'] / 2**20:>10.2f} {r['recomputed_bytes'] / 2**20:>10.2f} "
+                f"{r['recompute_flops'] / 1e9:>12.4f}"
+            )
+        rec = sorted((n for n in self.nodes if n.decision == "recompute"), key=lambda n: -n.bytes)[:top]
+        if rec:
+            lines += ["", "largest recomputed values:"]
+            for n in rec:
+                lines.append(f"  {n.name:<28} {n.op:<36} {n.module:<32} {n.bytes / 2**20:8.2f} MiB")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()

@@ -1,0 +1,128 @@
+"""Exact liveness simulation of one training step: forward graph, then backward graph.
+
+Storage-level accounting in the order the runtime runs the nodes: a node's new
+storages are allocated when it runs; a storage is freed once no live value refers
+to it (fx frees each value after its last use, and the boxed calling convention
+frees graph inputs too). Parameters, buffers and inputs are live throughout; the
+model's outputs are held by the caller until backward ends; gradients are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from profiles.graph_profile import GraphProfile
+
+__all__ = ["SimResult", "simulate", "TimelinePoint"]
+
+
+@dataclass(frozen=True)
+class TimelinePoint:
+    """Live bytes just after ``node`` ran (its inputs not yet freed)."""
+
+    phase: str
+    node: str
+    live_bytes: int
+
+
+@dataclass
+class SimResult:
+    peak_bytes: int
+    #: Node at which the peak is reached, and its phase.
+    peak_node: str
+    peak_phase: str
+    #: Bytes of parameters, buffers and inputs (live for the whole step).
+    static_bytes: int
+    timeline: list[TimelinePoint] = field(default_factory=list)
+
+
+def _round(nbytes: int, granularity: int) -> int:
+    if granularity <= 1:
+        return nbytes
+    return (nbytes + granularity - 1) // granularity * granularity
+
+
+def simulate(
+    gp: GraphProfile,
+    fwd: fx.GraphModule,
+    bwd: fx.GraphModule,
+    *,
+    granularity: int = 1,
+    timeline: bool = False,
+) -> SimResult:
+    """Simulate the step and return its peak of live bytes."""
+    sizes = [_round(b, granularity) for b in gp.storage_bytes]
+    info = gp.nodes
+    refs: dict[int, int] = {}
+    live = 0
+    static = set(gp.static_storages)
+    static_bytes = sum(sizes[s] for s in static)
+    peak, peak_node, peak_phase = 0, "", ""
+    points: list[TimelinePoint] = []
+
+    def acquire(storages):
+        nonlocal live
+        for s in storages:
+            if s in static:
+                continue
+            if refs.get(s, 0) == 0:
+                live += sizes[s]
+            refs[s] = refs.get(s, 0) + 1
+
+    def release(storages):
+        nonlocal live
+        for s in storages:
+            if s in static:
+                continue
+            refs[s] -= 1
+            if refs[s] == 0:
+                live -= sizes[s]
+
+    def run(gm: fx.GraphModule, phase: str, held: set[str]):
+        nonlocal peak, peak_node, peak_phase
+        nodes = list(gm.graph.nodes)
+        last_use: dict[str, int] = {}
+        for i, n in enumerate(nodes):
+            for a in n.all_input_nodes:
+                last_use[a.name] = i
+        out_node = nodes[-1]
+        outputs = {a.name for a in out_node.all_input_nodes}
+        for i, n in enumerate(nodes):
+            if n.op == "output":
+                break
+            if n.op == "call_function":
+                acquire(info[n.name].storages)
+            total = static_bytes + live
+            if timeline:
+                points.append(TimelinePoint(phase, n.name, total))
+            if total > peak:
+                peak, peak_node, peak_phase = total, n.name, phase
+            # free what is dead after this node
+            for a in n.all_input_nodes:
+                if last_use.get(a.name) == i and a.name not in outputs and a.name not in held:
+                    release(info[a.name].storages)
+            if n.name not in last_use and n.name not in outputs and n.name not in held:
+                if n.op == "call_function" or phase == "backward":
+                    release(info[n.name].storages)
+        return [a.name for a in out_node.all_input_nodes]
+
+    # Forward: placeholders are primals (static).
+    fwd_out = run(fwd, "forward", set())
+    user_outputs = fwd_out[: gp.joint.num_fwd_outputs]
+    saved = [p.name for p in bwd.graph.find_nodes(op="placeholder") if not p.name.startswith("tangents")]
+    # The caller holds the model's outputs until the step ends; autograd's
+    # context holds the saved values until backward's last use frees them.
+    for name in set(user_outputs):
+        acquire(info[name].storages)
+    for name in saved:
+        acquire(info[name].storages)
+    for name in set(fwd_out):
+        release(info[name].storages)
+    # Tangents (gradients of the outputs) are allocated before backward runs.
+    for p in bwd.graph.find_nodes(op="placeholder"):
+        if p.name.startswith("tangents"):
+            acquire(info[p.name].storages)
+    run(bwd, "backward", set())
+    return SimResult(peak, peak_node, peak_phase, static_bytes, points)

@@ -1,0 +1,26 @@
+"""Capture a model's training step as a joint fx graph and measure each node.
+
+Also holds device profiles (``profiles/devices/*.json``) for estimating times on
+a device you don't have, and :func:`measure_peak` for measuring real peaks.
+"""
+
+from .capture import CaptureError, JointGraph, capture, graph_fingerprint, normalize_inputs
+from .device import DeviceProfile, available_targets, load_device_profile
+from .graph_profile import GraphProfile, NodeInfo, profile_graph
+from .memory import measure_peak, storage_bytes
+
+__all__ = [
+    "capture",
+    "CaptureError",
+    "JointGraph",
+    "graph_fingerprint",
+    "normalize_inputs",
+    "profile_graph",
+    "GraphProfile",
+    "NodeInfo",
+    "DeviceProfile",
+    "load_device_profile",
+    "available_targets",
+    "measure_peak",
+    "storage_bytes",
+]

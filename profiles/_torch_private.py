@@ -1,0 +1,68 @@
+"""Every private torch API the project touches, in one place.
+
+Why: torch.compile's AOTAutograd is the only way to get one joint forward+backward
+graph of an arbitrary model (dynamo handles data-dependent Python, tied weights
+and buffers), and choosing what forward saves for backward is only exposed
+through its private ``partition_fn`` hook and ``_extract_fwd_bwd_modules``. A
+torch upgrade that moves these names is a one-file change here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._dynamo.backends.common import aot_autograd  # private: backend factory with partition_fn
+from torch._functorch.partitioners import (  # private: the partitioner's building block
+    _extract_fwd_bwd_modules as extract_fwd_bwd_modules,
+)
+from torch.fx.graph import _BoxedCodeGen  # private: boxed calling convention frees inputs early
+
+__all__ = [
+    "aot_autograd",
+    "extract_fwd_bwd_modules",
+    "make_boxed",
+    "allow_recompiles",
+    "backend_error_cause",
+]
+
+
+def make_boxed(gm: torch.fx.GraphModule):
+    """Return ``gm`` as a boxed callable: it takes one list and clears it, so each
+    input is freed after its last use instead of living until the call returns."""
+    gm.graph.set_codegen(_BoxedCodeGen())
+    gm.recompile()
+    forward = gm.forward
+
+    def run(args):
+        return forward(args)
+
+    run._boxed_call = True  # read by AOTAutograd's runtime
+    return run
+
+
+def allow_recompiles(count: int = 256) -> None:
+    """Raise dynamo's recompile limit. Every capture and every applied plan
+    compiles the same ``forward`` code object again with another backend; past
+    the default limit of 8 dynamo would silently fall back to eager."""
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, count)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, count * 4)
+    # Logging calls inside forward (Hugging Face's ``logger.warning_once``) would
+    # break the graph; inside compiled regions they become no-ops instead.
+    import logging
+
+    for name in ("debug", "info", "warning", "warn", "warning_once", "info_once", "warning_advice"):
+        fn = getattr(logging.Logger, name, None)
+        if fn is not None:
+            cfg.ignore_logging_functions.add(fn)
+
+
+def backend_error_cause(exc: BaseException) -> BaseException | None:
+    """The exception our own backend code raised inside torch.compile, if any."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, BackendCompilerFailed):
+            return getattr(seen, "inner_exception", None) or seen.__cause__
+        seen = seen.__cause__
+    return None

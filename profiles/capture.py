@@ -1,0 +1,176 @@
+"""Capture a model's training step (forward and backward) as one torch.fx joint graph.
+
+The capture runs the model once through ``torch.compile`` with an AOTAutograd
+backend whose partition hook records the joint graph. Model state is left as it
+was: buffers (BatchNorm statistics) and the RNG state are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from ._torch_private import aot_autograd, allow_recompiles, backend_error_cause
+
+__all__ = ["JointGraph", "capture", "normalize_inputs", "graph_fingerprint", "CaptureError"]
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as one forward+backward graph."""
+
+
+@dataclass
+class JointGraph:
+    """A captured training step.
+
+    ``gm`` is the joint graph: placeholders ``primals_*`` (parameters, buffers and
+    inputs, in the order the compiled forward receives them) and ``tangents_*``
+    (gradients of the forward outputs); outputs are the forward outputs followed
+    by the gradients of the primals.
+    """
+
+    gm: fx.GraphModule
+    num_fwd_outputs: int
+    #: One entry per ``primals_*`` placeholder: "param", "buffer" or "input".
+    primal_roles: list[str]
+    #: Fully qualified parameter/buffer name per primal ("" for inputs).
+    primal_names: list[str]
+    #: The real tensors the forward was called with (cleared by ``drop_tensors``).
+    primal_values: list[Any] = field(default_factory=list, repr=False)
+    fingerprint: str = ""
+
+    def drop_tensors(self) -> None:
+        """Forget the real tensors so the graph no longer keeps them alive."""
+        self.primal_values = []
+
+
+def normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
+    """Turn ``example_inputs`` into ``(args, kwargs)``.
+
+    A tuple or list is positional, a dict (or Mapping) is keyword; a single tensor
+    is one positional argument; ``None`` uses ``model.example_input_array``.
+    """
+    if example_inputs is None:
+        example_inputs = getattr(model, "example_input_array", None)
+        if example_inputs is None:
+            raise ValueError(
+                "no example inputs: pass example_inputs=(tensor, ...) or {name: tensor}, "
+                "or set model.example_input_array (the PyTorch Lightning convention)"
+            )
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict) or hasattr(example_inputs, "keys"):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TypeError(
+        f"example_inputs must be a tuple of positional arguments, a dict of keyword "
+        f"arguments or a tensor, not {type(example_inputs).__name__}"
+    )
+
+
+def graph_fingerprint(gm: fx.GraphModule, num_fwd_outputs: int) -> str:
+    """A hash of the joint graph's structure: node names, ops, shapes and dtypes."""
+    h = hashlib.sha256(f"fwd_outputs={num_fwd_outputs}".encode())
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        shapes = []
+        for t in pytree.tree_leaves(val):
+            if isinstance(t, torch.Tensor):
+                shapes.append(f"{tuple(t.shape)}:{t.dtype}")
+        args = ",".join(a.name for a in node.all_input_nodes)
+        h.update(f"{node.name}|{node.op}|{node.target}|{args}|{';'.join(shapes)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _rng_state():
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def capture(model: torch.nn.Module, example_inputs: Any = None) -> JointGraph:
+    """Capture one training step of ``model`` on ``example_inputs`` as a joint graph."""
+    args, kwargs = normalize_inputs(model, example_inputs)
+    allow_recompiles()
+    recorded: dict[str, Any] = {}
+
+    def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
+        from torch._functorch.partitioners import default_partition
+
+        recorded["joint"] = joint
+        recorded["num_fwd_outputs"] = num_fwd_outputs
+        return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+
+    def fw_compiler(gm, example):
+        def run(*fw_args):
+            recorded.setdefault("primals", list(fw_args))
+            return gm(*fw_args)
+
+        return run
+
+    backend = aot_autograd(
+        fw_compiler=fw_compiler, bw_compiler=lambda gm, ex: gm, partition_fn=partition
+    )
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
+    rng = _rng_state()
+    was_training = model.training
+    model.train()
+    try:
+        with torch.enable_grad():
+            compiled(*args, **kwargs)
+    except Exception as e:  # torch.compile wraps every failure; say which step failed
+        inner = backend_error_cause(e)
+        raise CaptureError(
+            f"could not capture {type(model).__name__} as one forward+backward graph: "
+            f"{type(inner or e).__name__}: {str(inner or e).splitlines()[0] if str(inner or e) else ''}. "
+            "Check that the model runs eagerly on these inputs and that torch.compile("
+            "model, fullgraph=True) accepts it (no graph breaks)."
+        ) from e
+    finally:
+        model.train(was_training)
+        _set_rng_state(rng)
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                if k in buffers:
+                    b.copy_(buffers[k])
+    if "joint" not in recorded:
+        raise CaptureError(
+            f"{type(model).__name__} produced no backward graph: no output requires grad. "
+            "Make sure some parameters have requires_grad=True and the outputs depend on them."
+        )
+    gm = recorded["joint"]
+    primals = recorded.get("primals", [])
+    names_by_id: dict[int, tuple[str, str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_by_id.setdefault(id(p), ("param", name))
+    for name, b in model.named_buffers(remove_duplicate=False):
+        names_by_id.setdefault(id(b), ("buffer", name))
+    roles, names = [], []
+    for v in primals:
+        role, name = names_by_id.get(id(v), ("input", ""))
+        roles.append(role)
+        names.append(name)
+    jg = JointGraph(
+        gm=gm,
+        num_fwd_outputs=recorded["num_fwd_outputs"],
+        primal_roles=roles,
+        primal_names=names,
+        primal_values=primals,
+    )
+    jg.fingerprint = graph_fingerprint(gm, jg.num_fwd_outputs)
+    recorded.clear()
+    return jg
