@@ -154,14 +154,19 @@ def plan_profile(
     return package(*best)
 
 
-def _search_ilp(prob: Problem, budget: int, time_limit_s: float, max_calls: int = 6):
-    """Solve the ILP, check the solution by exact simulation, and move the ILP's
-    internal budget until the simulated peak fits (tighten) with little slack (loosen)."""
+def _search_ilp(prob: Problem, budget: int, time_limit_s: float, max_calls: int = 12):
+    """Solve the ILP, check each solution by exact simulation, and adjust.
+
+    After each solve the ILP's live-interval estimates are replaced by the exact
+    ones of the simulated schedule (``Problem.refine``). When the simulated peak is
+    over the budget the ILP's internal budget is tightened by the overshoot; when it
+    fits with slack the internal budget is loosened to look for a cheaper plan.
+    """
     start = time.perf_counter()
     internal = float(budget)
     lo = hi = None  # internal budgets known to give a fitting / non-fitting plan
     best: Evaluation | None = None
-    status, gap, calls = "Infeasible", None, 0
+    status, gap, calls, refines = "Infeasible", None, 0, 0
     for _ in range(max_calls):
         remaining = time_limit_s - (time.perf_counter() - start)
         if remaining <= 0.5:
@@ -172,27 +177,27 @@ def _search_ilp(prob: Problem, budget: int, time_limit_s: float, max_calls: int 
             hi = internal if hi is None else min(hi, internal)
             if lo is None:
                 break
-        else:
-            ev = prob.evaluate(res.recompute)
-            refined = prob.refine(ev)
-            if ev.sim.peak_bytes <= budget:
-                if best is None or ev.cost_s < best.cost_s:
-                    best, status, gap = ev, res.status, res.gap
-                lo = internal if lo is None else max(lo, internal)
-                slack = budget - ev.sim.peak_bytes
-                if slack <= 0.005 * budget:
-                    break
-                step = internal + slack
-            elif refined and hi is None:
-                step = internal  # same budget, better intervals
-            else:
-                hi = internal if hi is None else min(hi, internal)
-                step = internal - (ev.sim.peak_bytes - budget) - 0.001 * budget
-            internal = step
-        if lo is not None and hi is not None:
-            if hi - lo <= 0.002 * budget:
-                break
             internal = (lo + hi) / 2
+            continue
+        ev = prob.evaluate(res.recompute)
+        refined = prob.refine(ev)
+        if ev.sim.peak_bytes <= budget:
+            if best is None or ev.cost_s < best.cost_s:
+                best, status, gap = ev, res.status, res.gap
+            lo = internal if lo is None else max(lo, internal)
+            slack = budget - ev.sim.peak_bytes
+            if slack <= 0.005 * budget:
+                break
+            internal = internal + slack if hi is None else (internal + hi) / 2
+        elif refined and refines < 3:
+            refines += 1  # same internal budget, better intervals
+        else:
+            hi = internal if hi is None else min(hi, internal)
+            internal = internal - (ev.sim.peak_bytes - budget) - 0.001 * budget
+            if lo is not None:
+                internal = max(internal, (lo + hi) / 2)
+        if lo is not None and hi is not None and hi - lo <= 0.002 * budget:
+            break
     if best is None:
         return None
     return best, SolverInfo(name="ilp", status=status, seconds=time.perf_counter() - start, gap=gap, calls=calls)
@@ -202,7 +207,8 @@ def _lowest(prob: Problem, time_limit_s: float) -> tuple[Evaluation, SolverInfo]
     """The lowest-peak plan found by the ILP (minimising memory) and sqrt(L)."""
     start = time.perf_counter()
     options: list[tuple[Evaluation, str]] = []
-    for _ in range(4):  # refine the ILP's live intervals from each exact schedule
+    prob.reset_intervals()  # the same minimum whatever was solved before
+    for _ in range(8):  # refine the ILP's live intervals from each exact schedule
         remaining = time_limit_s - (time.perf_counter() - start)
         if remaining <= 0.5:
             break

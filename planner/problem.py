@@ -100,6 +100,11 @@ class Problem:
         self._cache[key] = ev
         return ev
 
+    def reset_intervals(self) -> None:
+        """Forget refinements: back to the first estimates (for reproducible results)."""
+        self._need, self._end = dict(self._initial[0]), dict(self._initial[1])
+        _interval_rows(self)
+
     def refine(self, ev: "Evaluation") -> bool:
         """Replace interval estimates with the exact ones of ``ev``'s schedule:
         where each recomputed value is rebuilt and when each value is last read.
@@ -287,6 +292,7 @@ def _build_memory_rows(prob: Problem, by_name, held_storages, creator) -> None:
                 end[o] = max(end[o], end[n])
     prob._need = {n: need[n] for n in cand}
     prob._end = {n: end[n] for n in cand}
+    prob._initial = (dict(prob._need), dict(prob._end))
     prob._owner_of = owner_of
 
     # Constant memory per forward step: storages that live in forward regardless

@@ -36,6 +36,8 @@ class SimResult:
     #: Bytes of parameters, buffers and inputs (live for the whole step).
     static_bytes: int
     timeline: list[TimelinePoint] = field(default_factory=list)
+    #: Storage ids live at the peak (besides parameters, buffers and inputs).
+    peak_storages: tuple[int, ...] = ()
 
 
 def _round(nbytes: int, granularity: int) -> int:
@@ -61,6 +63,7 @@ def simulate(
     static_bytes = sum(sizes[s] for s in static)
     peak, peak_node, peak_phase = 0, "", ""
     points: list[TimelinePoint] = []
+    peak_live: list[int] = []
 
     def acquire(storages):
         nonlocal live
@@ -99,6 +102,7 @@ def simulate(
                 points.append(TimelinePoint(phase, n.name, total))
             if total > peak:
                 peak, peak_node, peak_phase = total, n.name, phase
+                peak_live[:] = [k for k, c in refs.items() if c > 0]
             # free what is dead after this node
             for a in n.all_input_nodes:
                 if last_use.get(a.name) == i and a.name not in outputs and a.name not in held:
@@ -125,4 +129,4 @@ def simulate(
         if p.name.startswith("tangents"):
             acquire(info[p.name].storages)
     run(bwd, "backward", set())
-    return SimResult(peak, peak_node, peak_phase, static_bytes, points)
+    return SimResult(peak, peak_node, peak_phase, static_bytes, points, tuple(sorted(peak_live)))

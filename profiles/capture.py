@@ -16,8 +16,9 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from ._torch_private import aot_autograd, allow_recompiles, backend_error_cause
+from .dropout_pass import rebuild_dropout_outputs
 
-__all__ = ["JointGraph", "capture", "normalize_inputs", "graph_fingerprint", "CaptureError"]
+__all__ = ["JointGraph", "capture", "normalize_inputs", "graph_fingerprint", "prepare_joint", "CaptureError"]
 
 
 class CaptureError(RuntimeError):
@@ -86,6 +87,12 @@ def graph_fingerprint(gm: fx.GraphModule, num_fwd_outputs: int) -> str:
         args = ",".join(a.name for a in node.all_input_nodes)
         h.update(f"{node.name}|{node.op}|{node.target}|{args}|{';'.join(shapes)}\n".encode())
     return h.hexdigest()[:16]
+
+
+def prepare_joint(gm: fx.GraphModule) -> None:
+    """Rewrites applied to every joint graph, at planning and at run time alike
+    (after the fingerprint is taken, so it describes the model as captured)."""
+    rebuild_dropout_outputs(gm)
 
 
 def _rng_state():
@@ -172,5 +179,6 @@ def capture(model: torch.nn.Module, example_inputs: Any = None) -> JointGraph:
         primal_values=primals,
     )
     jg.fingerprint = graph_fingerprint(gm, jg.num_fwd_outputs)
+    prepare_joint(gm)
     recorded.clear()
     return jg

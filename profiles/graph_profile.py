@@ -169,6 +169,9 @@ def profile_graph(
                 static.update(ids)
         elif node.op == "output":
             phase = "output"
+        elif node.op == "get_attr":
+            phase = "primal"  # a constant the graph module holds
+            static.update(ids)
         else:
             phase = "backward" if node.meta.get("partitioner_tag") == "is_backward" else "forward"
         flops = _flops(node)

@@ -15,7 +15,7 @@ from torch import nn
 from planner.partition import split_joint
 from planner.plan_type import Plan
 from profiles._torch_private import aot_autograd, allow_recompiles, backend_error_cause, make_boxed
-from profiles.capture import graph_fingerprint
+from profiles.capture import graph_fingerprint, prepare_joint
 
 __all__ = ["PlannedModule", "PlanMismatch", "apply"]
 
@@ -47,6 +47,7 @@ class PlannedModule(nn.Module):
                     f"this plan was made for another model or input shapes (plan fingerprint {expected}, "
                     f"this model and input {got}); plan again with planner.plan(model, budget_gb, inputs)"
                 )
+            prepare_joint(joint)
             fwd, bwd, _ = split_joint(joint, recompute, num_fwd_outputs=num_fwd_outputs)
             return fwd, bwd
 
