@@ -22,6 +22,20 @@ __all__ = ["plan", "plan_profile", "BudgetTooSmall", "minimum_budget_bytes", "SO
 
 SOLVERS = ("auto", "ilp", "sqrt")
 
+#: Plans that recompute keep this fraction of the budget unused: the simulator
+#: sees every tensor but not the few-byte scalars some ops allocate on the side.
+SAFETY = 0.001
+
+
+def _usable(budget_bytes: int) -> int:
+    """Bytes a recomputing plan may use of ``budget_bytes``."""
+    return int(math.floor(budget_bytes * (1 - SAFETY)))
+
+
+def _budget_for(peak_bytes: int) -> int:
+    """The smallest budget whose usable part holds ``peak_bytes``."""
+    return int(math.ceil(peak_bytes / (1 - SAFETY))) + 1
+
 
 class BudgetTooSmall(ValueError):
     """The budget is below the lowest peak the planner can reach for this model and input."""
@@ -134,23 +148,24 @@ def plan_profile(
     if baseline.sim.peak_bytes <= budget_bytes:
         return package(baseline, SolverInfo(name="none", status="budget fits without recomputation", seconds=0.0))
 
+    usable = _usable(budget_bytes)
     best: tuple[Evaluation, SolverInfo] | None = None
     if solver in ("ilp", "auto"):
         _log(progress, "solving ILP")
-        found = _search_ilp(prob, budget_bytes, time_limit_s)
+        found = _search_ilp(prob, usable, time_limit_s)
         if found is not None:
             best = found
     if solver == "sqrt" or (solver == "auto" and best is None):
         _log(progress, "trying sqrt(L) segments")
-        res = solve_sqrt(prob, budget_bytes)
+        res = solve_sqrt(prob, usable)
         if res.evaluation is not None:
             best = (res.evaluation, SolverInfo(name="sqrt", status=f"{res.status}, {res.segments} segments", seconds=res.seconds, calls=len(res.tried)))
     if best is None:
         _log(progress, "no plan fits; computing the minimum budget")
         low_ev, low_info = _lowest(prob, time_limit_s)
-        if low_ev.sim.peak_bytes <= budget_bytes:
+        if low_ev.sim.peak_bytes <= usable:
             return package(low_ev, low_info)
-        raise BudgetTooSmall(budget_bytes, low_ev.sim.peak_bytes)
+        raise BudgetTooSmall(budget_bytes, _budget_for(low_ev.sim.peak_bytes))
     return package(*best)
 
 
@@ -229,9 +244,9 @@ def _lowest(prob: Problem, time_limit_s: float) -> tuple[Evaluation, SolverInfo]
 
 
 def minimum_budget_bytes(gp_or_problem, *, time_limit_s: float = 60.0) -> int:
-    """The lowest peak (bytes) the planner can reach for a profiled graph."""
+    """The smallest budget (bytes) the planner can plan for, for a profiled graph."""
     prob = gp_or_problem if isinstance(gp_or_problem, Problem) else build_problem(gp_or_problem, granularity=_granularity(gp_or_problem))
-    return _lowest(prob, time_limit_s)[0].sim.peak_bytes
+    return _budget_for(_lowest(prob, time_limit_s)[0].sim.peak_bytes)
 
 
 def _make_plan(prob: Problem, ev: Evaluation, baseline: Evaluation, budget: int, solver: SolverInfo, model_info: dict) -> Plan:

@@ -321,7 +321,7 @@ def _build_memory_rows(prob: Problem, by_name, held_storages, creator) -> None:
                 if u.name in fpos:
                     lastf = max(lastf, fpos[u.name])
             live_events[lastf + 1] -= b
-    const_f = static_bytes + np.cumsum(live_events)[:nf]
+    const_f = static_bytes + np.cumsum(live_events)[:nf] + np.array([info[n].temp_bytes for n in fwd], dtype=float)
     held_bytes = sum(sizes[s] for s in held_storages if s not in static)
     held_bytes += sum(
         sizes[s] for n in prob.free_save for s in info[n].storages if s not in held_storages and s not in static
@@ -361,6 +361,7 @@ def _build_memory_rows(prob: Problem, by_name, held_storages, creator) -> None:
         bev[j0] += sizes[s]
         bev[bwd_storage_last[s] + 1] -= sizes[s]
     const_b = static_bytes + held_bytes + tangent_bytes + np.cumsum(bev)[:nb]
+    const_b = const_b + np.array([info[n].temp_bytes for n in bwd], dtype=float)
 
     m = len(cand)
     cb = np.array([sum(sizes[s] for s in cand_storages[n]) for n in cand], dtype=float)

@@ -97,7 +97,7 @@ def simulate(
                 break
             if n.op == "call_function":
                 acquire(info[n.name].storages)
-            total = static_bytes + live
+            total = static_bytes + live + (info[n.name].temp_bytes if n.op == "call_function" else 0)
             if timeline:
                 points.append(TimelinePoint(phase, n.name, total))
             if total > peak:

@@ -5,6 +5,7 @@ an output whose storage was seen before (a view, or a ``getitem`` of a
 multi-output op) allocates nothing new. FLOPs come from
 ``torch.utils.flop_counter``'s formulas; times from a device profile's roofline,
 or, with ``measure_time=True``, from running the nodes on the model's device.
+Ops' hidden temporaries are measured by running the nodes when real tensors exist.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class NodeInfo:
     recomputable: bool = True
     #: dtype of the (first) output, "" when none.
     dtype: str = ""
+    #: Bytes the op allocates internally and frees before returning (measured).
+    temp_bytes: int = 0
 
 
 @dataclass
@@ -136,7 +139,11 @@ def _tensors(val: Any) -> list[torch.Tensor]:
 
 
 def profile_graph(
-    joint: JointGraph, *, target: str | DeviceProfile | None = None, measure_time: bool = False
+    joint: JointGraph,
+    *,
+    target: str | DeviceProfile | None = None,
+    measure_time: bool = False,
+    measure_temps: bool | None = None,
 ) -> GraphProfile:
     """Profile every node of ``joint``.
 
@@ -194,13 +201,19 @@ def profile_graph(
             dtype=dtype,
         )
     time_source = f"roofline:{profile.name}"
-    if measure_time:
-        from .timing import time_nodes
+    if measure_temps is None:
+        measure_temps = bool(joint.primal_values) and device.type in ("cpu", "cuda")
+    if measure_time or measure_temps:
+        from .timing import run_nodes
 
-        measured = time_nodes(joint)
-        for name, secs in measured.items():
-            infos[name] = _replace(infos[name], time_s=secs)
-        time_source = f"measured:{device}"
+        measured = run_nodes(joint, measure_time=measure_time, measure_temps=measure_temps)
+        for name, (secs, temp) in measured.items():
+            kw = {"temp_bytes": temp} if measure_temps else {}
+            if measure_time:
+                kw["time_s"] = secs
+            infos[name] = _replace(infos[name], **kw)
+        if measure_time:
+            time_source = f"measured:{device}"
     return GraphProfile(
         joint=joint,
         nodes=infos,
