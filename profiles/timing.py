@@ -19,7 +19,6 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .capture import JointGraph
-from .memory import measure_peak
 
 __all__ = ["run_nodes"]
 
@@ -44,67 +43,121 @@ def _new_bytes(out: Any, before: set) -> int:
     return total
 
 
-def run_nodes(joint: JointGraph, *, measure_time: bool = True, measure_temps: bool = True, repeats: int = 3) -> dict[str, tuple[float, int]]:
-    """``{node name: (seconds, temporary bytes)}`` for every call_function node."""
-    if not joint.primal_values:
-        raise ValueError("the joint graph holds no real tensors (planned on the meta device?); use estimated times")
+def _execute(joint: JointGraph, device: torch.device, per_node) -> None:
+    """Run the joint graph node by node, freeing values after their last use;
+    ``per_node(node, call)`` runs ``call()`` and returns its output."""
     gm = joint.gm
     nodes = list(gm.graph.nodes)
-    device = next((v.device for v in joint.primal_values if isinstance(v, torch.Tensor)), torch.device("cpu"))
     last_use: dict[fx.Node, int] = {}
     for i, n in enumerate(nodes):
         for a in n.all_input_nodes:
             last_use[a] = i
     env: dict[fx.Node, Any] = {}
     primals = iter(joint.primal_values)
-    results: dict[str, tuple[float, int]] = {}
-    rng = torch.get_rng_state()
+    for i, n in enumerate(nodes):
+        if n.op == "placeholder":
+            env[n] = _materialize(n.meta.get("val"), device) if n.name.startswith("tangents") else next(primals)
+            continue
+        if n.op == "get_attr":
+            env[n] = getattr(gm, n.target)
+            continue
+        if n.op == "output":
+            break
+        args = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.args)
+        kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.kwargs)
+        env[n] = per_node(n, lambda: n.target(*args, **kwargs))
+        for a in n.all_input_nodes:
+            if last_use.get(a) == i and a.op != "placeholder":
+                env.pop(a, None)
+        if n not in last_use:
+            env.pop(n, None)
+
+
+def run_nodes(joint: JointGraph, *, measure_time: bool = True, measure_temps: bool = True, repeats: int = 3) -> dict[str, tuple[float, int]]:
+    """``{node name: (seconds, temporary bytes)}`` for every call_function node."""
+    if not joint.primal_values:
+        raise ValueError("the joint graph holds no real tensors (planned on the meta device?); use estimated times")
+    device = next((v.device for v in joint.primal_values if isinstance(v, torch.Tensor)), torch.device("cpu"))
     cuda = device.type == "cuda"
+    times: dict[str, float] = {}
+    temps: dict[str, int] = {}
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
+
+    def timed(n, call):
+        samples, out = [], None
+        for _ in range(repeats):
+            out = None
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = call()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                out = call()
+                samples.append(time.perf_counter() - t0)
+        times[n.name] = statistics.median(samples)
+        return out
+
+    def gpu_temp(n, call):
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = call()
+        torch.cuda.synchronize(device)
+        temps[n.name] = max(0, torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device))
+        _ = before
+        return out
+
+    def marked(n, call):
+        with torch.profiler.record_function(f"planner_node::{n.name}"):
+            return call()
+
     try:
         with torch.no_grad():
-            for i, n in enumerate(nodes):
-                if n.op == "placeholder":
-                    if n.name.startswith("tangents"):
-                        env[n] = _materialize(n.meta.get("val"), device)
-                    else:
-                        env[n] = next(primals)
-                    continue
-                if n.op == "get_attr":
-                    env[n] = getattr(gm, n.target)
-                    continue
-                if n.op == "output":
-                    break
-                args = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.args)
-                kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.kwargs)
-                times = []
-                out = None
-                for _ in range(repeats if measure_time else 1):
-                    if cuda:
-                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        start.record()
-                        out = n.target(*args, **kwargs)
-                        end.record()
-                        end.synchronize()
-                        times.append(start.elapsed_time(end) / 1e3)
-                    else:
-                        t0 = time.perf_counter()
-                        out = n.target(*args, **kwargs)
-                        times.append(time.perf_counter() - t0)
-                    if measure_time:
-                        del out
-                        out = None
-                temp = 0
-                if measure_temps:
-                    live = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves(list(env.values())) if isinstance(t, torch.Tensor)}
-                    peak, out = measure_peak(lambda: n.target(*args, **kwargs), device=device)
-                    temp = max(0, peak - _new_bytes(out, live))
-                elif out is None:
-                    out = n.target(*args, **kwargs)
-                env[n] = out
-                results[n.name] = (statistics.median(times), temp)
-                for a in n.all_input_nodes:
-                    if last_use.get(a) == i and a.op != "placeholder":
-                        env.pop(a, None)
+            if measure_time:
+                _execute(joint, device, timed)
+            if measure_temps and cuda:
+                _execute(joint, device, gpu_temp)
+            elif measure_temps:
+                temps.update(_cpu_temps(joint, device, marked))
     finally:
         torch.set_rng_state(rng)
-    return results
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    names = [n.name for n in joint.gm.graph.nodes if n.op == "call_function"]
+    return {name: (times.get(name, 0.0), temps.get(name, 0)) for name in names}
+
+
+def _cpu_temps(joint: JointGraph, device, marked) -> dict[str, int]:
+    """One profiler session; each node inside a ``record_function`` range. A node's
+    temporaries: its peak of allocator events above the start of its range, less
+    what is still allocated at its end (its outputs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _execute(joint, device, marked)
+    events = sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
+    ranges = []
+    for e in events:
+        name = e.name()
+        if name.startswith("planner_node::"):
+            ranges.append((e.start_ns(), e.start_ns() + e.duration_ns(), name[len("planner_node::"):]))
+    memory = [(e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    temps: dict[str, int] = {}
+    i = 0
+    running = 0
+    for start, end, name in ranges:
+        while i < len(memory) and memory[i][0] < start:
+            running += memory[i][1]
+            i += 1
+        peak = running
+        while i < len(memory) and memory[i][0] <= end:
+            running += memory[i][1]
+            peak = max(peak, running)
+            i += 1
+        temps[name] = max(0, peak - running)
+    return temps

@@ -39,6 +39,9 @@ class PlannedModule(nn.Module):
         self.plan = plan
         recompute = frozenset(plan.recomputed)
         expected = plan.fingerprint
+        graphs: list = []
+        #: (forward, backward) GraphModules of each compilation, for inspection.
+        self.compiled_graphs = graphs
 
         def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
             got = graph_fingerprint(joint, num_fwd_outputs)
@@ -49,6 +52,7 @@ class PlannedModule(nn.Module):
                 )
             prepare_joint(joint)
             fwd, bwd, _ = split_joint(joint, recompute, num_fwd_outputs=num_fwd_outputs)
+            graphs.append((fwd, bwd))
             return fwd, bwd
 
         allow_recompiles()
