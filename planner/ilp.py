@@ -120,7 +120,6 @@ def solve_ilp(
     rows = _initial_rows(prob)
     added: set[int] = set()
     status, result, gap, objective = "Not Solved", None, None, None
-    m = len(prob.cand)
     rounds = 0
     model_peak = None
     while True:
@@ -166,7 +165,6 @@ def solve_ilp(
         # add the worst violated rows first
         violated.sort(key=lambda k: -vals[k])
         rows = violated[: max(20, len(violated) // 4)]
-    _ = m
     return IlpResult(
         recompute=result,
         status=status,

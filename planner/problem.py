@@ -139,13 +139,6 @@ class Problem:
             _interval_rows(self)
         return changed
 
-    def closure(self, recompute: set[str]) -> set[str]:
-        """The recompute set made consistent: views are rebuilt, not saved;
-        what may not be recomputed is saved."""
-        out = {n for n in recompute if n in self.can_recompute}
-        out |= {n for n in self.fwd if n not in self.can_save and n in self.can_recompute}
-        return out
-
     def model_peak(self, save: np.ndarray, rec: np.ndarray) -> float:
         """Peak of the linear memory model for 0/1 vectors over ``cand``."""
         vals = self.row_const + self.row_save @ save + self.row_recompute @ rec
@@ -298,7 +291,6 @@ def _build_memory_rows(prob: Problem, by_name, held_storages, creator) -> None:
     # Constant memory per forward step: storages that live in forward regardless
     # (not candidates: views of params, tuples' unused outputs) plus candidates
     # while alive in forward.
-    const_f = np.zeros(nf)
     live_events = np.zeros(nf + 1)
     for n in cand:
         b = sum(sizes[s] for s in cand_storages[n])
