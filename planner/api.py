@@ -296,4 +296,6 @@ def _make_plan(prob: Problem, ev: Evaluation, baseline: Evaluation, budget: int,
         recompute_time_s=float(ev.cost_s),
         solver=solver,
         nodes=tuple(decisions),
+        timeline=tuple(prob.timeline(ev.recompute)),
+        baseline_timeline=tuple(prob.timeline(baseline.recompute)),
     )

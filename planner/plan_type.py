@@ -87,6 +87,11 @@ class Plan:
     solver: SolverInfo
     #: Per-value decisions, in forward order.
     nodes: tuple[NodeDecision, ...] = ()
+    #: Predicted live bytes after each node of the planned step: ``(phase, node, bytes)``
+    #: with phase ``"forward"`` or ``"backward"`` (backward includes recomputation).
+    timeline: tuple[tuple[str, str, int], ...] = ()
+    #: The same for the step without recomputation.
+    baseline_timeline: tuple[tuple[str, str, int], ...] = ()
 
     # -- derived -----------------------------------------------------------
     @property
@@ -111,6 +116,8 @@ class Plan:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["nodes"] = [asdict(n) for n in self.nodes]
+        d["timeline"] = [list(p) for p in self.timeline]
+        d["baseline_timeline"] = [list(p) for p in self.baseline_timeline]
         return d
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 1) -> str:
@@ -133,6 +140,8 @@ class Plan:
             d = dict(d)
             d["solver"] = SolverInfo(**d["solver"])
             d["nodes"] = tuple(NodeDecision(**n) for n in d["nodes"])
+            for key in ("timeline", "baseline_timeline"):
+                d[key] = tuple(tuple(p) for p in d.get(key, ()))
             plan = cls(**d)
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed plan JSON: {e}") from e

@@ -139,6 +139,13 @@ class Problem:
             _interval_rows(self)
         return changed
 
+    def timeline(self, recompute) -> list[tuple[str, str, int]]:
+        """Predicted live bytes after each node of forward then backward, as
+        ``(phase, node, bytes)``, for ``recompute``."""
+        fwd, bwd, _ = split_joint(self.gp.joint, frozenset(recompute))
+        sim = simulate(self.gp, fwd, bwd, granularity=self.granularity, timeline=True)
+        return [(p.phase, p.node, p.live_bytes) for p in sim.timeline]
+
     def model_peak(self, save: np.ndarray, rec: np.ndarray) -> float:
         """Peak of the linear memory model for 0/1 vectors over ``cand``."""
         vals = self.row_const + self.row_save @ save + self.row_recompute @ rec
