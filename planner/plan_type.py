@@ -208,3 +208,23 @@ class Plan:
 
     def __str__(self) -> str:
         return self.summary()
+
+    # -- notebooks (see planner.inspect) -------------------------------------
+    def memory_timeline(self) -> list[dict]:
+        """Predicted live bytes through forward and backward, eager beside the plan:
+        one dict per step (see :func:`planner.inspect.memory_timeline`)."""
+        from .inspect import memory_timeline
+
+        return memory_timeline(self)
+
+    def plot(self, *, ax=None, title: str | None = None):
+        """Draw the memory timeline with matplotlib: eager vs the plan, the budget,
+        the forward/backward boundary. Returns the ``Axes``."""
+        from .inspect import plot
+
+        return plot(self, ax=ax, title=title)
+
+    def _repr_html_(self) -> str:
+        from .inspect import html
+
+        return html(self)
