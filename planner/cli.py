@@ -181,9 +181,11 @@ def read_plan(path: str):
 
 
 def _describe(x: Any) -> str:
+    name = type(x).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
     if isinstance(x, (tuple, list)):
-        return f"a {type(x).__name__} of {len(x)} items"
-    return f"a {type(x).__name__}" if x is not None else "None"
+        return f"{article} {name} of {len(x)} items"
+    return f"{article} {name}" if x is not None else "None"
 
 
 def _first_line(e: BaseException) -> str:
@@ -261,21 +263,22 @@ def _native_output_hidden(*, keep_python_stderr: bool):
                 visible.close()
 
 
-def _write_plot(ax, path: str, out: _Out) -> None:
-    suffix = Path(path).suffix.lower()
-    if suffix not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
+def _check_plot_path(path: str) -> None:
+    """Check ``--plot PATH`` before any work: an image name in an existing folder, and matplotlib."""
+    if Path(path).suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
         raise CliError(f"--plot {path}: give a .png, .svg, .pdf or .jpg file name")
-    ax.figure.savefig(path, dpi=120)
-    out.say(f"wrote {path}")
-
-
-def _plt_available() -> None:
+    _check_output_path(path)
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # files only; no window
     except ImportError:
         raise CliError("--plot needs matplotlib: pip install matplotlib") from None
+
+
+def _write_plot(ax, path: str, out: _Out) -> None:
+    ax.figure.savefig(path, dpi=120)
+    out.say(f"wrote {path}")
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -332,11 +335,11 @@ def _cmd_show(a, out: _Out) -> int:
         raise CliError(f"--depth must be 1 or more, not {a.depth}")
     if a.top < 0:
         raise CliError(f"--top must be 0 or more, not {a.top}")
+    if a.plot:
+        _check_plot_path(a.plot)
     p = read_plan(a.plan)
     print(table(p, depth=a.depth, top=a.top))
     if a.plot:
-        _check_output_path(a.plot)
-        _plt_available()
         _write_plot(plot(p), a.plot, out)
     return EXIT_OK
 
@@ -349,8 +352,7 @@ def _cmd_sweep(a, out: _Out) -> int:
         raise CliError(f"--points must be 2 or more, not {a.points}")
     target = _target(a.target, budgets or [])
     if a.plot:
-        _check_output_path(a.plot)
-        _plt_available()
+        _check_plot_path(a.plot)
     out.step(f"loading {a.model}")
     with out.busy():
         model, inputs = load_model(a.model)
