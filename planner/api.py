@@ -94,18 +94,33 @@ def plan(
     if not isinstance(time_limit_s, numbers.Real) or not time_limit_s > 0:
         raise ValueError(f"time_limit_s must be a positive number of seconds, not {time_limit_s!r}")
     args, kwargs = normalize_inputs(model, example_inputs)
-    t0 = time.perf_counter()
-    _log(progress, f"capturing {type(model).__name__} forward+backward")
-    joint = capture(model, kwargs if kwargs else args)
-    _log(progress, f"captured {len(joint.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s; profiling")
-    gp = profile_graph(joint, target=target, measure_time=measure_time)
-    joint.drop_tensors()
-    model_info = {
-        "fingerprint": joint.fingerprint,
-        "class": type(model).__name__,
-        "inputs": _describe_inputs(args, kwargs),
-    }
-    return plan_profile(gp, budget_bytes, solver=solver, time_limit_s=time_limit_s, model_info=model_info, progress=progress)
+    inputs = kwargs if kwargs else args
+
+    def attempt(dropout: str):
+        t0 = time.perf_counter()
+        _log(progress, f"capturing {type(model).__name__} forward+backward (dropout: {dropout})")
+        joint = capture(model, inputs, dropout=dropout)
+        _log(progress, f"captured {len(joint.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s; profiling")
+        gp = profile_graph(joint, target=target, measure_time=measure_time)
+        joint.drop_tensors()
+        model_info = {
+            "fingerprint": joint.fingerprint,
+            "class": type(model).__name__,
+            "inputs": _describe_inputs(args, kwargs),
+        }
+        result = plan_profile(gp, budget_bytes, solver=solver, time_limit_s=time_limit_s, model_info=model_info, progress=progress)
+        return result, joint.num_dropouts
+
+    try:
+        return attempt("mask")[0]
+    except BudgetTooSmall as first:
+        # Keeping dropout masks costs a byte per element; regenerating them in
+        # backward from the RNG state costs only time. Try that before giving up.
+        try:
+            _log(progress, "budget too small while keeping dropout masks; trying RNG replay")
+            return attempt("replay")[0]
+        except BudgetTooSmall as second:
+            raise BudgetTooSmall(budget_bytes, min(first.min_budget_bytes, second.min_budget_bytes)) from None
 
 
 def _describe_inputs(args, kwargs) -> list:
@@ -287,6 +302,7 @@ def _make_plan(prob: Problem, ev: Evaluation, baseline: Evaluation, budget: int,
         model=dict(model_info),
         target=gp.target,
         time_source=gp.time_source,
+        dropout=gp.joint.dropout,
         budget_bytes=int(budget),
         predicted_peak_bytes=int(ev.sim.peak_bytes),
         baseline_peak_bytes=int(baseline.sim.peak_bytes),

@@ -362,15 +362,16 @@ class Sweep:
         lines = [
             f"{self.model_class or 'model'}: no-checkpoint peak {format_bytes(self.baseline_peak_bytes)}, "
             f"minimum budget {format_bytes(self.min_budget_bytes)}, solver {self.solver}",
-            f"{'budget':>12} {'peak':>12} {'of eager':>8} {'recompute':>13} {'overhead':>8} {'#recomp':>7}  solver",
+            f"{'budget':>12} {'peak':>12} {'of eager':>8} {'recompute':>13} {'overhead':>8} {'est. time':>10} {'#recomp':>7}  solver",
         ]
         for r in self.rows:
             of = _pct(r["predicted_peak_bytes"], self.baseline_peak_bytes) if r["predicted_peak_bytes"] is not None else "-"
             ovh = f"{100 * r['overhead']:.1f}%" if r["overhead"] is not None else "-"
+            secs = f"{1e3 * r['recompute_time_s']:.2f} ms" if r["recompute_time_s"] is not None else "-"
             n = r["recomputed_values"] if r["recomputed_values"] is not None else "-"
             lines.append(
                 f"{format_bytes(r['budget_bytes']):>12} {format_bytes(r['predicted_peak_bytes']):>12} {of:>8} "
-                f"{format_flops(r['recompute_flops']):>13} {ovh:>8} {n:>7}  {r['solver']}"
+                f"{format_flops(r['recompute_flops']):>13} {ovh:>8} {secs:>10} {n:>7}  {r['solver']}"
             )
         return "\n".join(lines)
 
@@ -385,7 +386,13 @@ class Sweep:
         xs = [p.predicted_peak_bytes / size for p in pts]
         ys = [100 * p.overhead for p in pts]
         order = sorted(range(len(pts)), key=lambda i: xs[i])
-        ax.plot([xs[i] for i in order], [ys[i] for i in order], "o-", color="tab:blue", label="plans (predicted peak)")
+        ax.plot([xs[i] for i in order], [ys[i] for i in order], "o-", color="tab:blue", label="recomputed FLOPs")
+        if pts:  # FLOP counts leave out elementwise ops; the time estimate includes them
+            ax2 = ax.twinx()
+            ax2.plot([xs[i] for i in order], [1e3 * pts[i].recompute_time_s for i in order], "s--", color="tab:green",
+                     ms=4, lw=1, label=f"recompute time, est. ({pts[0].time_source or pts[0].target})")
+            ax2.set_ylabel("estimated recompute ms per step", color="tab:green")
+            ax2.set_ylim(bottom=0)
         for p in self.points:
             ax.axvline(p.budget_bytes / size, color="0.8", lw=0.6, zorder=0)
         if self.baseline_peak_bytes:
@@ -394,8 +401,14 @@ class Sweep:
             ax.axvline(self.min_budget_bytes / size, color="black", ls=":", lw=1, label=f"minimum budget {format_bytes(self.min_budget_bytes)}")
         ax.set_xlabel(f"predicted peak ({unit}); grey lines: budgets asked for")
         ax.set_ylabel("recomputed FLOPs, % of the step")
+        ax.set_ylim(bottom=0)
         ax.set_title(title or f"{self.model_class or 'model'}: memory / recompute trade-off ({self.solver})", fontsize=10)
-        ax.legend(fontsize=8)
+        handles, labels = ax.get_legend_handles_labels()
+        for other in ax.figure.axes:
+            if other is not ax and other.get_shared_x_axes().joined(ax, other):
+                more = other.get_legend_handles_labels()
+                handles, labels = handles + more[0], labels + more[1]
+        ax.legend(handles, labels, fontsize=8, loc="upper right")
         return ax
 
     def _repr_html_(self) -> str:

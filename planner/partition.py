@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch.fx as fx
 
-from profiles._torch_private import extract_fwd_bwd_modules
+from profiles._torch_private import extract_fwd_bwd_modules, keep_random_ops
 from profiles.capture import JointGraph
 
 __all__ = ["split_joint", "required_saved", "forward_node_names", "PlanInfeasible"]
@@ -74,9 +74,10 @@ def split_joint(joint: JointGraph | fx.GraphModule, recompute: Iterable[str], *,
         num_fwd_outputs = joint.num_fwd_outputs
     saved = required_saved(gm, recompute)
     try:
-        fwd, bwd = extract_fwd_bwd_modules(
-            gm, saved_values=list(saved), saved_sym_nodes=[], num_fwd_outputs=num_fwd_outputs
-        )
+        with keep_random_ops():
+            fwd, bwd = extract_fwd_bwd_modules(
+                gm, saved_values=list(saved), saved_sym_nodes=[], num_fwd_outputs=num_fwd_outputs
+            )
     except Exception as e:
         raise PlanInfeasible(
             f"cannot build the backward graph from the saved values "

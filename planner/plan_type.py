@@ -68,6 +68,9 @@ class Plan:
     target: str = "cpu"
     #: How node times were obtained (``"roofline:h100"``, ``"measured:cuda:0"``).
     time_source: str = ""
+    #: How dropout outputs are rebuilt: ``"mask"`` (from the saved 1-byte mask) or
+    #: ``"replay"`` (mask regenerated in backward from the saved RNG state).
+    dropout: str = "mask"
     #: The budget: bytes for the whole training step (parameters, buffers, inputs,
     #: activations, temporaries and gradients).
     budget_bytes: int

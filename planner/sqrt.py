@@ -31,13 +31,33 @@ class SqrtResult:
     tried: tuple[tuple[int, int, float], ...] = ()
 
 
-def articulation_points(prob: Problem) -> list[str]:
-    """Candidate boundaries: savable articulation points of the forward graph, in order."""
-    g = nx.Graph()
-    g.add_nodes_from(prob.fwd)
+def _data_dependent(prob: Problem) -> set[str]:
+    """Forward nodes that depend on the model's inputs. The rest (views of weights,
+    masks built from constants and shapes) is computed once and shared by every
+    layer; left in, it would join all layers and hide the boundaries between them."""
+    gm = prob.gp.gm
+    roles = prob.gp.joint.primal_roles
+    inputs = {p.name for p, role in zip(gm.graph.find_nodes(op="placeholder"), roles) if role == "input"}
+    by_name = {n.name: n for n in gm.graph.nodes}
+    dep: set[str] = set()
     for n in prob.fwd:
+        if any(a.name in inputs or a.name in dep for a in by_name[n].all_input_nodes):
+            dep.add(n)
+    return dep
+
+
+def articulation_points(prob: Problem) -> list[str]:
+    """Candidate boundaries: savable articulation points of the forward graph of
+    input-dependent values, in order."""
+    dep = _data_dependent(prob)
+    g = nx.Graph()
+    g.add_nodes_from(n for n in prob.fwd if n in dep)
+    for n in prob.fwd:
+        if n not in dep:
+            continue
         for a in prob.fwd_inputs[n]:
-            g.add_edge(n, a)
+            if a in dep:
+                g.add_edge(n, a)
     points = set(nx.articulation_points(g))
     return [n for n in prob.fwd if n in points and n in prob.can_save]
 
@@ -49,6 +69,7 @@ def sqrt_plan(prob: Problem, boundaries: list[str]) -> frozenset[str]:
 
 
 def _pick(points: list[str], k: int) -> list[str]:
+    """``k`` points spread evenly over ``points``."""
     if k <= 0 or not points:
         return []
     if k >= len(points):
@@ -57,18 +78,55 @@ def _pick(points: list[str], k: int) -> list[str]:
     return [points[min(len(points) - 1, int(round(step * (i + 1))) - 1)] for i in range(k)]
 
 
+def _greedy(prob: Problem, points: list[str], threshold: float) -> list[str]:
+    """Chen et al.'s greedy: walk forward adding up the bytes of values produced
+    since the last boundary; once past ``threshold``, the next candidate point
+    becomes a boundary."""
+    pts = set(points)
+    chosen, acc = [], 0.0
+    for n in prob.fwd:
+        acc += prob.own_bytes.get(n, 0)
+        if n in pts and acc >= threshold:
+            chosen.append(n)
+            acc = 0.0
+    return chosen
+
+
+def _candidate_sets(prob: Problem, points: list[str]) -> list[list[str]]:
+    if not points:
+        return [[]]
+    # Cheap boundaries first: the smallest articulation points (in a transformer,
+    # the residual stream rather than attention probabilities).
+    sizes = [prob.own_bytes.get(n, 0) for n in points]
+    quartile = sorted(sizes)[len(sizes) // 4]
+    small = [n for n, b in zip(points, sizes) if b <= 1.5 * quartile]
+    total = float(sum(prob.own_bytes.get(n, 0) for n in prob.fwd)) or 1.0
+    sets = []
+    for pts in (small, points):
+        L = len(pts)
+        base = max(1, round(math.sqrt(L)))
+        sets += [_pick(pts, k) for k in sorted({max(1, min(L, round(base * f))) for f in (0.5, 1, 2, 4)} | {L})]
+        for f in (0.02, 0.04, 0.07, 0.1, 0.15, 0.25, 0.4):
+            sets.append(_greedy(prob, pts, total * f))
+    unique, seen = [], set()
+    for s in sets:
+        key = tuple(s)
+        if key not in seen:
+            seen.add(key)
+            unique.append(s)
+    return unique
+
+
 def solve_sqrt(prob: Problem, budget_bytes: float | None) -> SqrtResult:
     """Cheapest sqrt(L)-style plan within ``budget_bytes`` (or the lowest peak when None)."""
     start = time.perf_counter()
     points = articulation_points(prob)
-    L = len(points)
-    base = max(1, round(math.sqrt(L))) if L else 0
-    counts = sorted({max(0, min(L, round(base * f))) for f in (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4)} | {L})
     tried = []
     best_fit: tuple[float, Evaluation, int] | None = None
     lowest: tuple[int, Evaluation, int] | None = None
-    for k in counts:
-        ev = prob.evaluate(sqrt_plan(prob, _pick(points, k)))
+    for boundaries in _candidate_sets(prob, points):
+        k = len(boundaries)
+        ev = prob.evaluate(sqrt_plan(prob, boundaries))
         tried.append((k, ev.sim.peak_bytes, ev.cost_s))
         if lowest is None or ev.sim.peak_bytes < lowest[0]:
             lowest = (ev.sim.peak_bytes, ev, k)

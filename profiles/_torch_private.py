@@ -21,6 +21,7 @@ __all__ = [
     "extract_fwd_bwd_modules",
     "make_boxed",
     "allow_recompiles",
+    "keep_random_ops",
     "backend_error_cause",
 ]
 
@@ -37,6 +38,17 @@ def make_boxed(gm: torch.fx.GraphModule):
 
     run._boxed_call = True  # read by AOTAutograd's runtime
     return run
+
+
+def keep_random_ops():
+    """Context in which fx dead-code elimination keeps random ops with unused
+    outputs. Inside torch.compile, ``eliminate_dead_code`` treats random ops as pure
+    unless inductor's ``fallback_random`` is set; a dropout whose outputs are all
+    rebuilt from a replayed mask must still run, or the generator would not
+    advance as it does in eager."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(fallback_random=True)
 
 
 def allow_recompiles(count: int = 256) -> None:

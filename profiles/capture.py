@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from ._torch_private import aot_autograd, allow_recompiles, backend_error_cause
-from .dropout_pass import rebuild_dropout_outputs
+from .dropout_pass import rewrite_dropout
 
 __all__ = ["JointGraph", "capture", "normalize_inputs", "graph_fingerprint", "prepare_joint", "CaptureError"]
 
@@ -44,6 +44,9 @@ class JointGraph:
     #: The real tensors the forward was called with (cleared by ``drop_tensors``).
     primal_values: list[Any] = field(default_factory=list, repr=False)
     fingerprint: str = ""
+    #: How dropout was rewritten ("mask" or "replay"), and how many ops.
+    dropout: str = "mask"
+    num_dropouts: int = 0
 
     def drop_tensors(self) -> None:
         """Forget the real tensors so the graph no longer keeps them alive."""
@@ -89,10 +92,11 @@ def graph_fingerprint(gm: fx.GraphModule, num_fwd_outputs: int) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare_joint(gm: fx.GraphModule) -> None:
+def prepare_joint(gm: fx.GraphModule, *, dropout: str = "mask") -> int:
     """Rewrites applied to every joint graph, at planning and at run time alike
-    (after the fingerprint is taken, so it describes the model as captured)."""
-    rebuild_dropout_outputs(gm)
+    (after the fingerprint is taken, so it describes the model as captured).
+    Returns the number of dropout ops rewritten."""
+    return rewrite_dropout(gm, dropout)
 
 
 def _rng_state():
@@ -108,8 +112,11 @@ def _set_rng_state(state) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def capture(model: torch.nn.Module, example_inputs: Any = None) -> JointGraph:
-    """Capture one training step of ``model`` on ``example_inputs`` as a joint graph."""
+def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str = "mask") -> JointGraph:
+    """Capture one training step of ``model`` on ``example_inputs`` as a joint graph.
+
+    ``dropout`` picks how dropout outputs are made recomputable (see
+    :mod:`profiles.dropout_pass`)."""
     args, kwargs = normalize_inputs(model, example_inputs)
     allow_recompiles()
     recorded: dict[str, Any] = {}
@@ -179,6 +186,7 @@ def capture(model: torch.nn.Module, example_inputs: Any = None) -> JointGraph:
         primal_values=primals,
     )
     jg.fingerprint = graph_fingerprint(gm, jg.num_fwd_outputs)
-    prepare_joint(gm)
+    jg.dropout = dropout
+    jg.num_dropouts = prepare_joint(gm, dropout=dropout)
     recorded.clear()
     return jg

@@ -1,0 +1,65 @@
+"""Dropout under a plan: masks regenerated from RNG state are the forward's masks,
+plans that recompute them are exact, and the generator ends where eager's does."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import planner
+import runtime
+from helpers import assert_same_step, measured_step_peak, run_step, tiny_gpt2
+from planner.api import plan_profile
+from profiles import capture, profile_graph
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 33), (4, 8, 64, 64)])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_replayed_mask_is_the_drawn_mask(dtype, shape, p):
+    x = torch.randn(*shape).to(dtype)
+    torch.manual_seed(11)
+    state = torch.ops.planner_rng.state(x)
+    out, mask = torch.ops.aten.native_dropout(x, p, True)
+    after = torch.get_rng_state()
+    replayed = torch.ops.planner_rng.replay_dropout_mask(state, list(x.shape), list(x.stride()), x.dtype, x.device, p)
+    assert torch.equal(replayed, mask)
+    assert torch.equal(torch.get_rng_state(), after), "replay must leave the generator as it found it"
+    from profiles.dropout_pass import _scale
+
+    rebuilt = torch.where(replayed, x, 0.0) * _scale(p, x)
+    assert torch.equal(rebuilt, out)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    torch.manual_seed(0)
+    model = tiny_gpt2(layers=2, d=64, heads=4, vocab=128, positions=64)
+    ids = torch.randint(0, 128, (8, 64))
+    inputs = {"input_ids": ids, "labels": ids}
+    probe = copy.deepcopy(model)
+    return model, inputs, measured_step_peak(probe, probe, inputs)
+
+
+@pytest.mark.parametrize("mode", ["mask", "replay"])
+def test_dropout_modes_are_exact_and_leave_rng_as_eager(gpt2, mode):
+    model, inputs, eager = gpt2
+    joint = capture(model, inputs, dropout=mode)
+    assert joint.num_dropouts > 0
+    gp = profile_graph(joint)
+    joint.drop_tensors()
+    try:
+        p = plan_profile(gp, int(0.6 * eager))
+    except planner.BudgetTooSmall as e:
+        p = plan_profile(gp, e.min_budget_bytes)
+    assert p.dropout == mode and p.recomputed
+    if mode == "replay":
+        assert any(n.op.startswith("planner_rng.replay") and n.decision == "recompute" for n in p.nodes)
+    assert_same_step(model, lambda m: runtime.apply(m, p), inputs, seed=3)
+    # the generator advances exactly as in eager
+    run_step(copy.deepcopy(model), inputs, seed=5)
+    eager_next = torch.rand(4)
+    run_step(runtime.apply(copy.deepcopy(model), p), inputs, seed=5)
+    assert torch.equal(torch.rand(4), eager_next)
