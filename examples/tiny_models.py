@@ -6,7 +6,7 @@ factory always gives the same model, inputs and plan:
     planner plan examples/tiny_models.py:tiny_gpt2 --budget-gb 0.009 -o plan.json
     planner sweep examples/tiny_models.py:residual_mlp --points 5
 
-Run ``python examples/tiny_models.py`` to plan each one at 60% of its
+Run ``python examples/tiny_models.py [NAME ...]`` to plan them at 60% of their
 no-checkpoint peak and print the plans.
 """
 
@@ -68,10 +68,20 @@ def residual_mlp():
 FACTORIES = {"tiny_gpt2": tiny_gpt2, "small_gpt2": small_gpt2, "residual_mlp": residual_mlp}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Plan each named factory (default: residual_mlp and tiny_gpt2) at 60% of its no-checkpoint peak."""
+    import argparse
+
     import planner
 
-    for name in ("residual_mlp", "tiny_gpt2"):
+    ap = argparse.ArgumentParser(description="Plan the example models at 60% of their no-checkpoint peak.")
+    ap.add_argument("names", nargs="*", default=["residual_mlp", "tiny_gpt2"], metavar="NAME",
+                    help=f"factories to plan: {', '.join(FACTORIES)}")
+    names = ap.parse_args(argv).names
+    for name in names:
+        if name not in FACTORIES:
+            ap.error(f"unknown model {name!r}: choose from {', '.join(FACTORIES)}")
+    for name in names:
         model, inputs = FACTORIES[name]()
         full = planner.plan(model, 1024.0, inputs)  # fits: gives the no-checkpoint peak
         budget_gb = 0.6 * full.baseline_peak_bytes / planner.GiB

@@ -244,7 +244,7 @@ def _headline(plan: Plan) -> list[tuple[str, str]]:
         ("model", f"{plan.model.get('class', '?')} (fingerprint {plan.fingerprint or '?'}), target {plan.target}"),
         ("budget", format_bytes(plan.budget_bytes)),
         ("predicted peak", f"{format_bytes(plan.predicted_peak_bytes)} ({_pct(plan.predicted_peak_bytes, plan.budget_bytes)} of the budget)"),
-        ("no-checkpoint peak", f"{format_bytes(plan.baseline_peak_bytes)} (plan saves {format_bytes(plan.baseline_peak_bytes - plan.predicted_peak_bytes)})"),
+        ("no-checkpoint peak", f"{format_bytes(plan.baseline_peak_bytes)} (the plan's peak is {format_bytes(plan.baseline_peak_bytes - plan.predicted_peak_bytes)} lower)"),
         ("params+buffers+inputs", format_bytes(plan.static_bytes)),
         ("recompute", f"{format_flops(plan.recompute_flops)} = {100 * plan.overhead:.1f}% of the step's {format_flops(plan.total_flops)}, "
                       f"~{plan.recompute_time_s * 1e3:.2f} ms ({plan.time_source or 'estimate'})"),
@@ -291,7 +291,7 @@ def table(plan: Plan, *, depth: int | None = 2, top: int = 10) -> str:
     return "\n".join(lines)
 
 
-def html(plan: Plan, *, depth: int | None = 2, top: int = 10) -> str:
+def html(plan: Plan, *, depth: int | None = 3, top: int = 10) -> str:
     """The same report as :func:`table`, as an HTML fragment (``Plan._repr_html_``)."""
     e = _html.escape
     parts = ["<div class='checkpoint-plan'>", "<b>checkpoint plan</b>", "<table>"]
