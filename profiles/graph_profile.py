@@ -134,6 +134,20 @@ def _flops(node: fx.Node) -> int:
         return 0
 
 
+def _mutated_primals(gm: fx.GraphModule, num_fwd_outputs: int) -> set[str]:
+    """Names of the primal placeholders the step mutates (AOTAutograd returns their
+    new values as extra forward outputs, described as ``InputMutationAOTOutput``)."""
+    primals = [n for n in gm.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents")]
+    out = gm.graph.find_nodes(op="output")[0]
+    names = set()
+    for desc in (out.meta.get("desc") or [])[:num_fwd_outputs]:
+        inp = getattr(desc, "mutated_input", None)
+        idx = getattr(inp, "idx", None)
+        if idx is not None and idx < len(primals):
+            names.add(primals[idx].name)
+    return names
+
+
 def _tensors(val: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(val) if isinstance(t, torch.Tensor)]
 
@@ -158,6 +172,7 @@ def profile_graph(
     storage_bytes: list[int] = []
     static: set[int] = set()
     infos: dict[str, NodeInfo] = {}
+    mutated = _mutated_primals(gm, joint.num_fwd_outputs)
     for node in gm.graph.nodes:
         tensors = _tensors(node.meta.get("val"))
         ids, new_bytes = [], 0
@@ -197,9 +212,17 @@ def profile_graph(
             flops=flops,
             time_s=time_s,
             storages=tuple(ids),
-            recomputable=_is_recomputable(node),
+            # A value read from a buffer the step updates in place (BatchNorm's
+            # running statistics) cannot be recomputed: backward would see the
+            # updated buffer, and autograd's version check refuses it.
+            recomputable=_is_recomputable(node) and not any(a.name in mutated for a in node.all_input_nodes),
             dtype=dtype,
         )
+    for node in gm.graph.nodes:  # a getitem can be recomputed only with its op
+        if node.op == "call_function" and node.target is operator.getitem:
+            parent = infos.get(node.args[0].name)
+            if parent is not None and not parent.recomputable and infos[node.name].recomputable:
+                infos[node.name] = _replace(infos[node.name], recomputable=False)
     time_source = f"roofline:{profile.name}"
     if measure_temps is None:
         measure_temps = bool(joint.primal_values) and device.type in ("cpu", "cuda")
