@@ -360,8 +360,9 @@ class Sweep:
     def table(self) -> str:
         """The trade-off as text: one line per budget."""
         lines = [
-            f"{self.model_class or 'model'}: no-checkpoint peak {format_bytes(self.baseline_peak_bytes)}, "
-            f"minimum budget {format_bytes(self.min_budget_bytes)}, solver {self.solver}",
+            f"{self.model_class or 'model'}: no-checkpoint peak {format_bytes(self.baseline_peak_bytes)}, minimum budget "
+            f"{format_bytes(self.min_budget_bytes) if self.min_budget_bytes else 'not computed (no budget was below it)'}, "
+            f"solver {self.solver}",
             f"{'budget':>12} {'peak':>12} {'of eager':>8} {'recompute':>13} {'overhead':>8} {'est. time':>10} {'#recomp':>7}  solver",
         ]
         for r in self.rows:
