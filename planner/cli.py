@@ -24,7 +24,6 @@ import math
 import os
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -201,7 +200,6 @@ class _Out:
         self.quiet = quiet
         err = sys.stderr
         self.progress = not quiet and hasattr(err, "isatty") and err.isatty()
-        self._t0 = time.perf_counter()
 
     def say(self, msg: str) -> None:
         """A summary line (stderr), unless --quiet."""
@@ -211,7 +209,7 @@ class _Out:
     def step(self, msg: str) -> None:
         """A progress line: only on a terminal and without --quiet."""
         if self.progress:
-            print(f"[{time.perf_counter() - self._t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+            print(f"[planner] {msg}", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def busy(self):
@@ -338,9 +336,9 @@ def _cmd_show(a, out: _Out) -> int:
     if a.plot:
         _check_plot_path(a.plot)
     p = read_plan(a.plan)
-    print(table(p, depth=a.depth, top=a.top))
-    if a.plot:
+    if a.plot:  # before the table, so `planner show ... | head` still writes it
         _write_plot(plot(p), a.plot, out)
+    print(table(p, depth=a.depth, top=a.top))
     return EXIT_OK
 
 
@@ -361,9 +359,9 @@ def _cmd_sweep(a, out: _Out) -> int:
                            time_limit_s=a.time_limit, measure_time=a.measure_time, log=out.step)
         except Exception as e:
             _raise_planning_error(e, model)
-    print(result.table())
     if a.plot:
         _write_plot(result.plot(), a.plot, out)
+    print(result.table())
     return EXIT_OK
 
 
@@ -501,6 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("planner: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`planner show plan.json | head`)
+        with contextlib.suppress(Exception):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else EXIT_OK
     except Exception as e:
