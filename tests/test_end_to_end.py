@@ -1,7 +1,7 @@
 """plan() + apply() on real models: exact, within budget, predicted == measured.
 
-Each model case is planned at 100%, 60% and 40% of eager's measured peak and at the
-planner's reported minimum. Every applied plan must give eager's outputs, loss,
+Each model case (deep enough that 40% is reachable) is planned at 100%, 60% and
+40% of eager's measured peak and at the planner's reported minimum. Every applied plan must give eager's outputs, loss,
 gradients and buffers (dropout active, same seed), stay within its budget as
 measured by the profiler's allocator events, and match the predicted peak within 5%.
 """
@@ -20,19 +20,19 @@ from helpers import ResidualNet, TiedNet, assert_same_step, measured_step_peak, 
 
 def _residual():
     torch.manual_seed(0)
-    model = ResidualNet(d=64, blocks=4, hidden=256)
+    model = ResidualNet(d=64, blocks=8, hidden=256)
     x = torch.randn(512, 64)
     return model, {"x": x, "target": torch.randint(0, 8, (512,))}
 
 
 def _tied():
     torch.manual_seed(0)
-    return TiedNet(vocab=200, d=64, layers=3), (torch.randint(0, 200, (16, 64)),)
+    return TiedNet(vocab=100, d=64, layers=10), (torch.randint(0, 100, (16, 64)),)
 
 
 def _gpt2():
     torch.manual_seed(0)
-    model = tiny_gpt2(layers=2, d=64, heads=4, vocab=128, positions=64)
+    model = tiny_gpt2(layers=4, d=64, heads=4, vocab=128, positions=64)
     ids = torch.randint(0, 128, (8, 64))
     return model, {"input_ids": ids, "labels": ids}
 
@@ -55,12 +55,7 @@ def case(request):
 def test_plan_is_exact_and_within_budget(case, fraction):
     name, model, inputs, eager_peak, min_budget = case
     budget = min_budget if fraction == "min" else int(eager_peak * fraction)
-    if budget < min_budget:
-        with pytest.raises(planner.BudgetTooSmall) as info:
-            planner.plan(model, budget / planner.GiB, inputs)
-        assert info.value.min_budget_bytes == min_budget
-        assert f"{min_budget / planner.GiB:.4f}" in str(info.value)
-        pytest.xfail(f"{name}: {fraction} of eager's peak is below the planner's minimum ({min_budget / eager_peak:.0%})")
+    assert budget >= min_budget, f"{name}: {fraction} of eager's peak is below the planner's minimum ({min_budget / eager_peak:.0%})"
     p = planner.plan(model, budget / planner.GiB, inputs)
     assert p.predicted_peak_bytes <= p.budget_bytes
     wrapped, planned_model = assert_same_step(model, lambda m: runtime.apply(m, p), inputs)
@@ -76,6 +71,16 @@ def test_plan_is_exact_and_within_budget(case, fraction):
         assert p.predicted_peak_bytes < p.baseline_peak_bytes
 
 
-def test_minimum_is_below_the_baseline(case):
+def test_minimum_is_below_forty_percent_and_consistent(case):
     name, model, inputs, eager_peak, min_budget = case
-    assert min_budget < 0.8 * eager_peak, f"{name}: minimum {min_budget} vs eager {eager_peak}"
+    assert min_budget < 0.4 * eager_peak, f"{name}: minimum {min_budget} vs eager {eager_peak}"
+    # Just below the reported minimum: either the same error and minimum, or (the
+    # minimum is the lowest peak found, not a proof) a plan that still fits.
+    budget = int(0.99 * min_budget)
+    try:
+        p = planner.plan(model, budget / planner.GiB, inputs)
+    except planner.BudgetTooSmall as e:
+        assert e.min_budget_bytes == min_budget
+        assert f"{min_budget / planner.GiB:.4f}" in str(e)
+    else:
+        assert p.predicted_peak_bytes <= budget
