@@ -14,7 +14,10 @@ from torch._dynamo.backends.common import aot_autograd  # private: backend facto
 from torch._functorch.partitioners import (  # private: the partitioner's building block
     _extract_fwd_bwd_modules as extract_fwd_bwd_modules,
 )
-from torch.fx.graph import _BoxedCodeGen  # private: boxed calling convention frees inputs early
+try:  # private: boxed calling convention frees inputs early (torch >= 2.12)
+    from torch.fx.graph import _BoxedCodeGen
+except ImportError:  # older torch: inputs live until the graph returns
+    _BoxedCodeGen = None
 
 __all__ = [
     "aot_autograd",
@@ -29,6 +32,14 @@ __all__ = [
 def make_boxed(gm: torch.fx.GraphModule):
     """Return ``gm`` as a boxed callable: it takes one list and clears it, so each
     input is freed after its last use instead of living until the call returns."""
+    if _BoxedCodeGen is None:
+        def run(args):
+            inputs = list(args)
+            args.clear()
+            return gm(*inputs)
+
+        run._boxed_call = True
+        return run
     gm.graph.set_codegen(_BoxedCodeGen())
     gm.recompile()
     forward = gm.forward
@@ -56,8 +67,11 @@ def allow_recompiles(count: int = 256) -> None:
     compiles the same ``forward`` code object again with another backend; past
     the default limit of 8 dynamo would silently fall back to eager."""
     cfg = torch._dynamo.config
-    cfg.recompile_limit = max(cfg.recompile_limit, count)
-    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, count * 4)
+    if hasattr(cfg, "recompile_limit"):
+        cfg.recompile_limit = max(cfg.recompile_limit, count)
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, count * 4)
+    else:  # older name
+        cfg.cache_size_limit = max(cfg.cache_size_limit, count)
     # Logging calls inside forward (Hugging Face's ``logger.warning_once``) would
     # break the graph; inside compiled regions they become no-ops instead.
     import logging
@@ -65,7 +79,7 @@ def allow_recompiles(count: int = 256) -> None:
     for name in ("debug", "info", "warning", "warn", "warning_once", "info_once", "warning_advice"):
         fn = getattr(logging.Logger, name, None)
         if fn is not None:
-            cfg.ignore_logging_functions.add(fn)
+            getattr(cfg, "ignore_logging_functions", getattr(cfg, "ignore_logger_methods", set())).add(fn)
 
 
 def backend_error_cause(exc: BaseException) -> BaseException | None:
