@@ -14,10 +14,25 @@ from torch._dynamo.backends.common import aot_autograd  # private: backend facto
 from torch._functorch.partitioners import (  # private: the partitioner's building block
     _extract_fwd_bwd_modules as extract_fwd_bwd_modules,
 )
-try:  # private: boxed calling convention frees inputs early (torch >= 2.12)
-    from torch.fx.graph import _BoxedCodeGen
-except ImportError:  # older torch: inputs live until the graph returns
-    _BoxedCodeGen = None
+from torch.fx.graph import CodeGen
+
+
+class _BoxedCodeGen(CodeGen):
+    """Generated ``forward(self, args_list)`` that takes its inputs out of the list
+    and clears it, so each input is freed after its last use (the convention
+    AOTAutograd's runtime calls "boxed"; torch 2.12+ ships the same as
+    ``torch.fx.graph._BoxedCodeGen``, written out here for older versions)."""
+
+    def gen_fn_def(self, free_vars, maybe_return_annotation, **kwargs):
+        name = getattr(self, "_func_name", "forward")
+        fn_def = f"def {name}(self, args_list){maybe_return_annotation}:"
+        names = [v.split(":")[0].split("=")[0].strip() for v in free_vars if v != "self"]
+        if names:
+            fn_def += "\n    args_iter = iter(args_list)"
+            for var in names:
+                fn_def += f"\n    {var} = next(args_iter)"
+            fn_def += "\n    args_list.clear()"
+        return fn_def
 
 __all__ = [
     "aot_autograd",
@@ -32,14 +47,6 @@ __all__ = [
 def make_boxed(gm: torch.fx.GraphModule):
     """Return ``gm`` as a boxed callable: it takes one list and clears it, so each
     input is freed after its last use instead of living until the call returns."""
-    if _BoxedCodeGen is None:
-        def run(args):
-            inputs = list(args)
-            args.clear()
-            return gm(*inputs)
-
-        run._boxed_call = True
-        return run
     gm.graph.set_codegen(_BoxedCodeGen())
     gm.recompile()
     forward = gm.forward
