@@ -58,6 +58,11 @@ def _budget(text: str, flag: str = "--budget-gb") -> float:
     return value
 
 
+def _time_limit(a) -> None:
+    if not (a.time_limit > 0 and math.isfinite(a.time_limit)):
+        raise CliError(f"--time-limit must be a positive number of seconds, not {a.time_limit!r}")
+
+
 def _budget_list(text: str) -> list[float]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
@@ -282,6 +287,7 @@ def _write_plot(ax, path: str, out: _Out) -> None:
 # -- commands ------------------------------------------------------------------------------
 def _cmd_plan(a, out: _Out) -> int:
     budget = _budget(a.budget_gb)
+    _time_limit(a)
     target = _target(a.target, [budget])
     _check_output_path(a.output)
     out.step(f"loading {a.model}")
@@ -346,6 +352,7 @@ def _cmd_sweep(a, out: _Out) -> int:
     from .inspect import sweep
 
     budgets = _budget_list(a.budgets) if a.budgets is not None else None
+    _time_limit(a)
     if budgets is None and (a.points is None or a.points < 2):
         raise CliError(f"--points must be 2 or more, not {a.points}")
     target = _target(a.target, budgets or [])

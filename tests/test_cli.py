@@ -199,6 +199,8 @@ BAD_FACTORIES = """
         (["plan", "{F}:not_callable", "--budget-gb", "1"], "not a function"),
         (["plan", "{F}:no_grad_model", "--budget-gb", "1"], "no output requires grad"),
         (["plan", FACTORY, "--budget-gb", "1", "-o", "/no/such/dir/p.json"], "does not exist"),
+        (["plan", FACTORY, "--budget-gb", "1", "--time-limit", "0"], "--time-limit must be a positive number"),
+        (["sweep", FACTORY, "--time-limit", "nan"], "--time-limit must be a positive number"),
         (["sweep", FACTORY, "--points", "1"], "--points must be 2 or more"),
         (["sweep", FACTORY, "--budgets", "0.1,,-3"], "--budgets must be a finite number"),
         (["sweep", FACTORY, "--budgets", "0.1", "--points", "3"], "not allowed with argument"),
