@@ -21,7 +21,7 @@ import torch
 
 import planner
 import runtime
-from profiles import capture, profile_graph
+from profiles import capture, profile_graph, storage_bytes
 
 
 def build(device, layers=6):
@@ -46,10 +46,14 @@ def peak_and_time(module, model, batch, device, repeats=5):
     for p in model.parameters():
         p.grad = None
     torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     step(module, batch)
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
+    # this model's step: its parameters, buffers and inputs plus what the step
+    # allocated above everything else on the device (other copies of the model)
+    static = storage_bytes(list(model.parameters()) + list(model.buffers()) + list(batch.values()))
+    peak = torch.cuda.max_memory_allocated(device) - before + static
     times = []
     for _ in range(repeats):
         for p in model.parameters():
