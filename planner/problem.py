@@ -25,6 +25,7 @@ import torch.fx as fx
 from profiles.graph_profile import GraphProfile
 
 from .partition import split_joint
+from .schedule import fast_schedule, schedule_of
 from .simulate import SimResult, simulate
 
 __all__ = ["Problem", "Evaluation", "build_problem"]
@@ -86,16 +87,16 @@ class Problem:
         key = frozenset(recompute)
         if key in self._cache:
             return self._cache[key]
-        fwd, bwd, saved = split_joint(self.gp.joint, key)
-        sim = simulate(self.gp, fwd, bwd, granularity=self.granularity)
-        recomputed = [n.name for n in bwd.graph.nodes if n.op == "call_function" and n.name in self.own_bytes]
+        sched = fast_schedule(self.gp.joint, key)
+        sim = simulate(self.gp, sched, granularity=self.granularity)
+        calls = [n for n in sched.backward.nodes if n[1] == "call_function"]
+        recomputed = [name for name, _, _ in calls if name in self.own_bytes]
         cost = sum(self.cost.get(n, 0.0) for n in recomputed)
         flops = sum(self.flops.get(n, 0) for n in recomputed)
-        calls = [n for n in bwd.graph.nodes if n.op == "call_function"]
         ev = Evaluation(
-            key, saved, recomputed, sim, cost, flops,
-            bwd_order=[n.name for n in calls],
-            bwd_inputs={n.name: tuple(a.name for a in n.all_input_nodes) for n in calls},
+            key, list(sched.saved), recomputed, sim, cost, flops,
+            bwd_order=[name for name, _, _ in calls],
+            bwd_inputs={name: inputs for name, _, inputs in calls},
         )
         self._cache[key] = ev
         return ev
@@ -142,8 +143,8 @@ class Problem:
     def timeline(self, recompute) -> list[tuple[str, str, int]]:
         """Predicted live bytes after each node of forward then backward, as
         ``(phase, node, bytes)``, for ``recompute``."""
-        fwd, bwd, _ = split_joint(self.gp.joint, frozenset(recompute))
-        sim = simulate(self.gp, fwd, bwd, granularity=self.granularity, timeline=True)
+        fwd, bwd, _ = split_joint(self.gp.joint, frozenset(recompute))  # the graphs that will run
+        sim = simulate(self.gp, schedule_of(fwd, bwd), granularity=self.granularity, timeline=True)
         return [(p.phase, p.node, p.live_bytes) for p in sim.timeline]
 
     def model_peak(self, save: np.ndarray, rec: np.ndarray) -> float:

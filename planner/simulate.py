@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch.fx as fx
-
 from profiles.graph_profile import GraphProfile
+
+from .schedule import GraphOrder, Schedule
 
 __all__ = ["SimResult", "simulate", "TimelinePoint"]
 
@@ -48,8 +48,7 @@ def _round(nbytes: int, granularity: int) -> int:
 
 def simulate(
     gp: GraphProfile,
-    fwd: fx.GraphModule,
-    bwd: fx.GraphModule,
+    schedule: Schedule,
     *,
     granularity: int = 1,
     timeline: bool = False,
@@ -83,39 +82,35 @@ def simulate(
             if refs[s] == 0:
                 live -= sizes[s]
 
-    def run(gm: fx.GraphModule, phase: str, held: set[str]):
+    def run(order: GraphOrder, phase: str):
         nonlocal peak, peak_node, peak_phase
-        nodes = list(gm.graph.nodes)
         last_use: dict[str, int] = {}
-        for i, n in enumerate(nodes):
-            for a in n.all_input_nodes:
-                last_use[a.name] = i
-        out_node = nodes[-1]
-        outputs = {a.name for a in out_node.all_input_nodes}
-        for i, n in enumerate(nodes):
-            if n.op == "output":
-                break
-            if n.op == "call_function":
-                acquire(info[n.name].storages)
-            total = static_bytes + live + (info[n.name].temp_bytes if n.op == "call_function" else 0)
+        for i, (_, _, inputs) in enumerate(order.nodes):
+            for a in inputs:
+                last_use[a] = i
+        outputs = set(order.outputs)
+        for i, (name, op, inputs) in enumerate(order.nodes):
+            if op == "call_function":
+                acquire(info[name].storages)
+            total = static_bytes + live + (info[name].temp_bytes if op == "call_function" else 0)
             if timeline:
-                points.append(TimelinePoint(phase, n.name, total))
+                points.append(TimelinePoint(phase, name, total))
             if total > peak:
-                peak, peak_node, peak_phase = total, n.name, phase
+                peak, peak_node, peak_phase = total, name, phase
                 peak_live[:] = [k for k, c in refs.items() if c > 0]
             # free what is dead after this node
-            for a in n.all_input_nodes:
-                if last_use.get(a.name) == i and a.name not in outputs and a.name not in held:
-                    release(info[a.name].storages)
-            if n.name not in last_use and n.name not in outputs and n.name not in held:
-                if n.op == "call_function" or phase == "backward":
-                    release(info[n.name].storages)
-        return [a.name for a in out_node.all_input_nodes]
+            for a in set(inputs):
+                if last_use.get(a) == i and a not in outputs:
+                    release(info[a].storages)
+            if name not in last_use and name not in outputs:
+                if op == "call_function" or phase == "backward":
+                    release(info[name].storages)
+        return list(order.outputs)
 
     # Forward: placeholders are primals (static).
-    fwd_out = run(fwd, "forward", set())
+    fwd_out = run(schedule.forward, "forward")
     user_outputs = fwd_out[: gp.joint.num_fwd_outputs]
-    saved = [p.name for p in bwd.graph.find_nodes(op="placeholder") if not p.name.startswith("tangents")]
+    saved = list(schedule.saved)
     # The caller holds the model's outputs until the step ends; autograd's
     # context holds the saved values until backward's last use frees them.
     for name in set(user_outputs):
@@ -125,8 +120,8 @@ def simulate(
     for name in set(fwd_out):
         release(info[name].storages)
     # Tangents (gradients of the outputs) are allocated before backward runs.
-    for p in bwd.graph.find_nodes(op="placeholder"):
-        if p.name.startswith("tangents"):
-            acquire(info[p.name].storages)
-    run(bwd, "backward", set())
+    for name, op, _ in schedule.backward.nodes:
+        if op == "placeholder" and name.startswith("tangents"):
+            acquire(info[name].storages)
+    run(schedule.backward, "backward")
     return SimResult(peak, peak_node, peak_phase, static_bytes, points, tuple(sorted(peak_live)))

@@ -1,0 +1,148 @@
+"""The order in which a split step runs its nodes, without building GraphModules.
+
+:func:`planner.partition.split_joint` builds the real forward and backward graphs
+(what the runtime runs); building them takes most of a second on a transformer.
+The solvers evaluate dozens of candidate plans, so :func:`fast_schedule` derives
+the same node orders directly from the joint graph: the forward graph is every
+forward value the outputs or the saved values need (random ops always run), the
+backward graph is every node the gradients need that can be computed from the
+saved values and the tangents, each recomputed value emitted just before its first
+user. ``tests/test_schedule.py`` checks it against :func:`schedule_of` the real split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from profiles.capture import JointGraph
+
+from .partition import forward_node_names, required_saved
+
+__all__ = ["GraphOrder", "Schedule", "fast_schedule", "schedule_of"]
+
+
+@dataclass(frozen=True)
+class GraphOrder:
+    """One graph: ``(name, op, input names)`` per node in run order, and its outputs."""
+
+    nodes: tuple[tuple[str, str, tuple[str, ...]], ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    forward: GraphOrder
+    backward: GraphOrder
+    #: Values forward hands to backward.
+    saved: tuple[str, ...]
+
+
+def _order_of(gm: fx.GraphModule) -> GraphOrder:
+    nodes, outputs = [], ()
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            outputs = tuple(a.name for a in n.all_input_nodes)
+            break
+        nodes.append((n.name, n.op, tuple(a.name for a in n.all_input_nodes)))
+    return GraphOrder(tuple(nodes), outputs)
+
+
+def schedule_of(fwd: fx.GraphModule, bwd: fx.GraphModule) -> Schedule:
+    """The schedule of real forward and backward graphs."""
+    saved = tuple(n.name for n in bwd.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents"))
+    return Schedule(_order_of(fwd), _order_of(bwd), saved)
+
+
+def _is_random(node: fx.Node) -> bool:
+    t = node.target
+    return isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags
+
+
+def fast_schedule(joint: JointGraph, recompute) -> Schedule:
+    """The schedule :func:`split_joint` would produce for ``recompute``."""
+    gm = joint.gm
+    nodes = list(gm.graph.nodes)
+    out_node = nodes[-1]
+    out_args = [a for a in out_node.args[0]] if isinstance(out_node.args[0], (list, tuple)) else [out_node.args[0]]
+    nfo = joint.num_fwd_outputs
+    fwd_outputs = [a for a in out_args[:nfo] if isinstance(a, fx.Node)]
+    bwd_outputs = [a for a in out_args[nfo:] if isinstance(a, fx.Node)]
+    saved_nodes = required_saved(gm, recompute)
+    saved = [n.name for n in saved_nodes]
+    fwd_names = forward_node_names(gm)
+
+    # Forward: nodes computable from the primals that the outputs and saved values
+    # need; random ops always run (dead-code elimination keeps them).
+    valid_f: set[fx.Node] = set()
+    for n in nodes:
+        if n.op == "placeholder":
+            if not n.name.startswith("tangents"):
+                valid_f.add(n)
+        elif n.op in ("call_function", "get_attr") and all(a in valid_f for a in n.all_input_nodes):
+            valid_f.add(n)
+    needed: set[fx.Node] = set()
+    stack = [a for a in fwd_outputs + saved_nodes]
+    stack += [n for n in nodes if n in valid_f and n.op == "call_function" and _is_random(n) and n.name in fwd_names]
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        stack.extend(n.all_input_nodes)
+    fwd_order = [
+        (n.name, n.op, tuple(a.name for a in n.all_input_nodes))
+        for n in nodes
+        if n in valid_f and (n.op == "placeholder" or n in needed)
+    ]
+    forward = GraphOrder(tuple(fwd_order), tuple(a.name for a in fwd_outputs + saved_nodes))
+
+    # Backward: placeholders (saved, then tangents), then every node computable
+    # from them that the gradients need, recomputed values just in time.
+    saved_set = set(saved_nodes)
+    tangents = [n for n in nodes if n.op == "placeholder" and n.name.startswith("tangents")]
+    valid_b: set[fx.Node] = set(saved_set) | set(tangents)
+    for n in nodes:
+        if n in valid_b or n.op != "call_function":
+            continue
+        if all(a in valid_b for a in n.all_input_nodes):
+            valid_b.add(n)
+    needed_b: set[fx.Node] = set()
+    stack = [a for a in bwd_outputs if a in valid_b]
+    while stack:
+        n = stack.pop()
+        if n in needed_b:
+            continue
+        needed_b.add(n)
+        stack.extend(a for a in n.all_input_nodes if a not in saved_set)
+    # placeholders used by nobody are dropped from ``saved`` by the real split
+    used = set()
+    for n in needed_b:
+        used.update(n.all_input_nodes)
+    saved_kept = [n for n in saved_nodes if n in used or n in bwd_outputs]
+    order = {n: i for i, n in enumerate(nodes)}
+    emitted: set[fx.Node] = set(saved_kept) | set(tangents)
+    bwd_order = [(n.name, "placeholder", ()) for n in saved_kept + tangents]
+
+    def emit(node: fx.Node) -> None:
+        pending, stack2, seen = [], [node], set()
+        while stack2:
+            n = stack2.pop()
+            if n in emitted or n in seen:
+                continue
+            seen.add(n)
+            pending.append(n)
+            stack2.extend(n.all_input_nodes)
+        for n in sorted(pending, key=order.__getitem__):
+            emitted.add(n)
+            bwd_order.append((n.name, n.op, tuple(a.name for a in n.all_input_nodes)))
+
+    for n in nodes:
+        if n in needed_b and n not in saved_set and n.op == "call_function" and n.name not in fwd_names:
+            emit(n)
+    backward = GraphOrder(tuple(bwd_order), tuple(dict.fromkeys(a.name for a in bwd_outputs)))
+    outs = tuple(dict.fromkeys([a.name for a in fwd_outputs] + [n.name for n in saved_kept]))  # as fx lists them
+    forward = GraphOrder(forward.nodes, outs)
+    return Schedule(forward, backward, tuple(n.name for n in saved_kept))
