@@ -173,16 +173,19 @@ def plan_profile(
     device_type = "cuda" if _granularity(gp) > 1 else "cpu"
     usable = _usable(budget_bytes, device_type)
     best: tuple[Evaluation, SolverInfo] | None = None
+    _log(progress, "trying sqrt(L) segments")
+    sq = solve_sqrt(prob, usable)
+    sq_found = None
+    if sq.evaluation is not None:
+        sq_info = SolverInfo(name="sqrt", status=f"{sq.status}, {sq.segments} segments", seconds=sq.seconds, calls=len(sq.tried))
+        sq_found = (sq.evaluation, sq_info)
     if solver in ("ilp", "auto"):
+        if sq.evaluation is not None:
+            prob.refine(sq.evaluation)  # exact live intervals of a plan that fits: a good start
         _log(progress, "solving ILP")
-        found = _search_ilp(prob, usable, time_limit_s)
-        if found is not None:
-            best = found
-    if solver == "sqrt" or (solver == "auto" and best is None):
-        _log(progress, "trying sqrt(L) segments")
-        res = solve_sqrt(prob, usable)
-        if res.evaluation is not None:
-            best = (res.evaluation, SolverInfo(name="sqrt", status=f"{res.status}, {res.segments} segments", seconds=res.seconds, calls=len(res.tried)))
+        best = _search_ilp(prob, usable, time_limit_s)
+    if solver == "sqrt" or (solver == "auto" and sq_found is not None and (best is None or sq_found[0].cost_s < best[0].cost_s)):
+        best = sq_found  # auto: the cheaper of the two, both checked by exact simulation
     if best is None:
         _log(progress, "no plan fits; computing the minimum budget")
         low_ev, low_info = _lowest(prob, time_limit_s)
@@ -195,46 +198,50 @@ def plan_profile(
 def _search_ilp(prob: Problem, budget: int, time_limit_s: float, max_calls: int = 12):
     """Solve the ILP, check each solution by exact simulation, and adjust.
 
-    After each solve the ILP's live-interval estimates are replaced by the exact
-    ones of the simulated schedule (``Problem.refine``). When the simulated peak is
-    over the budget the ILP's internal budget is tightened by the overshoot; when it
-    fits with slack the internal budget is loosened to look for a cheaper plan.
+    First with the problem's live-interval estimates held fixed: when the simulated
+    peak is over the budget the ILP's internal budget is tightened by the
+    overshoot; when it fits with slack the internal budget is loosened to look for
+    a cheaper plan (bisection once both are known). If that finds nothing, again
+    with the estimates replaced after each solve by the exact intervals of the
+    simulated schedule (``Problem.refine``).
     """
     start = time.perf_counter()
-    internal = float(budget)
-    lo = hi = None  # internal budgets known to give a fitting / non-fitting plan
     best: Evaluation | None = None
-    status, gap, calls, refines = "Infeasible", None, 0, 0
-    for _ in range(max_calls):
-        remaining = time_limit_s - (time.perf_counter() - start)
-        if remaining <= 0.5:
-            break
-        res = solve_ilp(prob, internal, time_limit_s=remaining)
-        calls += 1
-        if res.recompute is None:
-            hi = internal if hi is None else min(hi, internal)
-            if lo is None:
+    status, gap, calls = "Infeasible", None, 0
+    for refining in (False, True):
+        internal = float(budget)
+        lo = hi = None  # internal budgets known to give a fitting / non-fitting plan
+        for _ in range(max_calls // 2):
+            remaining = time_limit_s - (time.perf_counter() - start)
+            if remaining <= 0.5:
                 break
-            internal = (lo + hi) / 2
-            continue
-        ev = prob.evaluate(res.recompute)
-        refined = prob.refine(ev)
-        if ev.sim.peak_bytes <= budget:
-            if best is None or ev.cost_s < best.cost_s:
-                best, status, gap = ev, res.status, res.gap
-            lo = internal if lo is None else max(lo, internal)
-            slack = budget - ev.sim.peak_bytes
-            if slack <= 0.005 * budget:
+            res = solve_ilp(prob, internal, time_limit_s=remaining)
+            calls += 1
+            if res.recompute is None:
+                hi = internal if hi is None else min(hi, internal)
+                if lo is None:
+                    break
+                internal = (lo + hi) / 2
+                continue
+            ev = prob.evaluate(res.recompute)
+            if refining:
+                prob.refine(ev)
+            if ev.sim.peak_bytes <= budget:
+                if best is None or ev.cost_s < best.cost_s:
+                    best, status, gap = ev, res.status, res.gap
+                lo = internal if lo is None else max(lo, internal)
+                slack = budget - ev.sim.peak_bytes
+                if slack <= 0.005 * budget:
+                    break
+                internal = internal + slack if hi is None else (internal + hi) / 2
+            else:
+                hi = internal if hi is None else min(hi, internal)
+                internal = internal - (ev.sim.peak_bytes - budget) - 0.001 * budget
+                if lo is not None:
+                    internal = max(internal, (lo + hi) / 2)
+            if lo is not None and hi is not None and hi - lo <= 0.002 * budget:
                 break
-            internal = internal + slack if hi is None else (internal + hi) / 2
-        elif refined and refines < 3:
-            refines += 1  # same internal budget, better intervals
-        else:
-            hi = internal if hi is None else min(hi, internal)
-            internal = internal - (ev.sim.peak_bytes - budget) - 0.001 * budget
-            if lo is not None:
-                internal = max(internal, (lo + hi) / 2)
-        if lo is not None and hi is not None and hi - lo <= 0.002 * budget:
+        if best is not None:
             break
     if best is None:
         return None
