@@ -1,6 +1,8 @@
-"""Run a joint graph's nodes on real tensors to measure each node's time and its
-hidden temporaries (bytes an op allocates internally and frees before returning,
-e.g. a dtype-promotion copy inside ``mul``), on the device the model lives on.
+"""Run a joint graph's nodes to measure each node's time (on the captured tensors)
+and its hidden temporaries (bytes an op allocates internally and frees before
+returning, e.g. a dtype-promotion copy inside ``mul``), on the model's device. On
+CPU, temporaries are measured once per distinct op and argument layout, on
+synthetic inputs.
 
 Time: ``time.perf_counter`` around each node on CPU, CUDA events on a GPU (median
 of ``repeats`` runs). Temporaries: on CPU the profiler's allocator events while the
@@ -10,14 +12,17 @@ above what was live before, minus the node's own new outputs.
 
 from __future__ import annotations
 
+import operator
 import statistics
 import time
+import warnings
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from . import rng_ops  # noqa: F401  (the planner_rng ops)
 from .capture import JointGraph
 
 __all__ = ["run_nodes"]
@@ -123,7 +128,7 @@ def run_nodes(joint: JointGraph, *, measure_time: bool = True, measure_temps: bo
             if measure_temps and cuda:
                 _execute(joint, device, gpu_temp)
             elif measure_temps:
-                temps.update(_cpu_temps(joint, device, marked))
+                temps.update(_cpu_temps(joint, device, marked))  # synthetic inputs: rng restored below
     finally:
         torch.set_rng_state(rng)
         if cuda_rng is not None:
@@ -132,14 +137,59 @@ def run_nodes(joint: JointGraph, *, measure_time: bool = True, measure_temps: bo
     return {name: (times.get(name, 0.0), temps.get(name, 0)) for name in names}
 
 
+def _signature(n: fx.Node):
+    def sig(a):
+        if isinstance(a, fx.Node):
+            v = a.meta.get("val")
+            if isinstance(v, torch.Tensor):
+                return ("T", tuple(v.shape), tuple(v.stride()), str(v.dtype))
+            return ("N", repr(v))
+        return ("C", repr(a))
+
+    return (str(n.target), tuple(pytree.tree_map(sig, list(n.args))), tuple(sorted((k, repr(pytree.tree_map(sig, v))) for k, v in n.kwargs.items())))
+
+
+def _synthetic(val: Any, device: torch.device) -> Any:
+    """A tensor with ``val``'s layout: ones for floating point, zeros otherwise
+    (valid indices, false masks). Temporaries depend on layouts, not values."""
+    if isinstance(val, torch.Tensor):
+        t = torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype, device=device)
+        return t.fill_(1) if (val.dtype.is_floating_point or val.dtype.is_complex) else t.zero_()
+    return val
+
+
 def _cpu_temps(joint: JointGraph, device, marked) -> dict[str, int]:
-    """One profiler session; each node inside a ``record_function`` range. A node's
-    temporaries: its peak of allocator events above the start of its range, less
-    what is still allocated at its end (its outputs)."""
+    """Each distinct (op, argument layouts) runs once on synthetic inputs, inside
+    one profiler session with a ``record_function`` range per run. Its temporaries:
+    the peak of allocator events within the range above the start, less what is
+    still allocated at its end (the outputs, freed after the range)."""
     from torch.profiler import ProfilerActivity, profile
 
+    gm = joint.gm
+    by_sig: dict[Any, list[str]] = {}
+    first: dict[Any, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target is operator.getitem:
+            continue
+        key = _signature(n)
+        by_sig.setdefault(key, []).append(n.name)
+        first.setdefault(key, n)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _execute(joint, device, marked)
+        for key, n in first.items():
+            args = pytree.tree_map(lambda a: _synthetic(a.meta.get("val"), device) if isinstance(a, fx.Node) else a, n.args)
+            kwargs = pytree.tree_map(lambda a: _synthetic(a.meta.get("val"), device) if isinstance(a, fx.Node) else a, n.kwargs)
+            if n.target is torch.ops.planner_rng.replay_dropout_mask.default:
+                args = (torch.ops.planner_rng.state(torch.empty(0, device=device)), *args[1:])  # a valid state
+            try:
+                out = marked(n, lambda: n.target(*args, **kwargs))
+            except Exception as e:  # noqa: BLE001  any op error: that op's temporaries stay unknown
+                warnings.warn(
+                    f"could not measure the temporaries of {n.name} ({n.target}) on synthetic inputs "
+                    f"({type(e).__name__}: {e}); counting none for it",
+                    stacklevel=2,
+                )
+                out = None
+            del out, args, kwargs
     events = sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
     ranges = []
     for e in events:
@@ -147,7 +197,7 @@ def _cpu_temps(joint: JointGraph, device, marked) -> dict[str, int]:
         if name.startswith("planner_node::"):
             ranges.append((e.start_ns(), e.start_ns() + e.duration_ns(), name[len("planner_node::"):]))
     memory = [(e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    temps: dict[str, int] = {}
+    measured: dict[str, int] = {}
     i = 0
     running = 0
     for start, end, name in ranges:
@@ -159,5 +209,10 @@ def _cpu_temps(joint: JointGraph, device, marked) -> dict[str, int]:
             running += memory[i][1]
             peak = max(peak, running)
             i += 1
-        temps[name] = max(0, peak - running)
+        measured[name] = max(0, peak - running)
+    temps: dict[str, int] = {}
+    for key, names in by_sig.items():
+        value = measured.get(first[key].name, 0)
+        for name in names:
+            temps[name] = value
     return temps
