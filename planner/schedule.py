@@ -122,6 +122,10 @@ def fast_schedule(joint: JointGraph, recompute) -> Schedule:
     for n in needed_b:
         used.update(n.all_input_nodes)
     saved_kept = [n for n in saved_nodes if n in used or n in bwd_outputs]
+    # AOTAutograd puts the values handed over without a version check last
+    saved_kept = [n for n in saved_kept if not n.meta.get("saved_tensor_with_no_vc_check")] + [
+        n for n in saved_kept if n.meta.get("saved_tensor_with_no_vc_check")
+    ]
     order = {n: i for i, n in enumerate(nodes)}
     emitted: set[fx.Node] = set(saved_kept) | set(tangents)
     bwd_order = [(n.name, "placeholder", ()) for n in saved_kept + tangents]

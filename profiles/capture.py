@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 from ._torch_private import aot_autograd, allow_recompiles, backend_error_cause
 from .dropout_pass import rewrite_dropout
 
-__all__ = ["JointGraph", "capture", "normalize_inputs", "graph_fingerprint", "prepare_joint", "CaptureError"]
+__all__ = ["JointGraph", "capture", "normalize_inputs", "graph_fingerprint", "prepare_joint", "mutated_primals", "CaptureError"]
 
 
 class CaptureError(RuntimeError):
@@ -92,10 +92,31 @@ def graph_fingerprint(gm: fx.GraphModule, num_fwd_outputs: int) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare_joint(gm: fx.GraphModule, *, dropout: str = "mask") -> int:
+def mutated_primals(gm: fx.GraphModule, num_fwd_outputs: int) -> set[str]:
+    """Names of the primal placeholders the step mutates (AOTAutograd returns their
+    new values as extra forward outputs, described as ``InputMutationAOTOutput``)."""
+    primals = [n for n in gm.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents")]
+    out = gm.graph.find_nodes(op="output")[0]
+    names = set()
+    for desc in (out.meta.get("desc") or [])[:num_fwd_outputs]:
+        idx = getattr(getattr(desc, "mutated_input", None), "idx", None)
+        if idx is not None and idx < len(primals):
+            names.add(primals[idx].name)
+    return names
+
+
+def prepare_joint(gm: fx.GraphModule, *, dropout: str = "mask", num_fwd_outputs: int | None = None) -> int:
     """Rewrites applied to every joint graph, at planning and at run time alike
     (after the fingerprint is taken, so it describes the model as captured).
-    Returns the number of dropout ops rewritten."""
+    Returns the number of dropout ops rewritten.
+
+    Buffers the step updates in place (BatchNorm statistics) are marked so that,
+    when a recomputed BatchNorm needs them in backward, AOTAutograd hands them over
+    without autograd's version check (training-mode BatchNorm does not read them)."""
+    if num_fwd_outputs is not None:
+        for node in gm.graph.find_nodes(op="placeholder"):
+            if node.name in mutated_primals(gm, num_fwd_outputs):
+                node.meta["saved_tensor_with_no_vc_check"] = True
     return rewrite_dropout(gm, dropout)
 
 
@@ -187,6 +208,6 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
     )
     jg.fingerprint = graph_fingerprint(gm, jg.num_fwd_outputs)
     jg.dropout = dropout
-    jg.num_dropouts = prepare_joint(gm, dropout=dropout)
+    jg.num_dropouts = prepare_joint(gm, dropout=dropout, num_fwd_outputs=jg.num_fwd_outputs)
     recorded.clear()
     return jg

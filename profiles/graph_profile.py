@@ -20,7 +20,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import flop_registry
 
-from .capture import JointGraph
+from .capture import JointGraph, mutated_primals
 from .device import DeviceProfile, load_device_profile
 
 __all__ = ["NodeInfo", "GraphProfile", "profile_graph", "module_path"]
@@ -134,18 +134,10 @@ def _flops(node: fx.Node) -> int:
         return 0
 
 
-def _mutated_primals(gm: fx.GraphModule, num_fwd_outputs: int) -> set[str]:
-    """Names of the primal placeholders the step mutates (AOTAutograd returns their
-    new values as extra forward outputs, described as ``InputMutationAOTOutput``)."""
-    primals = [n for n in gm.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents")]
-    out = gm.graph.find_nodes(op="output")[0]
-    names = set()
-    for desc in (out.meta.get("desc") or [])[:num_fwd_outputs]:
-        inp = getattr(desc, "mutated_input", None)
-        idx = getattr(inp, "idx", None)
-        if idx is not None and idx < len(primals):
-            names.add(primals[idx].name)
-    return names
+def _is_batch_norm_training(node: fx.Node) -> bool:
+    return node.target is torch.ops.aten._native_batch_norm_legit_functional.default and bool(
+        node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
+    )
 
 
 def _tensors(val: Any) -> list[torch.Tensor]:
@@ -172,7 +164,7 @@ def profile_graph(
     storage_bytes: list[int] = []
     static: set[int] = set()
     infos: dict[str, NodeInfo] = {}
-    mutated = _mutated_primals(gm, joint.num_fwd_outputs)
+    mutated = mutated_primals(gm, joint.num_fwd_outputs)
     for node in gm.graph.nodes:
         tensors = _tensors(node.meta.get("val"))
         ids, new_bytes = [], 0
@@ -212,10 +204,11 @@ def profile_graph(
             flops=flops,
             time_s=time_s,
             storages=tuple(ids),
-            # A value read from a buffer the step updates in place (BatchNorm's
-            # running statistics) cannot be recomputed: backward would see the
-            # updated buffer, and autograd's version check refuses it.
-            recomputable=_is_recomputable(node) and not any(a.name in mutated for a in node.all_input_nodes),
+            # A value read from a buffer the step updates in place is not recomputed:
+            # backward would see the updated buffer. Training-mode BatchNorm is the
+            # exception: its output depends on the batch statistics only.
+            recomputable=_is_recomputable(node)
+            and (_is_batch_norm_training(node) or not any(a.name in mutated for a in node.all_input_nodes)),
             dtype=dtype,
         )
     for node in gm.graph.nodes:  # a getitem can be recomputed only with its op

@@ -50,7 +50,7 @@ class PlannedModule(nn.Module):
                     f"this plan was made for another model or input shapes (plan fingerprint {expected}, "
                     f"this model and input {got}); plan again with planner.plan(model, budget_gb, inputs)"
                 )
-            prepare_joint(joint, dropout=plan.dropout)
+            prepare_joint(joint, dropout=plan.dropout, num_fwd_outputs=num_fwd_outputs)
             fwd, bwd, _ = split_joint(joint, recompute, num_fwd_outputs=num_fwd_outputs)
             graphs.append((fwd, bwd))
             return fwd, bwd
