@@ -184,8 +184,10 @@ def plan_profile(
             prob.refine(sq.evaluation)  # exact live intervals of a plan that fits: a good start
         _log(progress, "solving ILP")
         best = _search_ilp(prob, usable, time_limit_s)
-    if solver == "sqrt" or (solver == "auto" and sq_found is not None and (best is None or sq_found[0].cost_s < best[0].cost_s)):
-        best = sq_found  # auto: the cheaper of the two, both checked by exact simulation
+    if sq_found is not None and (solver == "sqrt" or best is None or (solver == "auto" and sq_found[0].cost_s < best[0].cost_s)):
+        # auto: the cheaper of the two, both checked by exact simulation; ilp: the
+        # sqrt(L) plan only when the ILP found none within the budget
+        best = sq_found
     if best is None:
         _log(progress, "no plan fits; computing the minimum budget")
         low_ev, low_info = _lowest(prob, time_limit_s)
