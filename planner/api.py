@@ -92,7 +92,8 @@ def plan(
     activations, temporaries and gradients (``torch.cuda.max_memory_allocated``'s
     measure). ``example_inputs`` is a tuple of positional arguments or a dict of
     keyword arguments (default: ``model.example_input_array``). ``solver`` is
-    ``"ilp"``, ``"sqrt"`` or ``"auto"`` (ILP, then sqrt(L) if the ILP finds nothing).
+    ``"ilp"``, ``"sqrt"`` or ``"auto"`` (the cheaper of both; ``"ilp"`` falls back to
+    sqrt(L)'s plan only when the ILP finds none).
     Raises :class:`BudgetTooSmall` when no plan fits.
     """
     budget_bytes = check_budget(budget_gb)
