@@ -16,7 +16,7 @@ import torch.fx as fx
 from profiles._torch_private import extract_fwd_bwd_modules, keep_random_ops
 from profiles.capture import JointGraph
 
-__all__ = ["split_joint", "required_saved", "forward_node_names", "PlanInfeasible"]
+__all__ = ["split_joint", "required_saved", "forward_node_names", "emit_just_in_time", "PlanInfeasible"]
 
 
 class PlanInfeasible(ValueError):
@@ -91,6 +91,26 @@ def split_joint(joint: JointGraph | fx.GraphModule, recompute: Iterable[str], *,
     return fwd, bwd, saved_names
 
 
+def emit_just_in_time(roots, done: set, order: dict) -> list:
+    """Each of ``roots`` in turn, preceded by those of its ancestors not yet in
+    ``done`` (in ``order``): the order in which backward reaches recomputed values.
+    ``done`` is updated; returns the newly emitted nodes in order."""
+    out = []
+    for root in roots:
+        pending, stack, seen = [], [root], set()
+        while stack:
+            n = stack.pop()
+            if n in done or n in seen:
+                continue
+            seen.add(n)
+            pending.append(n)
+            stack.extend(n.all_input_nodes)
+        for n in sorted(pending, key=order.__getitem__):
+            done.add(n)
+            out.append(n)
+    return out
+
+
 def recompute_just_in_time(bwd: fx.GraphModule, forward_names: set[str]) -> fx.GraphModule:
     """Reorder ``bwd`` so each recomputed forward node runs right before its first user.
 
@@ -101,28 +121,11 @@ def recompute_just_in_time(bwd: fx.GraphModule, forward_names: set[str]) -> fx.G
     graph = bwd.graph
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node in placeholders:
+        env[node] = new.node_copy(node, lambda x: env[x])
+    roots = [n for n in graph.nodes if n.op != "placeholder" and n.name not in forward_names]
     order = {n: i for i, n in enumerate(graph.nodes)}
-
-    def emit(node: fx.Node) -> None:
-        pending = []
-        stack = [node]
-        seen = set()
-        while stack:
-            n = stack.pop()
-            if n in env or n in seen:
-                continue
-            seen.add(n)
-            pending.append(n)
-            stack.extend(n.all_input_nodes)
-        for n in sorted(pending, key=order.__getitem__):
-            env[n] = new.node_copy(n, lambda x: env[x])
-
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            env[node] = new.node_copy(node, lambda x: env[x])
-    for node in graph.nodes:
-        if node.op == "placeholder" or node.name in forward_names:
-            continue
-        emit(node)
-    out = fx.GraphModule(bwd, new)
-    return out
+    for node in emit_just_in_time(roots, set(placeholders), order):
+        env[node] = new.node_copy(node, lambda x: env[x])
+    return fx.GraphModule(bwd, new)

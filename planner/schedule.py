@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from profiles.capture import JointGraph
 
-from .partition import forward_node_names, required_saved
+from .partition import emit_just_in_time, forward_node_names, required_saved
 
 __all__ = ["GraphOrder", "Schedule", "fast_schedule", "schedule_of"]
 
@@ -127,25 +127,10 @@ def fast_schedule(joint: JointGraph, recompute) -> Schedule:
         n for n in saved_kept if n.meta.get("saved_tensor_with_no_vc_check")
     ]
     order = {n: i for i, n in enumerate(nodes)}
-    emitted: set[fx.Node] = set(saved_kept) | set(tangents)
     bwd_order = [(n.name, "placeholder", ()) for n in saved_kept + tangents]
-
-    def emit(node: fx.Node) -> None:
-        pending, stack2, seen = [], [node], set()
-        while stack2:
-            n = stack2.pop()
-            if n in emitted or n in seen:
-                continue
-            seen.add(n)
-            pending.append(n)
-            stack2.extend(n.all_input_nodes)
-        for n in sorted(pending, key=order.__getitem__):
-            emitted.add(n)
-            bwd_order.append((n.name, n.op, tuple(a.name for a in n.all_input_nodes)))
-
-    for n in nodes:
-        if n in needed_b and n not in saved_set and n.op == "call_function" and n.name not in fwd_names:
-            emit(n)
+    roots = [n for n in nodes if n in needed_b and n not in saved_set and n.op == "call_function" and n.name not in fwd_names]
+    for n in emit_just_in_time(roots, set(saved_kept) | set(tangents), order):
+        bwd_order.append((n.name, n.op, tuple(a.name for a in n.all_input_nodes)))
     backward = GraphOrder(tuple(bwd_order), tuple(dict.fromkeys(a.name for a in bwd_outputs)))
     outs = tuple(dict.fromkeys([a.name for a in fwd_outputs] + [n.name for n in saved_kept]))  # as fx lists them
     forward = GraphOrder(forward.nodes, outs)
