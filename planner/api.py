@@ -116,17 +116,16 @@ def plan(
             "class": type(model).__name__,
             "inputs": _describe_inputs(args, kwargs),
         }
-        result = plan_profile(gp, budget_bytes, solver=solver, time_limit_s=time_limit_s, model_info=model_info, progress=progress)
-        return result, joint.num_dropouts
+        return plan_profile(gp, budget_bytes, solver=solver, time_limit_s=time_limit_s, model_info=model_info, progress=progress)
 
     try:
-        return attempt("mask")[0]
+        return attempt("mask")
     except BudgetTooSmall as first:
         # Keeping dropout masks costs a byte per element; regenerating them in
         # backward from the RNG state costs only time. Try that before giving up.
         try:
             _log(progress, "budget too small while keeping dropout masks; trying RNG replay")
-            return attempt("replay")[0]
+            return attempt("replay")
         except BudgetTooSmall as second:
             raise BudgetTooSmall(budget_bytes, min(first.min_budget_bytes, second.min_budget_bytes)) from None
 
@@ -171,7 +170,7 @@ def plan_profile(
     if baseline.sim.peak_bytes <= budget_bytes:
         return package(baseline, SolverInfo(name="none", status="budget fits without recomputation", seconds=0.0))
 
-    device_type = "cuda" if _granularity(gp) > 1 else "cpu"
+    device_type = "cuda" if prob.granularity > 1 else "cpu"
     usable = _usable(budget_bytes, device_type)
     best: tuple[Evaluation, SolverInfo] | None = None
     _log(progress, "trying sqrt(L) segments")
