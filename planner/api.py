@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from profiles.capture import capture, normalize_inputs
+from profiles.capture import capture, normalize_inputs, with_dropout
 from profiles.graph_profile import GraphProfile, profile_graph
 
 from .ilp import solve_ilp
@@ -21,8 +21,6 @@ from .sqrt import solve_sqrt
 __all__ = ["plan", "plan_profile", "BudgetTooSmall", "minimum_budget_bytes", "SOLVERS"]
 
 SOLVERS = ("auto", "ilp", "sqrt")
-import os
-_DEBUG = bool(os.environ.get("PLANNER_DEBUG"))
 
 #: Plans that recompute keep this fraction of the budget unused. On CPU the
 #: simulator sees every tensor but not the few-byte scalars some ops allocate on
@@ -106,30 +104,35 @@ def plan(
     args, kwargs = normalize_inputs(model, example_inputs)
     inputs = kwargs if kwargs else args
 
-    def attempt(dropout: str):
-        t0 = time.perf_counter()
-        _log(progress, f"capturing {type(model).__name__} forward+backward (dropout: {dropout})")
-        joint = capture(model, inputs, dropout=dropout)
-        _log(progress, f"captured {len(joint.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s; profiling")
+    t0 = time.perf_counter()
+    _log(progress, f"capturing {type(model).__name__} forward+backward")
+    captured = capture(model, inputs, dropout="mask")
+    _log(progress, f"captured {len(captured.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s")
+    model_info = {
+        "fingerprint": captured.fingerprint,
+        "class": type(model).__name__,
+        "inputs": _describe_inputs(args, kwargs),
+    }
+
+    def attempt(joint):
+        _log(progress, f"profiling (dropout: {joint.dropout})")
         gp = profile_graph(joint, target=target, measure_time=measure_time)
-        joint.drop_tensors()
-        model_info = {
-            "fingerprint": joint.fingerprint,
-            "class": type(model).__name__,
-            "inputs": _describe_inputs(args, kwargs),
-        }
         return plan_profile(gp, budget_bytes, solver=solver, time_limit_s=time_limit_s, model_info=model_info, progress=progress)
 
     try:
-        return attempt("mask")
+        return attempt(captured)
     except BudgetTooSmall as first:
+        if captured.num_dropouts == 0:
+            raise
         # Keeping dropout masks costs a byte per element; regenerating them in
         # backward from the RNG state costs only time. Try that before giving up.
         try:
             _log(progress, "budget too small while keeping dropout masks; trying RNG replay")
-            return attempt("replay")
+            return attempt(with_dropout(captured, "replay"))
         except BudgetTooSmall as second:
             raise BudgetTooSmall(budget_bytes, min(first.min_budget_bytes, second.min_budget_bytes)) from None
+    finally:
+        captured.drop_tensors()
 
 
 def _describe_inputs(args, kwargs) -> list:
@@ -228,9 +231,6 @@ def _search_ilp(prob: Problem, budget: int, time_limit_s: float, max_calls: int 
         changed = prob.refine(ev)
         repeated = res.recompute in seen
         seen.add(res.recompute)
-        if _DEBUG:
-            print(f"  call {calls} internal={internal / 2**20:.1f} model={res.model_peak / 2**20:.1f} "
-                  f"exact={ev.sim.peak_bytes / 2**20:.1f} cost={ev.cost_s * 1e3:.1f} changed={changed}", file=sys.stderr)
         if ev.sim.peak_bytes <= budget:
             improved = best is None or ev.cost_s < best.cost_s * (1 - 1e-3)
             if best is None or ev.cost_s < best.cost_s:
