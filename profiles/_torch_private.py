@@ -36,6 +36,7 @@ class _BoxedCodeGen(CodeGen):
 
 __all__ = [
     "aot_autograd",
+    "copy_graph_module",
     "extract_fwd_bwd_modules",
     "make_boxed",
     "allow_recompiles",
@@ -99,3 +100,18 @@ def backend_error_cause(exc: BaseException) -> BaseException | None:
             return getattr(seen, "inner_exception", None) or seen.__cause__
         seen = seen.__cause__
     return None
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` with its own nodes; node metadata (fake values included) is
+    shared. Private: ``Graph._codegen`` has no public getter, and ``copy.deepcopy``
+    of a graph deep-copies its pytree specs, which warns on torch 2.13."""
+    import copy
+
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    if out is not None:
+        value, old_output = out
+        graph.output(value, type_expr=getattr(old_output, "type", None)).meta = copy.copy(old_output.meta)
+    graph.set_codegen(gm.graph._codegen)
+    return torch.fx.GraphModule(gm, graph)

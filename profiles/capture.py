@@ -7,7 +7,6 @@ was: buffers (BatchNorm statistics) and the RNG state are restored afterwards.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from ._torch_private import aot_autograd, allow_recompiles, backend_error_cause
+from ._torch_private import aot_autograd, allow_recompiles, backend_error_cause, copy_graph_module
 from .dropout_pass import rewrite_dropout
 
 __all__ = ["JointGraph", "capture", "normalize_inputs", "graph_fingerprint", "prepare_joint", "mutated_primals", "CaptureError", "with_dropout"]
@@ -210,16 +209,11 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
         primal_values=primals,
     )
     jg.fingerprint = graph_fingerprint(gm, jg.num_fwd_outputs)
-    jg.raw_gm = _copy_gm(gm)
+    jg.raw_gm = copy_graph_module(gm)
     jg.dropout = dropout
     jg.num_dropouts = prepare_joint(gm, dropout=dropout, num_fwd_outputs=jg.num_fwd_outputs)
     recorded.clear()
     return jg
-
-
-def _copy_gm(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` with its own nodes (node metadata, fake values included, is shared)."""
-    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
 
 
 def with_dropout(joint: JointGraph, dropout: str) -> JointGraph:
@@ -227,7 +221,7 @@ def with_dropout(joint: JointGraph, dropout: str) -> JointGraph:
     from the graph as captured: the same as capturing again, without running the model."""
     if joint.raw_gm is None:
         raise ValueError("this JointGraph keeps no copy of the captured graph; capture the model again")
-    gm = _copy_gm(joint.raw_gm)
+    gm = copy_graph_module(joint.raw_gm)
     jg = JointGraph(
         gm=gm,
         num_fwd_outputs=joint.num_fwd_outputs,
