@@ -47,6 +47,9 @@ class JointGraph:
     #: How dropout was rewritten ("mask" or "replay"), and how many ops.
     dropout: str = "mask"
     num_dropouts: int = 0
+    #: True when captured from a meta-device model on fake tensors (:mod:`profiles.meta`):
+    #: shapes and dtypes only, no values to run (op temporaries cannot be measured).
+    fake: bool = False
 
     def drop_tensors(self) -> None:
         """Forget the real tensors so the graph no longer keeps them alive."""
@@ -137,8 +140,13 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
     """Capture one training step of ``model`` on ``example_inputs`` as a joint graph.
 
     ``dropout`` picks how dropout outputs are made recomputable (see
-    :mod:`profiles.dropout_pass`)."""
+    :mod:`profiles.dropout_pass`). A model or inputs on the meta device are captured
+    on fake tensors, allocating nothing (see :mod:`profiles.meta`)."""
     args, kwargs = normalize_inputs(model, example_inputs)
+    from .meta import capture_meta, uses_meta
+
+    if uses_meta(model, args, kwargs):
+        return capture_meta(model, args, kwargs, capture, dropout=dropout)
     allow_recompiles()
     recorded: dict[str, Any] = {}
 
