@@ -43,14 +43,23 @@ def uses_meta(model: nn.Module, args: tuple, kwargs: dict) -> bool:
 
 def _faker(mode) -> Callable[[torch.Tensor], torch.Tensor]:
     """Tensor -> fake CPU tensor of the same layout (meta tensors) or the same
-    metadata (real ones, through ``mode.from_tensor``, which copies nothing)."""
+    metadata (real ones, through ``mode.from_tensor``, which copies nothing). The
+    same tensor passed twice (``input_ids`` that are also ``labels``) gets the same
+    fake, so the captured step sees one input as the real one would."""
+    memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def fake(t: torch.Tensor) -> torch.Tensor:
+        if id(t) in memo:
+            return memo[id(t)][1]
         if t.device.type == "meta":
             with mode:
                 out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=FAKE_DEVICE)
-            return out.requires_grad_(t.requires_grad) if t.is_leaf and t.requires_grad else out
-        return mode.from_tensor(t)
+            if t.requires_grad:
+                out.requires_grad_(True)
+        else:
+            out = mode.from_tensor(t)
+        memo[id(t)] = (t, out)  # keeps t alive so its id is not reused
+        return out
 
     return fake
 
