@@ -15,7 +15,11 @@ peaks, and a by-hand estimate to check them against: parameters + gradients +
 the activations each decoder layer keeps for backward, counted tensor by tensor
 from the layer's code (see ``by_hand``).
 
-    python bench/bench_meta_llama.py [--layers 32] [--solvers sqrt,auto] [--budget-gb 40] [--out FILE]
+    python bench/bench_meta_llama.py [--layers 32] [--batch 1] [--solvers sqrt,auto] [--budget-gb 40]
+                                     [--api auto] [--out FILE]
+
+``--api auto`` also times the public ``planner.plan(model, 40, inputs,
+target="h100")`` end to end (it captures again).
 """
 
 from __future__ import annotations
@@ -122,6 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-gb", type=float, default=40.0)
     ap.add_argument("--solvers", default="sqrt,auto", help="comma-separated, solved in this order on one profile")
     ap.add_argument("--time-limit", type=float, default=60.0)
+    ap.add_argument("--api", metavar="SOLVER", help="also time planner.plan(..., solver=SOLVER) end to end (captures again)")
     ap.add_argument("--out", help="also write the results as JSON here")
     a = ap.parse_args(argv)
     shape = dict(layers=a.layers, hidden=a.hidden, heads=a.heads, intermediate=a.intermediate, vocab=a.vocab,
@@ -185,6 +190,22 @@ def main(argv=None) -> int:
         log(f"{solver}: {r['solver']} in {r['solve_s']:.1f} s; no-checkpoint peak {r['baseline_peak_gib']:.2f} GiB, "
             f"planned {r['predicted_peak_gib']:.2f} GiB, overhead {100 * r['overhead']:.1f}% "
             f"({r['recomputed']} recomputed, {r['saved']} saved; est. {1e3 * r['recompute_time_s']:.0f} ms on {a.target})")
+    res["phases_wall_s"] = time.perf_counter() - start
+    if a.api:
+        import planner
+
+        del joint, gp
+        t0 = time.perf_counter()
+        try:
+            p = planner.plan(model, a.budget_gb, inputs, target=a.target, solver=a.api, time_limit_s=a.time_limit)
+            res["api"] = {"solver": a.api, "seconds": time.perf_counter() - t0, "time_source": p.time_source,
+                          "baseline_peak_gib": p.baseline_peak_bytes / GiB, "predicted_peak_gib": p.predicted_peak_bytes / GiB,
+                          "plan_solver": f"{p.solver.name}: {p.solver.status}"}
+            log(f"planner.plan(solver={a.api!r}) end to end: {res['api']['seconds']:.1f} s, planned "
+                f"{res['api']['predicted_peak_gib']:.2f} GiB ({res['api']['plan_solver']})")
+        except BudgetTooSmall as e:
+            res["api"] = {"solver": a.api, "seconds": time.perf_counter() - t0, "error": str(e)}
+            log(f"planner.plan(solver={a.api!r}): {e}")
     res["wall_s"] = time.perf_counter() - start
     res["peak_rss_gib"] = rss_gib()
     hand = by_hand(**shape)
