@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - start:7.1f} s, RSS {rss_gib():.2f} GiB] {msg}", flush=True)
 
+    res["load_average_start"] = os.getloadavg()
     start = time.perf_counter()
     t0 = time.perf_counter()
     model, inputs = build(**shape)
@@ -208,6 +209,7 @@ def main(argv=None) -> int:
             log(f"planner.plan(solver={a.api!r}): {e}")
     res["wall_s"] = time.perf_counter() - start
     res["peak_rss_gib"] = rss_gib()
+    res["load_average_end"] = os.getloadavg()
     hand = by_hand(**shape)
     res["by_hand"] = {k: (v / GiB if k.endswith("bytes") else v) for k, v in hand.items()}
     res["by_hand"]["per_layer_mib"] = hand["activation_bytes_per_layer"] / MiB
@@ -220,7 +222,8 @@ def main(argv=None) -> int:
             log(f"{solver}: no-checkpoint end of forward {r['baseline_end_forward_gib']:.2f} GiB, end of backward "
                 f"{r['baseline_end_backward_gib']:.2f} GiB, peak at {r['baseline_peak_at']}; planned: end of forward "
                 f"{r['planned_end_forward_gib']:.2f} GiB, peak at {r['planned_peak_at']}")
-    log(f"done: wall {res['wall_s']:.1f} s, peak RSS {res['peak_rss_gib']:.2f} GiB")
+    log(f"done: wall {res['wall_s']:.1f} s, peak RSS {res['peak_rss_gib']:.2f} GiB; load average (1 min) "
+        f"{res['load_average_start'][0]:.1f} at start, {res['load_average_end'][0]:.1f} at end")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -5,9 +5,10 @@ an output whose storage was seen before (a view, or a ``getitem`` of a
 multi-output op) allocates nothing new. FLOPs come from
 ``torch.utils.flop_counter``'s formulas; times from a device profile's roofline,
 or, with ``measure_time=True``, from running the nodes on the model's device.
-Ops' hidden temporaries are measured by running the nodes when real tensors exist;
-a model built on the meta device has none, so they count as 0 and ``time_source``
-says so.
+Ops' hidden temporaries are measured by running the nodes when real tensors exist.
+A model built on the meta device has none: for a CPU target its temporaries are
+measured on synthetic inputs one op at a time; for other targets they count as 0;
+``time_source`` says which.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class GraphProfile:
     #: Name of the device profile times were estimated for.
     target: str
     #: How ``time_s`` was obtained: ``"roofline:<target>"`` or ``"measured:<device>"``; for a
-    #: meta-device model followed by a note that op temporaries were not measured.
+    #: meta-device model followed by a note on how op temporaries were obtained.
     time_source: str
     #: Storage ids held for the whole step: parameters, buffers and inputs.
     static_storages: frozenset[int] = field(default_factory=frozenset)
@@ -228,11 +229,22 @@ def profile_graph(
             if parent is not None and not parent.recomputable and infos[node.name].recomputable:
                 infos[node.name] = _replace(infos[node.name], recomputable=False)
     time_source = f"roofline:{profile.name}"
-    if joint.fake:  # no values to run: say that temporaries are unknown
-        time_source += "; meta-device model captured on fake tensors, op temporaries not measured (counted as 0)"
-    if measure_temps is None:
+    if joint.fake:
+        # No captured values. For a CPU target the temporaries are measured here on
+        # synthetic inputs, one op at a time; for another device they are unknown.
+        if measure_temps is None:
+            measure_temps = profile.device_type == "cpu"
+        if measure_temps:
+            from .timing import synthetic_cpu_temps
+
+            for name, temp in synthetic_cpu_temps(joint).items():
+                infos[name] = _replace(infos[name], temp_bytes=temp)
+        time_source += "; meta-device model captured on fake tensors, op temporaries " + (
+            "measured on synthetic CPU inputs" if measure_temps else "not measured (counted as 0)"
+        )
+    elif measure_temps is None:
         measure_temps = bool(joint.primal_values) and device.type in ("cpu", "cuda")
-    if measure_time or measure_temps:
+    if not joint.fake and (measure_time or measure_temps):
         from .timing import run_nodes
 
         measured = run_nodes(joint, measure_time=measure_time, measure_temps=measure_temps)
