@@ -53,6 +53,13 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]
     return time_it
 
 
+def _copy_seconds(time_it, elems: int, device: torch.device, repeats: int) -> float:
+    """Median seconds of copying ``elems`` float32 values (buffers freed on return)."""
+    src = torch.ones(elems, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return time_it(lambda: dst.copy_(src), repeats)
+
+
 def _memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
@@ -121,11 +128,8 @@ def calibrate(
     if not peak:
         raise ValueError(f"calibrate: none of the dtypes {list(dtypes)} could be multiplied on {device}")
     elems = max(1, nbytes // 4)
-    src = torch.ones(elems, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    secs = time_it(lambda: dst.copy_(src), repeats)
-    bandwidth = 2.0 * src.numel() * 4 / secs
-    del src, dst
+    secs = _copy_seconds(time_it, elems, device, repeats)
+    bandwidth = 2.0 * elems * 4 / secs
     say(f"copy {elems * 4 / 2**20:.0f} MiB: {bandwidth / 1e9:.1f} GB/s")
     x = torch.ones(1, device=device)
     y = torch.ones(1, device=device)

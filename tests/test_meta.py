@@ -15,11 +15,9 @@ from planner.api import plan_profile
 from planner.cli import main as cli_main
 from profiles import available_targets, capture, load_device_profile, measure_peak, profile_graph
 
-MiB = 2**20
-
 
 def _residual(device: str):
-    """Activations dominate (about 100 MiB of a 105 MiB step; 16 MiB of parameters),
+    """Activations dominate (a 112 MiB step, 16 MiB of it parameters),
     with dropout, BatchNorm, a frozen layer, an in-place op and a cross-entropy loss
     (whose meta kernel would drop the backward if traced on meta tensors)."""
     torch.manual_seed(0)
