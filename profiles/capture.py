@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 from ._torch_private import aot_autograd, allow_recompiles, backend_error_cause
 from .dropout_pass import rewrite_dropout
+from .meta import capture_meta, uses_meta
 
 __all__ = ["JointGraph", "capture", "normalize_inputs", "graph_fingerprint", "prepare_joint", "mutated_primals", "CaptureError"]
 
@@ -48,7 +49,7 @@ class JointGraph:
     dropout: str = "mask"
     num_dropouts: int = 0
     #: True when captured from a meta-device model on fake tensors (:mod:`profiles.meta`):
-    #: shapes and dtypes only, no values to run (op temporaries cannot be measured).
+    #: shapes and dtypes only, no values to run.
     fake: bool = False
 
     def drop_tensors(self) -> None:
@@ -143,8 +144,6 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
     :mod:`profiles.dropout_pass`). A model or inputs on the meta device are captured
     on fake tensors, allocating nothing (see :mod:`profiles.meta`)."""
     args, kwargs = normalize_inputs(model, example_inputs)
-    from .meta import capture_meta, uses_meta
-
     if uses_meta(model, args, kwargs):
         return capture_meta(model, args, kwargs, capture, dropout=dropout)
     allow_recompiles()

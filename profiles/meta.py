@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ._torch_private import fake_tensor_mode
+
 __all__ = ["uses_meta", "capture_meta", "FAKE_DEVICE"]
 
 #: The device the fake tensors claim to be on while a meta model is captured.
@@ -95,9 +97,7 @@ def capture_meta(model: nn.Module, args: tuple, kwargs: dict, capture_fn: Callab
     """Run ``capture_fn(model, inputs, **capture_kw)`` on fake CPU stand-ins of the
     model's meta tensors and of the inputs; return its joint graph with no real
     values (``primal_values`` empty) and ``fake`` set."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    mode = FakeTensorMode()
+    mode = fake_tensor_mode()
     fake = _faker(mode)
     f_args, f_kwargs = pytree.tree_map_only(torch.Tensor, fake, (args, kwargs))
     inputs = f_kwargs if f_kwargs else f_args
