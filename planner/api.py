@@ -148,6 +148,9 @@ def _describe_inputs(args, kwargs) -> list:
 
 
 def _granularity(gp: GraphProfile) -> int:
+    if gp.joint.fake:  # a meta-device model: planned for the target's allocator
+        dev = gp.device_profile
+        return 512 if dev is not None and dev.device_type == "cuda" else 1
     for n in gp.gm.graph.find_nodes(op="placeholder"):
         val = n.meta.get("val")
         if isinstance(val, torch.Tensor) and val.device.type == "cuda":

@@ -68,6 +68,11 @@ class PlannedModule(nn.Module):
         except Exception as e:
             inner = backend_error_cause(e)
             if isinstance(inner, PlanMismatch):
+                if any(t.is_meta for t in self.module.parameters()):
+                    raise PlanMismatch(
+                        f"{inner} - the model is on the meta device, which cannot run a training step: build it "
+                        "for real on the target device (or model.to_empty(device=...) and load its weights) first"
+                    ) from e
                 raise PlanMismatch(str(inner)) from e
             raise
 
