@@ -237,7 +237,7 @@ def _search_ilp(prob: Problem, budget: int, time_limit_s: float, *, max_calls: i
         hint = best or start
         res = solve_ilp(
             prob, internal, time_limit_s=remaining,
-            start=None if hint is None else (hint.recompute, frozenset(hint.saved)),
+            start=None if hint is None else prob.decisions_of(hint),
         )
         calls += 1
         if res.recompute is None:

@@ -154,12 +154,31 @@ class Problem:
         vals = self.row_const + self.row_save @ save + self.row_recompute @ rec
         return float(vals.max())
 
+    def decisions_of(self, ev: "Evaluation") -> tuple[frozenset[str], frozenset[str]]:
+        """An evaluated plan in the ILP's variables: ``(recomputed, saved candidates)``.
+
+        The runtime may hand backward a view of a saved value; the ILP has no
+        variable for that (views own nothing), and writes it as the view rebuilt
+        from its saved base, which costs the same memory and nothing to run."""
+        fwd = set(self.own_bytes)
+        saved_cands: set[str] = set()
+        recomputed = {n for n in ev.recomputed if n in self.can_recompute}
+        for x in ev.saved:
+            if x not in fwd:
+                continue  # parameters and inputs
+            if x in self.can_save:
+                saved_cands.add(x)
+            else:
+                saved_cands |= self._owner_of(x)
+                if x in self.can_recompute:
+                    recomputed.add(x)
+        return frozenset(recomputed), frozenset(saved_cands & set(self.cand))
+
     def model_peak_of(self, ev: "Evaluation") -> float:
         """Peak of the linear memory model for an evaluated plan."""
-        rec = set(ev.recompute)
-        saved = set(ev.saved)
-        sv = np.array([1.0 if n in saved and n not in rec else 0.0 for n in self.cand])
-        rv = np.array([1.0 if n in rec and n in self.can_recompute else 0.0 for n in self.cand])
+        rec, saved = self.decisions_of(ev)
+        sv = np.array([1.0 if n in saved else 0.0 for n in self.cand])
+        rv = np.array([1.0 if n in rec else 0.0 for n in self.cand])
         return self.model_peak(sv, rv)
 
 
