@@ -95,6 +95,11 @@ class Plan:
     timeline: tuple[tuple[str, str, int], ...] = ()
     #: The same for the step without recomputation.
     baseline_timeline: tuple[tuple[str, str, int], ...] = ()
+    #: Empty for one process. Otherwise what ``plan(..., world_size=, sharding=, optimizer=)``
+    #: was told (``world_size``, ``sharding``, ``optimizer``) and the bytes one rank holds
+    #: beyond the model's step (``forward_bytes``, ``backward_bytes``, ``end_bytes``,
+    #: ``optimizer_bytes``); the peaks and timelines above are then per rank and include them.
+    distributed: dict = field(default_factory=dict)
 
     # -- derived -----------------------------------------------------------
     @property

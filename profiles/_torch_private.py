@@ -41,6 +41,7 @@ __all__ = [
     "allow_recompiles",
     "keep_random_ops",
     "backend_error_cause",
+    "no_ddp_graph_split",
 ]
 
 
@@ -99,3 +100,15 @@ def backend_error_cause(exc: BaseException) -> BaseException | None:
             return getattr(seen, "inner_exception", None) or seen.__cause__
         seen = seen.__cause__
     return None
+
+
+def no_ddp_graph_split():
+    """Context in which dynamo compiles a module running inside DDP's forward as one
+    graph. By default (``optimize_ddp=True``) dynamo's DDPOptimizer splits the graph
+    at DDP's gradient-bucket boundaries and compiles each piece with our backend, so
+    the partition hook would see pieces of the joint graph, not the one the plan was
+    made for (PlanMismatch, or an assertion inside DDPOptimizer). With
+    ``"no_optimization"`` DDP's C++ reducer all-reduces the gradients after the
+    compiled backward (no communication/computation overlap). Read when a frame is
+    compiled, so it only has to be active around the compiled call."""
+    return torch._dynamo.config.patch(optimize_ddp=False)
