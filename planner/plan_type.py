@@ -126,6 +126,8 @@ class Plan:
         d["nodes"] = [asdict(n) for n in self.nodes]
         d["timeline"] = [list(p) for p in self.timeline]
         d["baseline_timeline"] = [list(p) for p in self.baseline_timeline]
+        if not d["distributed"]:
+            del d["distributed"]  # one process: the JSON plans had before this field
         return d
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 1) -> str:

@@ -17,6 +17,7 @@ import copy
 import gc
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,6 +235,9 @@ def test_budget_too_small_counts_the_engine(single):
     p = planner.plan(model, ranked.value.min_budget_bytes / planner.GiB, _inputs(0), **kw)
     assert p.predicted_peak_bytes <= p.budget_bytes
     assert planner.Plan.from_json(p.to_json()) == p
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "plan.schema.json").read_text())
+    jsonschema.validate(json.loads(p.to_json()), schema, cls=jsonschema.Draft202012Validator)
 
 
 def test_wrappers_inside_the_plan_are_refused(single):
