@@ -256,3 +256,18 @@ def test_wrappers_inside_the_plan_are_refused(single):
     inner.__class__ = type("FSDPResidualNet", (FSDPModule, type(inner)), {})
     with pytest.raises(TypeError, match=r"submodule 'inner' is wrapped by fully_shard"):
         runtime.apply(Outer(inner), p)
+
+
+def test_cli_plans_per_rank(tmp_path, capsys):
+    from planner.cli import main
+
+    factory = str(Path(__file__).parents[1] / "examples" / "tiny_models.py") + ":residual_mlp"
+    out = tmp_path / "plan.json"
+    assert main(["plan", factory, "--budget-gb", "0.01", "--world-size", "2", "--sharding", "fsdp", "--optimizer", "adamw",
+                 "-q", "-o", str(out)]) == 0
+    p = planner.Plan.from_json(out)
+    assert p.distributed["world_size"] == 2 and p.distributed["sharding"] == "fsdp" and p.distributed["optimizer"] == "adamw"
+    assert p.predicted_peak_bytes <= p.budget_bytes
+    capsys.readouterr()
+    assert main(["plan", factory, "--budget-gb", "0.01", "--world-size", "2", "-q"]) == 2
+    assert "needs sharding='ddp' or sharding='fsdp'" in capsys.readouterr().err
