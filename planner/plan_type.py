@@ -184,7 +184,13 @@ class Plan:
             f"recompute {self.recompute_flops / 1e9:.3f} GFLOP = {100 * self.overhead:.1f}% of the step's "
             f"{self.total_flops / 1e9:.3f} GFLOP; {len(self.recomputed)} values recomputed, {len(self.saved)} saved\n"
             f"solver {self.solver.name}: {self.solver.status} in {self.solver.seconds:.2f} s"
+            + (self._per_rank_note() if self.distributed else "")
         )
+
+    def _per_rank_note(self) -> str:
+        d = self.distributed
+        return (f"\nper rank of {d['world_size']} ({d['sharding']}, optimizer {d['optimizer']}): engine and optimizer add "
+                f"{d['forward_bytes'] / GiB:.3f} GiB in forward, {d['backward_bytes'] / GiB:.3f} GiB in backward")
 
     def by_module(self, depth: int | None = None) -> list[dict]:
         """Per module (path cut to ``depth`` parts): bytes saved and recomputed, FLOPs recomputed."""
