@@ -149,6 +149,10 @@ def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str) -
                 gc.collect()
         measured = [storage_bytes(inputs.values()) + _window_peak(prof, f"measured_step_{i}") for i in range(runs)]
         result = {"measured": min(measured), "runs": measured}
+        if sharding == "ddp":
+            with pytest.raises(TypeError, match="the model itself is wrapped by DistributedDataParallel"):
+                runtime.apply(_wrap(copy.deepcopy(base), sharding), plan)
+            result["ddp_inside_refused"] = True
         if sharding == "fsdp":
             # fully_shard on the model first, the plan applied to it, also works
             inner_model = copy.deepcopy(base)
@@ -188,8 +192,7 @@ def test_planned_module_trains_under_engine_within_budget(single, sharding, tmp_
         measured = r["measured"]
         assert measured <= p.budget_bytes, f"rank {rank}: measured {r['runs']} > budget {p.budget_bytes}"
         assert abs(measured - p.predicted_peak_bytes) <= 0.05 * measured, (rank, r["runs"], p.predicted_peak_bytes)
-        if sharding == "fsdp":
-            assert r["inner_order"]
+        assert r["inner_order"] if sharding == "fsdp" else r["ddp_inside_refused"]
 
 
 def test_engine_bytes_per_rank():
