@@ -136,9 +136,10 @@ def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str) -
         # Everything the planned rank holds is allocated inside the profiled session,
         # so frees of it are seen too (frees of older memory are not reported). The
         # profiler does not see frees made on gloo's own threads either: FSDP2's
-        # reduce-scatter input is sometimes released there, by timing, and then looks
-        # held forever. Such a miss only adds; the lower of two runs is kept.
-        runs = 2 if sharding == "fsdp" else 1
+        # reduce-scatter input is sometimes released there, by timing (about one run in
+        # eight here), and then looks held forever. Such a miss only adds; the lowest of
+        # three runs is kept.
+        runs = 3 if sharding == "fsdp" else 1
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             for i in range(runs):
                 model = copy.deepcopy(base)
