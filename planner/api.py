@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import sys
@@ -13,6 +14,7 @@ import torch
 from profiles.capture import capture, normalize_inputs, with_dropout
 from profiles.graph_profile import GraphProfile, profile_graph
 
+from .distributed import Distributed, account, engine_bytes
 from .ilp import solve_ilp
 from .plan_type import GiB, NodeDecision, Plan, SolverInfo
 from .problem import Evaluation, Problem, build_problem
@@ -85,6 +87,9 @@ def plan(
     time_limit_s: float = 60.0,
     measure_time: bool = False,
     progress: bool = False,
+    world_size: int = 1,
+    sharding: str = "none",
+    optimizer: str = "none",
 ) -> Plan:
     """Plan activation checkpointing for one training step of ``model``.
 
@@ -95,9 +100,17 @@ def plan(
     keyword arguments (default: ``model.example_input_array``). ``solver`` is
     ``"ilp"``, ``"sqrt"`` or ``"auto"`` (the cheaper of both; ``"ilp"`` falls back to
     sqrt(L)'s plan only when the ILP finds none).
+    With ``world_size``/``sharding`` (``"ddp"``, ``"fsdp"``) the budget is per rank and
+    also holds what the engine keeps on one rank; ``optimizer="adamw"`` adds AdamW's
+    state, so the budget can be the device's whole memory (see :mod:`planner.distributed`).
     Raises :class:`BudgetTooSmall` when no plan fits.
     """
     budget_bytes = check_budget(budget_gb)
+    dist_cfg = Distributed(world_size=world_size, sharding=sharding, optimizer=optimizer)
+    engine = engine_bytes(model, dist_cfg)
+    if dist_cfg.active:
+        return _plan_per_rank(model, budget_bytes, example_inputs, dist_cfg, engine, solver=solver, target=target,
+                              time_limit_s=time_limit_s, measure_time=measure_time, progress=progress)
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
     if not isinstance(time_limit_s, numbers.Real) or not time_limit_s > 0:
@@ -134,6 +147,31 @@ def plan(
             raise BudgetTooSmall(budget_bytes, min(first.min_budget_bytes, second.min_budget_bytes)) from None
     finally:
         captured.drop_tensors()
+
+
+def _plan_per_rank(model, budget_bytes: int, example_inputs, cfg: Distributed, engine, **options) -> Plan:
+    """Plan the model's step within the budget less the engine's bytes, then check the
+    end of backward (gradient reduction) on one rank too."""
+    inner = max(budget_bytes - engine.held, 1)  # 1 byte: no plan fits, BudgetTooSmall names the minimum
+    try:
+        p = plan(model, inner / GiB, example_inputs, **options)
+    except BudgetTooSmall as e:
+        raise BudgetTooSmall(budget_bytes, e.min_budget_bytes + engine.held) from None
+    p = account(dataclasses.replace(p, budget_bytes=budget_bytes), cfg, engine)
+    if p.predicted_peak_bytes > budget_bytes:  # only the gradient reduction can be over
+        raise BudgetTooSmall(budget_bytes, p.predicted_peak_bytes)
+    slack = budget_bytes - p.predicted_peak_bytes
+    if p.recomputed and engine.forward != engine.backward and slack > 0.002 * budget_bytes:
+        # The solver was given the budget less the larger phase's bytes (FSDP2: the
+        # all-gather output, freed before backward); once more with the slack that left.
+        try:
+            q = plan(model, (inner + slack) / GiB, example_inputs, **options)
+        except BudgetTooSmall:
+            return p
+        q = account(dataclasses.replace(q, budget_bytes=budget_bytes), cfg, engine)
+        if q.predicted_peak_bytes <= budget_bytes and q.recompute_time_s < p.recompute_time_s:
+            return q
+    return p
 
 
 def _describe_inputs(args, kwargs) -> list:

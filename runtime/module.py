@@ -14,8 +14,10 @@ from torch import nn
 
 from planner.partition import split_joint
 from planner.plan_type import Plan
-from profiles._torch_private import aot_autograd, allow_recompiles, backend_error_cause, make_boxed
+from profiles._torch_private import aot_autograd, allow_recompiles, backend_error_cause, make_boxed, no_ddp_graph_split
 from profiles.capture import graph_fingerprint, prepare_joint
+
+from .distributed import check_wrapping
 
 __all__ = ["PlannedModule", "PlanMismatch", "apply"]
 
@@ -35,6 +37,7 @@ class PlannedModule(nn.Module):
         super().__init__()
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be a planner.Plan, not {type(plan).__name__}")
+        check_wrapping(model)
         self.module = model
         self.plan = plan
         recompute = frozenset(plan.recomputed)
@@ -64,7 +67,8 @@ class PlannedModule(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             return self.module(*args, **kwargs)
         try:
-            return self._compiled(*args, **kwargs)
+            with no_ddp_graph_split():  # one graph even inside DistributedDataParallel's forward
+                return self._compiled(*args, **kwargs)
         except Exception as e:
             inner = backend_error_cause(e)
             if isinstance(inner, PlanMismatch):
