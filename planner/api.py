@@ -128,50 +128,40 @@ def plan(
         "inputs": _describe_inputs(args, kwargs),
     }
 
-    def attempt(joint):
+    def attempt(joint) -> tuple[Plan, float]:
+        """The plan for ``joint``, and its cost: recompute time, plus in RNG-replay
+        mode the extra mask draw each dropout makes in forward."""
         _log(progress, f"profiling (dropout: {joint.dropout})")
         gp = profile_graph(joint, target=target, measure_time=measure_time)
-        return plan_profile(gp, budget_bytes, solver=solver, time_limit_s=time_limit_s, model_info=model_info, progress=progress)
+        p = plan_profile(gp, budget_bytes, solver=solver, time_limit_s=time_limit_s, model_info=model_info, progress=progress)
+        extra = sum(ni.time_s for ni in gp.nodes.values() if "replay_dropout_mask" in ni.op and ni.phase == "forward")
+        return p, p.recompute_time_s + extra
 
     try:
-        return attempt(captured)
-    except BudgetTooSmall as first:
-        if captured.num_dropouts == 0:
-            raise
-        # Keeping dropout masks costs a byte per element; regenerating them in
-        # backward from the RNG state costs only time. Try that before giving up.
         try:
-            _log(progress, "budget too small while keeping dropout masks; trying RNG replay")
-            return attempt(with_dropout(captured, "replay"))
-        except BudgetTooSmall as second:
-            raise BudgetTooSmall(budget_bytes, min(first.min_budget_bytes, second.min_budget_bytes)) from None
+            first, first_cost = attempt(captured)
+        except BudgetTooSmall as too_small:
+            if captured.num_dropouts == 0:
+                raise
+            # Keeping dropout masks costs a byte per element; regenerating them in
+            # backward from the RNG state costs only time. Try that before giving up.
+            try:
+                _log(progress, "budget too small while keeping dropout masks; trying RNG replay")
+                return attempt(with_dropout(captured, "replay"))[0]
+            except BudgetTooSmall as second:
+                raise BudgetTooSmall(budget_bytes, min(too_small.min_budget_bytes, second.min_budget_bytes)) from None
+        if captured.num_dropouts == 0 or first.recompute_time_s == 0:
+            return first
+        # A plan that recomputes may be cheaper when masks need not be kept: plan
+        # that way too and keep the cheaper.
+        _log(progress, "trying RNG replay of dropout masks, to compare")
+        try:
+            second, second_cost = attempt(with_dropout(captured, "replay"))
+        except BudgetTooSmall:
+            return first
+        return second if second_cost < first_cost else first
     finally:
         captured.drop_tensors()
-
-
-def _plan_per_rank(model, budget_bytes: int, example_inputs, cfg: Distributed, engine, **options) -> Plan:
-    """Plan the model's step within the budget less the engine's bytes, then check the
-    end of backward (gradient reduction) on one rank too."""
-    inner = max(budget_bytes - engine.held, 1)  # 1 byte: no plan fits, BudgetTooSmall names the minimum
-    try:
-        p = plan(model, inner / GiB, example_inputs, **options)
-    except BudgetTooSmall as e:
-        raise BudgetTooSmall(budget_bytes, e.min_budget_bytes + engine.held) from None
-    p = account(dataclasses.replace(p, budget_bytes=budget_bytes), cfg, engine)
-    if p.predicted_peak_bytes > budget_bytes:  # only the gradient reduction can be over
-        raise BudgetTooSmall(budget_bytes, p.predicted_peak_bytes)
-    slack = budget_bytes - p.predicted_peak_bytes
-    if p.recomputed and engine.forward != engine.backward and slack > 0.002 * budget_bytes:
-        # The solver was given the budget less the larger phase's bytes (FSDP2: the
-        # all-gather output, freed before backward); once more with the slack that left.
-        try:
-            q = plan(model, (inner + slack) / GiB, example_inputs, **options)
-        except BudgetTooSmall:
-            return p
-        q = account(dataclasses.replace(q, budget_bytes=budget_bytes), cfg, engine)
-        if q.predicted_peak_bytes <= budget_bytes and q.recompute_time_s < p.recompute_time_s:
-            return q
-    return p
 
 
 def _describe_inputs(args, kwargs) -> list:
