@@ -164,6 +164,31 @@ def plan(
         captured.drop_tensors()
 
 
+def _plan_per_rank(model, budget_bytes: int, example_inputs, cfg: Distributed, engine, **options) -> Plan:
+    """Plan the model's step within the budget less the engine's bytes, then check the
+    end of backward (gradient reduction) on one rank too."""
+    inner = max(budget_bytes - engine.held, 1)  # 1 byte: no plan fits, BudgetTooSmall names the minimum
+    try:
+        p = plan(model, inner / GiB, example_inputs, **options)
+    except BudgetTooSmall as e:
+        raise BudgetTooSmall(budget_bytes, e.min_budget_bytes + engine.held) from None
+    p = account(dataclasses.replace(p, budget_bytes=budget_bytes), cfg, engine)
+    if p.predicted_peak_bytes > budget_bytes:  # only the gradient reduction can be over
+        raise BudgetTooSmall(budget_bytes, p.predicted_peak_bytes)
+    slack = budget_bytes - p.predicted_peak_bytes
+    if p.recomputed and engine.forward != engine.backward and slack > 0.002 * budget_bytes:
+        # The solver was given the budget less the larger phase's bytes (FSDP2: the
+        # all-gather output, freed before backward); once more with the slack that left.
+        try:
+            q = plan(model, (inner + slack) / GiB, example_inputs, **options)
+        except BudgetTooSmall:
+            return p
+        q = account(dataclasses.replace(q, budget_bytes=budget_bytes), cfg, engine)
+        if q.predicted_peak_bytes <= budget_bytes and q.recompute_time_s < p.recompute_time_s:
+            return q
+    return p
+
+
 def _describe_inputs(args, kwargs) -> list:
     out = []
     items = [(str(i), a) for i, a in enumerate(args)] + list(kwargs.items())
