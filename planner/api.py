@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from profiles.capture import capture, normalize_inputs
+from profiles.device import load_device_profile
 from profiles.graph_profile import GraphProfile, profile_graph
+from profiles.signature import check_input_devices, describe_inputs, parameter_signature
 
 from .ilp import solve_ilp
 from .plan_type import GiB, NodeDecision, Plan, SolverInfo
@@ -102,6 +104,8 @@ def plan(
     if not isinstance(time_limit_s, numbers.Real) or not time_limit_s > 0:
         raise ValueError(f"time_limit_s must be a positive number of seconds, not {time_limit_s!r}")
     args, kwargs = normalize_inputs(model, example_inputs)
+    check_target(model, target)
+    check_input_devices(model, args, kwargs)
     inputs = kwargs if kwargs else args
 
     def attempt(dropout: str):
@@ -115,6 +119,9 @@ def plan(
             "fingerprint": joint.fingerprint,
             "class": type(model).__name__,
             "inputs": _describe_inputs(args, kwargs),
+            "structure": joint.structure,
+            "graph": joint.node_digests,
+            "parameters": parameter_signature(model),
         }
         return plan_profile(gp, budget_bytes, solver=solver, time_limit_s=time_limit_s, model_info=model_info, progress=progress)
 
@@ -130,15 +137,26 @@ def plan(
             raise BudgetTooSmall(budget_bytes, min(first.min_budget_bytes, second.min_budget_bytes)) from None
 
 
-def _describe_inputs(args, kwargs) -> list:
-    out = []
-    items = [(str(i), a) for i, a in enumerate(args)] + list(kwargs.items())
-    for name, a in items:
-        if isinstance(a, torch.Tensor):
-            out.append([name, list(a.shape), str(a.dtype).replace("torch.", "")])
-        else:
-            out.append([name, None, type(a).__name__])
-    return out
+_describe_inputs = describe_inputs
+
+
+def check_target(model: torch.nn.Module, target: str | None) -> None:
+    """``ValueError`` when ``target`` names a device profile of another kind (CPU or
+    GPU) than the device the model is on: its budget margins and allocator model
+    would not describe the device that runs the step."""
+    if target is None:
+        return
+    param = next(iter(model.parameters()), None)
+    if param is None or param.device.type == "meta":
+        return
+    profile = load_device_profile(target)
+    kind = "cpu" if profile.name.lower().startswith("cpu") else "cuda"
+    if param.device.type != kind:
+        raise ValueError(
+            f"target {profile.name!r} is a {'CPU' if kind == 'cpu' else 'GPU'} profile but the model is on "
+            f"{param.device}; move the model to the device it will train on (model.to(...)), "
+            "or leave target out to use the model's device"
+        )
 
 
 def _granularity(gp: GraphProfile) -> int:
@@ -312,6 +330,7 @@ def _make_plan(prob: Problem, ev: Evaluation, baseline: Evaluation, budget: int,
                 time_s=ni.time_s,
                 decision=decision,
                 reason=reason,
+                inputs=tuple(prob.fwd_inputs[name]),
             )
         )
     total_flops = sum(n.flops for n in info.values() if n.phase in ("forward", "backward"))

@@ -5,53 +5,115 @@ partitioner splits the joint graph by the plan (:func:`planner.partition.split_j
 and runs both graphs with the boxed calling convention so every value, inputs
 included, is freed after its last use. In ``eval()`` mode or under
 ``torch.no_grad()`` it calls the original model directly.
+
+Inputs of other shapes than planned (the last, smaller batch of an epoch) compile
+again: when the graph is the plan's apart from sizes the plan's decisions are
+reused (with a :class:`BudgetWarning` when the re-simulated peak is over the
+budget); otherwise the model is planned again for those shapes at the plan's budget.
 """
 
 from __future__ import annotations
+
+import json
+import warnings
 
 import torch
 from torch import nn
 
 from planner.partition import split_joint
-from planner.plan_type import Plan
+from planner.plan_type import GiB, Plan
 from profiles._torch_private import aot_autograd, allow_recompiles, backend_error_cause, make_boxed
 from profiles.capture import graph_fingerprint, prepare_joint
+from profiles.signature import (
+    check_input_devices,
+    describe_inputs,
+    first_difference,
+    graph_device_type,
+    parameter_mismatch,
+    structure_fingerprint,
+)
 
-__all__ = ["PlannedModule", "PlanMismatch", "apply"]
+__all__ = ["PlannedModule", "PlanMismatch", "ShapeWarning", "BudgetWarning", "apply"]
 
 
 class PlanMismatch(ValueError):
-    """The plan was made for another model or other input shapes."""
+    """The plan was made for another model, another device, or the model changed since."""
+
+
+class ShapeWarning(UserWarning):
+    """Inputs of other shapes than planned change the graph: the model is planned again for them."""
+
+
+class BudgetWarning(ShapeWarning):
+    """Inputs of other shapes than planned are predicted to need more than the plan's budget."""
+
+
+class _Replan(Exception):
+    """Raised inside the compiler when new input shapes change the graph's structure."""
 
 
 def _boxed_compiler(gm, example_inputs):
     return make_boxed(gm)
 
 
+def _device_kind(target: str) -> str:
+    return "cpu" if target.lower().startswith("cpu") else "cuda"
+
+
+def _key(inputs: list) -> str:
+    return json.dumps(inputs)
+
+
 class PlannedModule(nn.Module):
-    """``model`` trained under ``plan``; shares its parameters and buffers."""
+    """``model`` trained under ``plan``; shares its parameters and buffers.
+
+    ``shapes`` maps each input signature seen in training (JSON of
+    ``[name, shape, dtype]`` per input) to how it runs: ``{"how": "planned" |
+    "reused" | "replanned", "plan": Plan, "predicted_peak_bytes": int}``."""
 
     def __init__(self, model: nn.Module, plan: Plan):
         super().__init__()
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be a planner.Plan, not {type(plan).__name__}")
+        why = parameter_mismatch(model, plan.model.get("parameters"))
+        if why:
+            raise PlanMismatch(
+                f"this plan was made for another model ({plan.model.get('class', '?')}): {why}; "
+                "plan again with planner.plan(model, budget_gb, inputs)"
+            )
+        param = next(iter(model.parameters()), None)
+        if param is not None and param.device.type not in ("meta", _device_kind(plan.target)):
+            raise PlanMismatch(
+                f"this plan was made for target {plan.target!r} but the model is on {param.device}; its memory "
+                f"predictions do not hold there: move the model to a {_device_kind(plan.target)} device, or plan "
+                f"again on {param.device} with planner.plan(model, budget_gb, inputs)"
+            )
         self.module = model
         self.plan = plan
-        recompute = frozenset(plan.recomputed)
-        expected = plan.fingerprint
         graphs: list = []
         #: (forward, backward) GraphModules of each compilation, for inspection.
         self.compiled_graphs = graphs
+        self.shapes: dict[str, dict] = {}
+        if plan.model.get("inputs"):
+            self.shapes[_key(plan.model["inputs"])] = {"how": "planned", "plan": plan, "predicted_peak_bytes": plan.predicted_peak_bytes}
+        self._call_key = ""
 
         def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
-            got = graph_fingerprint(joint, num_fwd_outputs)
-            if expected and got != expected:
-                raise PlanMismatch(
-                    f"this plan was made for another model or input shapes (plan fingerprint {expected}, "
-                    f"this model and input {got}); plan again with planner.plan(model, budget_gb, inputs)"
-                )
-            prepare_joint(joint, dropout=plan.dropout, num_fwd_outputs=num_fwd_outputs)
-            fwd, bwd, _ = split_joint(joint, recompute, num_fwd_outputs=num_fwd_outputs)
+            use = self._choose(joint, num_fwd_outputs)
+            prepare_joint(joint, dropout=use.dropout, num_fwd_outputs=num_fwd_outputs)
+            fwd, bwd, _ = split_joint(joint, frozenset(use.recomputed), num_fwd_outputs=num_fwd_outputs)
+            entry = self.shapes.get(self._call_key)
+            if entry is not None and entry["how"] == "reused" and entry["predicted_peak_bytes"] is None:
+                entry["predicted_peak_bytes"] = peak = self._simulated_peak(joint, num_fwd_outputs, fwd, bwd)
+                if peak > use.budget_bytes:
+                    warnings.warn(
+                        f"inputs {self._call_key} differ from the planned {plan.model.get('inputs')}; the plan's "
+                        f"decisions still apply, but the step is predicted to peak at {peak / GiB:.4f} GiB, over the "
+                        f"budget of {use.budget_bytes / GiB:.4f} GiB; plan for these shapes with planner.plan(...) "
+                        "to stay within it",
+                        BudgetWarning,
+                        stacklevel=2,
+                    )
             graphs.append((fwd, bwd))
             return fwd, bwd
 
@@ -60,18 +122,83 @@ class PlannedModule(nn.Module):
         # Not a submodule: the compiled wrapper would list the parameters twice.
         object.__setattr__(self, "_compiled", torch.compile(model, backend=backend, fullgraph=True, dynamic=False))
 
+    # -- which decisions a newly compiled graph gets ------------------------------
+    def _choose(self, joint, num_fwd_outputs: int) -> Plan:
+        plan = self.plan
+        got = graph_fingerprint(joint, num_fwd_outputs)
+        entry = self.shapes.get(self._call_key)
+        if entry is not None and entry["how"] == "replanned":
+            plan = entry["plan"]
+            if got == plan.fingerprint:
+                return plan
+        elif not plan.fingerprint or got == plan.fingerprint:
+            return plan
+        planned_inputs = plan.model.get("inputs")
+        if entry is not None or not planned_inputs:
+            # the planned input shapes (or unknown ones): the model itself differs
+            why = first_difference(joint, plan.model.get("graph")) or f"this model and input have fingerprint {got}"
+            raise PlanMismatch(
+                f"this plan was made for another model or input shapes (plan fingerprint {plan.fingerprint}; {why}); "
+                "the model's forward or structure changed since it was planned: plan again with "
+                "planner.plan(model, budget_gb, inputs)"
+            )
+        if plan.model.get("structure") and structure_fingerprint(joint, num_fwd_outputs) == plan.model["structure"]:
+            self.shapes[self._call_key] = {"how": "reused", "plan": plan, "predicted_peak_bytes": None}
+            return plan
+        raise _Replan()
+
+    def _simulated_peak(self, joint, num_fwd_outputs: int, fwd, bwd) -> int:
+        """Peak of the split graphs at the new sizes (op temporaries not measured)."""
+        from planner.schedule import schedule_of
+        from planner.simulate import simulate
+        from profiles.capture import JointGraph
+        from profiles.graph_profile import profile_graph
+
+        jg = JointGraph(gm=joint, num_fwd_outputs=num_fwd_outputs, primal_roles=[], primal_names=[], dropout=self.plan.dropout)
+        gp = profile_graph(jg, target=self.plan.target, measure_temps=False)
+        granularity = 512 if graph_device_type(joint) == "cuda" else 1
+        return simulate(gp, schedule_of(fwd, bwd), granularity=granularity).peak_bytes
+
+    def _replan(self, args, kwargs) -> None:
+        import planner
+
+        if args and kwargs:
+            raise PlanMismatch(
+                f"inputs {self._call_key} change the graph's structure, and a call with both positional and keyword "
+                "arguments cannot be planned again automatically: plan for these shapes with planner.plan(...)"
+            )
+        inputs = kwargs if kwargs else args
+        warnings.warn(
+            f"inputs {self._call_key} change the graph's structure, not only its sizes; planning again for them "
+            f"at the plan's budget of {self.plan.budget_bytes / GiB:.4f} GiB",
+            ShapeWarning,
+            stacklevel=4,
+        )
+        new = planner.plan(self.module, self.plan.budget_bytes / GiB, inputs, target=self.plan.target)
+        self.shapes[self._call_key] = {"how": "replanned", "plan": new, "predicted_peak_bytes": new.predicted_peak_bytes}
+
     def forward(self, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled()):
             return self.module(*args, **kwargs)
-        try:
-            return self._compiled(*args, **kwargs)
-        except Exception as e:
-            inner = backend_error_cause(e)
-            if isinstance(inner, PlanMismatch):
-                raise PlanMismatch(str(inner)) from e
-            raise
+        check_input_devices(self.module, args, kwargs)
+        self._call_key = _key(describe_inputs(args, kwargs))
+        for attempt in range(2):
+            try:
+                return self._compiled(*args, **kwargs)
+            except Exception as e:
+                inner = backend_error_cause(e)
+                if isinstance(inner, _Replan) and attempt == 0:
+                    self._replan(args, kwargs)
+                    continue
+                if isinstance(inner, PlanMismatch):
+                    raise PlanMismatch(str(inner)) from e
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 def apply(model: nn.Module, plan: Plan) -> PlannedModule:
-    """Wrap ``model`` so that training steps follow ``plan``."""
+    """Wrap ``model`` so that training steps follow ``plan``.
+
+    Raises :class:`PlanMismatch` when the model's parameters or device differ from
+    the planned model's; a changed forward is refused at the first training call."""
     return PlannedModule(model, plan)
