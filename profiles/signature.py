@@ -126,7 +126,7 @@ def describe_inputs(args: Iterable[Any], kwargs: dict) -> list:
 
 def check_input_devices(model: torch.nn.Module, args: Iterable[Any], kwargs: dict) -> None:
     """Raise ``ValueError`` naming the first input tensor on another device than the
-    model's parameters (the meta device, used for planning without memory, excepted)."""
+    model's parameters (unless the parameters are on the meta device: planning without memory)."""
     param = next(iter(model.parameters()), None)
     if param is None:
         return
@@ -134,7 +134,7 @@ def check_input_devices(model: torch.nn.Module, args: Iterable[Any], kwargs: dic
     items = [(f"input #{i}", a) for i, a in enumerate(args)] + [(f"input {k!r}", a) for k, a in kwargs.items()]
     for name, a in items:
         for t in pytree.tree_leaves(a):
-            if isinstance(t, torch.Tensor) and t.device != device and "meta" not in (t.device.type, device.type):
+            if isinstance(t, torch.Tensor) and t.device != device and device.type != "meta":
                 raise ValueError(
                     f"{name} is on {t.device} but the model's parameters are on {device}; "
                     f"move the inputs with .to({str(device)!r}) (or the model with model.to(...)) first"

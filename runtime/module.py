@@ -75,6 +75,7 @@ class PlannedModule(nn.Module):
         super().__init__()
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be a planner.Plan, not {type(plan).__name__}")
+        plan.check()  # a Plan built or edited in code gets the checks from_json makes
         why = parameter_mismatch(model, plan.model.get("parameters"))
         if why:
             raise PlanMismatch(

@@ -229,7 +229,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, plan_file, argv, wor
         "a_list": "[1, 2, 3]",
         "empty": "",
         "text": "hello, world\n",
-        "future": text.replace('"schema_version": 1', '"schema_version": 99', 1),
+        "future": text.replace(f'"schema_version": {planner.SCHEMA_VERSION}', '"schema_version": 99', 1),
         "bad_decision": text.replace('"decision": "save"', '"decision": "maybe"', 1),
         "plan": text,
     }

@@ -91,7 +91,7 @@ def test_plan_fields_json_round_trip_and_explain(setup, tmp_path):
     with pytest.raises(ValueError, match="truncated or invalid"):
         planner.Plan.from_json(text[: len(text) // 2])
     with pytest.raises(ValueError, match="schema version"):
-        planner.Plan.from_json(text.replace('"schema_version": 1', '"schema_version": 99'))
+        planner.Plan.from_json(text.replace(f'"schema_version": {planner.SCHEMA_VERSION}', '"schema_version": 99'))
 
 
 def test_plans_are_deterministic(setup):
