@@ -42,6 +42,8 @@ __all__ = [
     "keep_random_ops",
     "backend_error_cause",
     "graph_break_info",
+    "real_tensors",
+    "profiler_active",
 ]
 
 
@@ -129,3 +131,18 @@ def graph_break_info(exc: BaseException) -> dict | None:
         "explanation": explanation,
         "hints": hints,
     }
+
+
+def real_tensors():
+    """Context in which new tensors are real even inside a compiler callback.
+    Private: AOTAutograd calls the partitioner under its FakeTensorMode, and
+    ``unset_fake_temporarily`` is the only way out of it."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
+
+
+def profiler_active() -> bool:
+    """Whether a ``torch.profiler``/autograd profiler session is running: a nested
+    session would end the caller's. Private: the only query torch offers."""
+    return bool(torch._C._autograd._profiler_enabled())

@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from . import rng_ops  # noqa: F401  (the planner_rng ops)
 from .capture import JointGraph
 
-__all__ = ["run_nodes"]
+__all__ = ["run_nodes", "synthetic_temps"]
 
 
 def _materialize(val: Any, device: torch.device) -> Any:
@@ -135,6 +135,26 @@ def run_nodes(joint: JointGraph, *, measure_time: bool = True, measure_temps: bo
             torch.cuda.set_rng_state_all(cuda_rng)
     names = [n.name for n in joint.gm.graph.nodes if n.op == "call_function"]
     return {name: (times.get(name, 0.0), temps.get(name, 0)) for name in names}
+
+
+def synthetic_temps(joint: JointGraph, device: torch.device | str = "cpu") -> dict[str, int]:
+    """Temporary bytes per call_function node, measured on synthetic inputs of the
+    nodes' layouts (CPU only; needs no real tensors, e.g. for a graph compiled at new
+    shapes). The RNG state is restored."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        raise ValueError(f"synthetic_temps measures on CPU only, not {device}")
+    rng = torch.get_rng_state()
+    try:
+        with torch.no_grad():
+            return _cpu_temps(joint, device, lambda n, call: _marked(n, call))
+    finally:
+        torch.set_rng_state(rng)
+
+
+def _marked(n, call):
+    with torch.profiler.record_function(f"planner_node::{n.name}"):
+        return call()
 
 
 def _signature(n: fx.Node):

@@ -14,6 +14,7 @@ budget); otherwise the model is planned again for those shapes at the plan's bud
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -22,7 +23,14 @@ from torch import nn
 
 from planner.partition import split_joint
 from planner.plan_type import GiB, Plan
-from profiles._torch_private import aot_autograd, allow_recompiles, backend_error_cause, make_boxed
+from profiles._torch_private import (
+    aot_autograd,
+    allow_recompiles,
+    backend_error_cause,
+    make_boxed,
+    profiler_active,
+    real_tensors,
+)
 from profiles.capture import graph_fingerprint, prepare_joint
 from profiles.signature import (
     check_input_devices,
@@ -149,15 +157,26 @@ class PlannedModule(nn.Module):
         raise _Replan()
 
     def _simulated_peak(self, joint, num_fwd_outputs: int, fwd, bwd) -> int:
-        """Peak of the split graphs at the new sizes (op temporaries not measured)."""
+        """Peak of the split graphs at the new sizes. Op temporaries are measured on
+        CPU (on synthetic inputs) unless a profiler is running; on a GPU the 6% margin
+        of recomputing plans stands in for them."""
         from planner.schedule import schedule_of
         from planner.simulate import simulate
         from profiles.capture import JointGraph
         from profiles.graph_profile import profile_graph
+        from profiles.timing import synthetic_temps
 
         jg = JointGraph(gm=joint, num_fwd_outputs=num_fwd_outputs, primal_roles=[], primal_names=[], dropout=self.plan.dropout)
         gp = profile_graph(jg, target=self.plan.target, measure_temps=False)
-        granularity = 512 if graph_device_type(joint) == "cuda" else 1
+        device = graph_device_type(joint)
+        if device == "cpu" and not profiler_active():
+            # op temporaries, on synthetic inputs of the new sizes (not under the
+            # caller's profiler: a nested session would end it)
+            with real_tensors():
+                temps = synthetic_temps(jg)
+            for name, temp in temps.items():
+                gp.nodes[name] = dataclasses.replace(gp.nodes[name], temp_bytes=temp)
+        granularity = 512 if device == "cuda" else 1
         return simulate(gp, schedule_of(fwd, bwd), granularity=granularity).peak_bytes
 
     def _replan(self, args, kwargs) -> None:
