@@ -149,9 +149,8 @@ def test_plan_for_other_model_is_refused(setup):
     model, inputs, eager = setup
     p = planner.plan(model, 0.7 * eager / planner.GiB, inputs)
     other = ResidualNet(d=32, blocks=3, hidden=128)
-    wrapped = runtime.apply(other, p)
-    with pytest.raises(runtime.PlanMismatch, match="another model"):
-        run_step(wrapped, inputs)
+    with pytest.raises(runtime.PlanMismatch, match="another model"):  # its parameters differ: refused at apply
+        run_step(runtime.apply(other, p), inputs)
 
 
 def test_eval_and_no_grad_run_the_original_model(setup):
