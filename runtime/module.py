@@ -27,11 +27,13 @@ from profiles._torch_private import (
     aot_autograd,
     allow_recompiles,
     backend_error_cause,
+    graph_break_info,
     make_boxed,
     profiler_active,
     real_tensors,
 )
 from profiles.capture import graph_fingerprint, prepare_joint
+from profiles.capture_errors import explain_capture_failure
 from profiles.signature import (
     check_input_devices,
     describe_inputs,
@@ -142,6 +144,8 @@ class PlannedModule(nn.Module):
                 return plan
         elif not plan.fingerprint or got == plan.fingerprint:
             return plan
+        elif entry is not None and entry["how"] == "reused" and structure_fingerprint(joint, num_fwd_outputs) == plan.model.get("structure"):
+            return plan  # compiled again (a guard failed) for shapes already handled
         planned_inputs = plan.model.get("inputs")
         if entry is not None or not planned_inputs:
             # the planned input shapes (or unknown ones): the model itself differs
@@ -212,6 +216,8 @@ class PlannedModule(nn.Module):
                     continue
                 if isinstance(inner, PlanMismatch):
                     raise PlanMismatch(str(inner)) from e
+                if graph_break_info(e) is not None:  # e.g. new shapes that take an untraceable path
+                    raise explain_capture_failure(self.module, args, kwargs, e) from e
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -132,3 +132,29 @@ def test_gpt2_at_a_shorter_sequence_reuses_the_decisions():
     (entry,) = [e for e in wrapped.shapes.values() if e["how"] != "planned"]
     assert entry["how"] == "reused"
     assert measured_step_peak(wrapped, planned_model, inputs) <= p.budget_bytes
+
+
+class ShapeBreak(nn.Module):
+    """Traceable at the planned batch size; small batches reach a print (a graph break)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.a = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if x.shape[0] < 8:
+            print("tiny batch")
+        return h.square().mean()
+
+
+def test_new_shapes_that_break_the_graph_name_the_line():
+    from profiles import GraphBreak
+
+    torch.manual_seed(0)
+    model = ShapeBreak()
+    p = planner.plan(model, 1.0, (torch.randn(32, 16),))
+    wrapped = runtime.apply(model, p)
+    with pytest.raises(GraphBreak, match=r"test_shapes.py:\d+ in forward \(`print\(\"tiny batch\"\)`\)"):
+        run_step(wrapped, (torch.randn(4, 16),))
+    assert all(q.grad is None for q in model.parameters())
