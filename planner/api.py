@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from profiles.capture import capture, normalize_inputs
+from profiles.capture import capture, normalize_inputs, with_dropout
 from profiles.device import load_device_profile
 from profiles.graph_profile import GraphProfile, profile_graph
 from profiles.signature import check_input_devices, describe_inputs, parameter_signature
@@ -108,33 +108,38 @@ def plan(
     check_input_devices(model, args, kwargs)
     inputs = kwargs if kwargs else args
 
-    def attempt(dropout: str):
-        t0 = time.perf_counter()
-        _log(progress, f"capturing {type(model).__name__} forward+backward (dropout: {dropout})")
-        joint = capture(model, inputs, dropout=dropout)
-        _log(progress, f"captured {len(joint.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s; profiling")
+    t0 = time.perf_counter()
+    _log(progress, f"capturing {type(model).__name__} forward+backward")
+    captured = capture(model, inputs, dropout="mask")
+    _log(progress, f"captured {len(captured.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s")
+    model_info = {
+        "fingerprint": captured.fingerprint,
+        "class": type(model).__name__,
+        "inputs": _describe_inputs(args, kwargs),
+        "structure": captured.structure,
+        "graph": captured.node_digests,
+        "parameters": parameter_signature(model),
+    }
+
+    def attempt(joint):
+        _log(progress, f"profiling (dropout: {joint.dropout})")
         gp = profile_graph(joint, target=target, measure_time=measure_time)
-        joint.drop_tensors()
-        model_info = {
-            "fingerprint": joint.fingerprint,
-            "class": type(model).__name__,
-            "inputs": _describe_inputs(args, kwargs),
-            "structure": joint.structure,
-            "graph": joint.node_digests,
-            "parameters": parameter_signature(model),
-        }
         return plan_profile(gp, budget_bytes, solver=solver, time_limit_s=time_limit_s, model_info=model_info, progress=progress)
 
     try:
-        return attempt("mask")
+        return attempt(captured)
     except BudgetTooSmall as first:
+        if captured.num_dropouts == 0:
+            raise
         # Keeping dropout masks costs a byte per element; regenerating them in
         # backward from the RNG state costs only time. Try that before giving up.
         try:
             _log(progress, "budget too small while keeping dropout masks; trying RNG replay")
-            return attempt("replay")
+            return attempt(with_dropout(captured, "replay"))
         except BudgetTooSmall as second:
             raise BudgetTooSmall(budget_bytes, min(first.min_budget_bytes, second.min_budget_bytes)) from None
+    finally:
+        captured.drop_tensors()
 
 
 _describe_inputs = describe_inputs
@@ -215,54 +220,46 @@ def plan_profile(
     return package(*best)
 
 
-def _search_ilp(prob: Problem, budget: int, time_limit_s: float, max_calls: int = 12):
+def _search_ilp(prob: Problem, budget: int, time_limit_s: float, max_calls: int = 16):
     """Solve the ILP, check each solution by exact simulation, and adjust.
 
-    First with the problem's live-interval estimates held fixed: when the simulated
-    peak is over the budget the ILP's internal budget is tightened by the
-    overshoot; when it fits with slack the internal budget is loosened to look for
-    a cheaper plan (bisection once both are known). If that finds nothing, again
-    with the estimates replaced after each solve by the exact intervals of the
-    simulated schedule (``Problem.refine``).
+    The ILP's memory rows use estimated live intervals for recomputed values.
+    After each solve the estimates of the values the solution saves or recomputes
+    are replaced by the exact intervals of its simulated schedule
+    (``Problem.refine``). A solution over the budget is then re-solved under the
+    corrected rows; only when the rows were already exact for it is the ILP's
+    internal budget tightened by the overshoot. A fitting solution found under a
+    tightened internal budget loosens it again by the slack. The cheapest fitting
+    solution is returned.
     """
     start = time.perf_counter()
     best: Evaluation | None = None
     status, gap, calls = "Infeasible", None, 0
-    for refining in (False, True):
-        internal = float(budget)
-        lo = hi = None  # internal budgets known to give a fitting / non-fitting plan
-        for _ in range(max_calls // 2):
-            remaining = time_limit_s - (time.perf_counter() - start)
-            if remaining <= 0.5:
-                break
-            res = solve_ilp(prob, internal, time_limit_s=remaining)
-            calls += 1
-            if res.recompute is None:
-                hi = internal if hi is None else min(hi, internal)
-                if lo is None:
-                    break
-                internal = (lo + hi) / 2
-                continue
-            ev = prob.evaluate(res.recompute)
-            if refining:
-                prob.refine(ev)
-            if ev.sim.peak_bytes <= budget:
-                if best is None or ev.cost_s < best.cost_s:
-                    best, status, gap = ev, res.status, res.gap
-                lo = internal if lo is None else max(lo, internal)
-                slack = budget - ev.sim.peak_bytes
-                if slack <= 0.005 * budget:
-                    break
-                internal = internal + slack if hi is None else (internal + hi) / 2
-            else:
-                hi = internal if hi is None else min(hi, internal)
-                internal = internal - (ev.sim.peak_bytes - budget) - 0.001 * budget
-                if lo is not None:
-                    internal = max(internal, (lo + hi) / 2)
-            if lo is not None and hi is not None and hi - lo <= 0.002 * budget:
-                break
-        if best is not None:
+    internal = float(budget)
+    seen: set[frozenset] = set()
+    while calls < max_calls:
+        remaining = time_limit_s - (time.perf_counter() - start)
+        if remaining <= 0.5:
             break
+        res = solve_ilp(prob, internal, time_limit_s=remaining)
+        calls += 1
+        if res.recompute is None:
+            break  # nothing fits the (internal) budget under the current rows
+        ev = prob.evaluate(res.recompute)
+        changed = prob.refine(ev)
+        repeated = res.recompute in seen
+        seen.add(res.recompute)
+        if ev.sim.peak_bytes <= budget:
+            improved = best is None or ev.cost_s < best.cost_s * (1 - 1e-3)
+            if best is None or ev.cost_s < best.cost_s:
+                best, status, gap = ev, res.status, res.gap
+            slack = budget - ev.sim.peak_bytes
+            if repeated or not improved or (not changed and (internal >= budget or slack <= 0.002 * budget)):
+                break
+            if not changed:
+                internal = min(float(budget), internal + slack)
+        elif not changed or repeated:
+            internal -= ev.sim.peak_bytes - budget + 0.001 * budget
     if best is None:
         return None
     return best, SolverInfo(name="ilp", status=status, seconds=time.perf_counter() - start, gap=gap, calls=calls)

@@ -21,6 +21,10 @@ from .problem import Problem
 
 __all__ = ["IlpResult", "solve_ilp", "solver_backend"]
 
+#: Relative MIP gap at which a solve stops: recompute costs closer than this are
+#: below the accuracy of the time estimates.
+_GAP = 5e-3
+
 
 @dataclass(frozen=True)
 class IlpResult:
@@ -41,9 +45,9 @@ def solver_backend(time_limit_s: float):
     try:
         import highspy  # noqa: F401
 
-        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=1e-4)
+        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=_GAP)
     except ImportError:
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=1e-4)
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=_GAP)
 
 
 def _initial_rows(prob: Problem) -> list[int]:
@@ -83,8 +87,8 @@ def solve_ilp(
     fwd = prob.fwd
     cand_idx = {n: i for i, n in enumerate(prob.cand)}
     lp = pulp.LpProblem("checkpoint", pulp.LpMinimize)
-    r = {n: pulp.LpVariable(f"r{i}", cat="Binary") for i, n in enumerate(fwd) if n in prob.can_recompute}
-    s = {n: pulp.LpVariable(f"s{i}", cat="Binary") for i, n in enumerate(prob.cand)}
+    r = {n: lp.add_variable(f"r{i}", cat="Binary") for i, n in enumerate(fwd) if n in prob.can_recompute}
+    s = {n: lp.add_variable(f"s{i}", cat="Binary") for i, n in enumerate(prob.cand)}
 
     def saved(n):
         if n in s:
@@ -111,7 +115,7 @@ def solve_ilp(
     mem_scale = 1.0 / max(float(prob.row_const.max()), 1.0)
     peak_var = None
     if minimize_memory:
-        peak_var = pulp.LpVariable("peak", lowBound=0)
+        peak_var = lp.add_variable("peak", lowBound=0)
         lp += peak_var + 1e-3 * cost_expr
     else:
         lp += cost_expr
@@ -172,7 +176,7 @@ def solve_ilp(
         gap=gap,
         objective=objective,
         num_binaries=len(r) + len(s),
-        num_rows=len(lp.constraints),
+        num_rows=lp.numConstraints(),
         model_peak=model_peak,
     )
 

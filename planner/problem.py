@@ -24,8 +24,7 @@ import torch.fx as fx
 
 from profiles.graph_profile import GraphProfile
 
-from .partition import split_joint
-from .schedule import fast_schedule, schedule_of
+from .schedule import fast_schedule
 from .simulate import SimResult, simulate
 
 __all__ = ["Problem", "Evaluation", "build_problem"]
@@ -104,6 +103,7 @@ class Problem:
     def reset_intervals(self) -> None:
         """Forget refinements: back to the first estimates (for reproducible results)."""
         self._need, self._end = dict(self._initial[0]), dict(self._initial[1])
+        self._seen_need, self._seen_end = set(), set()
         _interval_rows(self)
 
     def refine(self, ev: "Evaluation") -> bool:
@@ -129,12 +129,19 @@ class Problem:
         rec = set(ev.recomputed)
         for n in self.cand:
             if n in rec and n in slot:
-                if self._need[n] != slot[n]:
-                    self._need[n] = slot[n]
+                # The first observation replaces the estimate; later ones widen it
+                # (earliest rebuild seen), so that alternating solutions cannot make
+                # the rows flip back and forth forever.
+                new = slot[n] if n not in self._seen_need else min(self._need[n], slot[n])
+                self._seen_need.add(n)
+                if self._need[n] != new:
+                    self._need[n] = new
                     changed = True
             if n in last_read and (n in rec or n in ev.saved):
-                if self._end[n] != last_read[n]:
-                    self._end[n] = last_read[n]
+                new = last_read[n] if n not in self._seen_end else max(self._end[n], last_read[n])
+                self._seen_end.add(n)
+                if self._end[n] != new:
+                    self._end[n] = new
                     changed = True
         if changed:
             _interval_rows(self)
@@ -143,8 +150,9 @@ class Problem:
     def timeline(self, recompute) -> list[tuple[str, str, int]]:
         """Predicted live bytes after each node of forward then backward, as
         ``(phase, node, bytes)``, for ``recompute``."""
-        fwd, bwd, _ = split_joint(self.gp.joint, frozenset(recompute))  # the graphs that will run
-        sim = simulate(self.gp, schedule_of(fwd, bwd), granularity=self.granularity, timeline=True)
+        # fast_schedule gives the node orders of the graphs split_joint builds
+        # (tests/test_schedule.py), without building them.
+        sim = simulate(self.gp, fast_schedule(self.gp.joint, frozenset(recompute)), granularity=self.granularity, timeline=True)
         return [(p.phase, p.node, p.live_bytes) for p in sim.timeline]
 
     def model_peak(self, save: np.ndarray, rec: np.ndarray) -> float:
@@ -294,6 +302,7 @@ def _build_memory_rows(prob: Problem, by_name, held_storages, creator) -> None:
     prob._need = {n: need[n] for n in cand}
     prob._end = {n: end[n] for n in cand}
     prob._initial = (dict(prob._need), dict(prob._end))
+    prob._seen_need, prob._seen_end = set(), set()
     prob._owner_of = owner_of
 
     # Constant memory per forward step: storages that live in forward regardless
@@ -304,23 +313,30 @@ def _build_memory_rows(prob: Problem, by_name, held_storages, creator) -> None:
         b = sum(sizes[s] for s in cand_storages[n])
         live_events[fpos[n]] += b
         live_events[fwd_last[n] + 1] -= b
-    # other forward allocations (non-candidates that own memory: free-saved outputs
-    # are held through the step)
+    # Other forward allocations, storage by storage (a multi-output op's storages
+    # belong to its getitems; counting them per node would count them twice, and
+    # hold a BatchNorm output all step because its running statistics are held):
+    # storages no candidate owns live from their creation to their last forward
+    # reader, or to the end of the step when the caller holds them (outputs,
+    # free-saved values).
+    free_saved_storages = {s for n in prob.free_save for s in info[n].storages}
+    other_first: dict[int, int] = {}
+    other_last: dict[int, int] = {}
     for n in fwd:
-        if n in cidx:
-            continue
-        own_st = [s for s in info[n].storages if creator[s] in (n, prob.parent.get(n)) and s not in static]
-        b = sum(sizes[s] for s in set(own_st))
-        if not b:
-            continue
-        live_events[fpos[n]] += b
-        held = any(s in held_storages for s in own_st) or n in prob.free_save
-        if not held:
-            lastf = fpos[n]
-            for u in by_name[n].users:
-                if u.name in fpos:
-                    lastf = max(lastf, fpos[u.name])
-            live_events[lastf + 1] -= b
+        i = fpos[n]
+        for s in info[n].storages:
+            if s in static or s in storage_owner:
+                continue
+            if creator[s] == n or creator[s] == prob.parent.get(n):
+                other_first.setdefault(s, i)
+        for a in [by_name[n], *by_name[n].all_input_nodes]:
+            for s in info[a.name].storages:
+                if s in other_first:
+                    other_last[s] = max(other_last.get(s, i), i)
+    for s, i in other_first.items():
+        live_events[i] += sizes[s]
+        if s not in held_storages and s not in free_saved_storages:
+            live_events[other_last[s] + 1] -= sizes[s]
     const_f = static_bytes + np.cumsum(live_events)[:nf] + np.array([info[n].temp_bytes for n in fwd], dtype=float)
     held_bytes = sum(sizes[s] for s in held_storages if s not in static)
     held_bytes += sum(

@@ -7,6 +7,7 @@ was: buffers (BatchNorm statistics) and the RNG state are restored afterwards.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from ._torch_private import aot_autograd, allow_recompiles
 from .dropout_pass import rewrite_dropout
 from .signature import check_input_devices, node_digests, structure_fingerprint
 
-__all__ = ["JointGraph", "capture", "normalize_inputs", "graph_fingerprint", "prepare_joint", "mutated_primals", "CaptureError"]
+__all__ = ["JointGraph", "capture", "normalize_inputs", "graph_fingerprint", "prepare_joint", "mutated_primals", "CaptureError", "with_dropout"]
 
 
 class CaptureError(RuntimeError):
@@ -51,6 +52,8 @@ class JointGraph:
     #: How dropout was rewritten ("mask" or "replay"), and how many ops.
     dropout: str = "mask"
     num_dropouts: int = 0
+    #: The joint graph as captured, before ``prepare_joint`` (for ``with_dropout``).
+    raw_gm: fx.GraphModule | None = field(default=None, repr=False)
 
     def drop_tensors(self) -> None:
         """Forget the real tensors so the graph no longer keeps them alive."""
@@ -211,7 +214,35 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
     jg.fingerprint = graph_fingerprint(gm, jg.num_fwd_outputs)
     jg.structure = structure_fingerprint(gm, jg.num_fwd_outputs)
     jg.node_digests = node_digests(gm)
+    jg.raw_gm = _copy_gm(gm)
     jg.dropout = dropout
     jg.num_dropouts = prepare_joint(gm, dropout=dropout, num_fwd_outputs=jg.num_fwd_outputs)
     recorded.clear()
+    return jg
+
+
+def _copy_gm(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with its own nodes (node metadata, fake values included, is shared)."""
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
+def with_dropout(joint: JointGraph, dropout: str) -> JointGraph:
+    """``joint`` with dropout rewritten as ``dropout`` (see :mod:`profiles.dropout_pass`),
+    from the graph as captured: the same as capturing again, without running the model."""
+    if joint.raw_gm is None:
+        raise ValueError("this JointGraph keeps no copy of the captured graph; capture the model again")
+    gm = _copy_gm(joint.raw_gm)
+    jg = JointGraph(
+        gm=gm,
+        num_fwd_outputs=joint.num_fwd_outputs,
+        primal_roles=list(joint.primal_roles),
+        primal_names=list(joint.primal_names),
+        primal_values=list(joint.primal_values),
+        fingerprint=joint.fingerprint,
+        structure=joint.structure,
+        node_digests=list(joint.node_digests),
+        dropout=dropout,
+        raw_gm=joint.raw_gm,
+    )
+    jg.num_dropouts = prepare_joint(gm, dropout=dropout, num_fwd_outputs=jg.num_fwd_outputs)
     return jg

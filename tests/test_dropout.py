@@ -63,3 +63,22 @@ def test_dropout_modes_are_exact_and_leave_rng_as_eager(gpt2, mode):
     eager_next = torch.rand(4)
     run_step(runtime.apply(copy.deepcopy(model), p), inputs, seed=5)
     assert torch.equal(torch.rand(4), eager_next)
+
+
+def test_with_dropout_equals_capturing_again():
+    """plan() captures once and rewrites a copy for RNG replay: that copy must be the
+    graph a second capture would give."""
+    from profiles.capture import graph_fingerprint, with_dropout
+
+    ids = torch.randint(0, 128, (2, 32))
+    model = tiny_gpt2(layers=1, d=32, heads=2, vocab=128, positions=32)
+    inputs = {"input_ids": ids, "labels": ids}
+    first = capture(model, inputs, dropout="mask")
+    derived = with_dropout(first, "replay")
+    again = capture(model, inputs, dropout="replay")
+    assert derived.num_dropouts == again.num_dropouts > 0
+    n = first.num_fwd_outputs
+    assert graph_fingerprint(derived.gm, n) == graph_fingerprint(again.gm, n)
+    assert graph_fingerprint(first.gm, n) != graph_fingerprint(again.gm, n)
+    # the derived graph is a copy: the mask-mode graph is untouched
+    assert graph_fingerprint(with_dropout(derived, "mask").gm, n) == graph_fingerprint(first.gm, n)
