@@ -44,6 +44,7 @@ __all__ = [
     "graph_break_info",
     "real_tensors",
     "profiler_active",
+    "copy_graph_module",
 ]
 
 
@@ -146,3 +147,21 @@ def profiler_active() -> bool:
     """Whether a ``torch.profiler``/autograd profiler session is running: a nested
     session would end the caller's. Private: the only query torch offers."""
     return bool(torch._C._autograd._profiler_enabled())
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` with its own nodes; node metadata (fake values included) is
+    shared, as ``copy.deepcopy(gm.graph)`` would copy it, and so is the code
+    generator. Private: ``deepcopy`` also deep-copies the graph's ``_codegen``,
+    whose pytree specs warn (FutureWarning, ``LeafSpec`` deprecated) when copied on
+    torch 2.13; copying the nodes ourselves and sharing ``_codegen`` avoids that."""
+    import copy
+
+    old = gm.graph
+    g = torch.fx.Graph(tracer_cls=old._tracer_cls)
+    copied = g.graph_copy(old, val_map={}, return_output_node=True)
+    if copied is not None:
+        out_val, old_out = copied
+        g.output(out_val, type_expr=getattr(old_out, "type", None)).meta = copy.copy(old_out.meta)
+    g._codegen = old._codegen
+    return torch.fx.GraphModule(gm, g)

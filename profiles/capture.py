@@ -7,7 +7,6 @@ was: buffers (BatchNorm statistics) and the RNG state are restored afterwards.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from ._torch_private import aot_autograd, allow_recompiles
+from ._torch_private import aot_autograd, allow_recompiles, copy_graph_module
 from .dropout_pass import rewrite_dropout
 from .signature import check_input_devices, node_digests, structure_fingerprint
 
@@ -223,7 +222,7 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
 
 def _copy_gm(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` with its own nodes (node metadata, fake values included, is shared)."""
-    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    return copy_graph_module(gm)
 
 
 def with_dropout(joint: JointGraph, dropout: str) -> JointGraph:
