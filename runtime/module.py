@@ -171,7 +171,7 @@ class PlannedModule(nn.Module):
         from profiles.timing import synthetic_temps
 
         jg = JointGraph(gm=joint, num_fwd_outputs=num_fwd_outputs, primal_roles=[], primal_names=[], dropout=self.plan.dropout)
-        gp = profile_graph(jg, target=self.plan.target, measure_temps=False)
+        gp = profile_graph(jg, measure_temps=False)  # times do not matter for the peak
         device = graph_device_type(joint)
         if device == "cpu" and not profiler_active():
             # op temporaries, on synthetic inputs of the new sizes (not under the
@@ -198,7 +198,11 @@ class PlannedModule(nn.Module):
             ShapeWarning,
             stacklevel=4,
         )
-        new = planner.plan(self.module, self.plan.budget_bytes / GiB, inputs, target=self.plan.target)
+        from profiles import available_targets
+
+        # the plan's device profile when it is a shipped one (a profile given by path records only its name)
+        target = self.plan.target if self.plan.target in available_targets() else None
+        new = planner.plan(self.module, self.plan.budget_bytes / GiB, inputs, target=target)
         self.shapes[self._call_key] = {"how": "replanned", "plan": new, "predicted_peak_bytes": new.predicted_peak_bytes}
 
     def forward(self, *args, **kwargs):
