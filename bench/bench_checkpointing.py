@@ -169,9 +169,12 @@ def make_gpt2() -> Workload:
 
     return Workload(
         name="gpt2",
-        title="GPT-2 (6 layers, n_embd 256, 8 heads, vocab 1000, 256 positions), input_ids (8, 256), labels = input_ids",
+        title="GPT-2 (6 layers, n_embd 256, 8 heads, vocab 1000, 256 positions), input_ids (8, 256), labels = input_ids, use_cache=False",
         model=model,
-        inputs={"input_ids": ids, "labels": ids},
+        # use_cache=False, as Hugging Face's own gradient checkpointing forces in
+        # training: with the cache on, the 12 key/value outputs are held by the
+        # caller and AOTAutograd gives them zero gradients that eager never allocates.
+        inputs={"input_ids": ids, "labels": ids, "use_cache": False},
         loss_of=lambda out: out.loss,
         peer_name="HF gradient_checkpointing_enable() (every block)",
         enable_peer=enable,

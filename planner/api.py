@@ -23,6 +23,7 @@ from .sqrt import solve_sqrt
 __all__ = ["plan", "plan_profile", "BudgetTooSmall", "minimum_budget_bytes", "SOLVERS"]
 
 SOLVERS = ("auto", "ilp", "sqrt")
+_MAX_STALE = 2
 
 #: Plans that recompute keep this fraction of the budget unused. On CPU the
 #: simulator sees every tensor but not the few-byte scalars some ops allocate on
@@ -230,13 +231,16 @@ def _search_ilp(prob: Problem, budget: int, time_limit_s: float, max_calls: int 
     corrected rows; only when the rows were already exact for it is the ILP's
     internal budget tightened by the overshoot. A fitting solution found under a
     tightened internal budget loosens it again by the slack. The cheapest fitting
-    solution is returned.
+    solution is returned. Corrections converge slowly on big graphs (each solution
+    shows the exact intervals of different values), so after ``_MAX_STALE``
+    corrected solutions still over the budget the internal budget is tightened anyway.
     """
     start = time.perf_counter()
     best: Evaluation | None = None
     status, gap, calls = "Infeasible", None, 0
     internal = float(budget)
     seen: set[frozenset] = set()
+    stale = 0  # solutions over the budget in a row, re-solved under corrected rows
     while calls < max_calls:
         remaining = time_limit_s - (time.perf_counter() - start)
         if remaining <= 0.5:
@@ -250,6 +254,7 @@ def _search_ilp(prob: Problem, budget: int, time_limit_s: float, max_calls: int 
         repeated = res.recompute in seen
         seen.add(res.recompute)
         if ev.sim.peak_bytes <= budget:
+            stale = 0
             improved = best is None or ev.cost_s < best.cost_s * (1 - 1e-3)
             if best is None or ev.cost_s < best.cost_s:
                 best, status, gap = ev, res.status, res.gap
@@ -258,7 +263,10 @@ def _search_ilp(prob: Problem, budget: int, time_limit_s: float, max_calls: int 
                 break
             if not changed:
                 internal = min(float(budget), internal + slack)
-        elif not changed or repeated:
+        elif changed and not repeated and stale < _MAX_STALE:
+            stale += 1  # the rows were corrected: solve again under them
+        else:
+            stale = 0
             internal -= ev.sim.peak_bytes - budget + 0.001 * budget
     if best is None:
         return None

@@ -36,6 +36,7 @@ class _BoxedCodeGen(CodeGen):
 
 __all__ = [
     "aot_autograd",
+    "copy_graph_module",
     "extract_fwd_bwd_modules",
     "make_boxed",
     "allow_recompiles",
@@ -44,7 +45,6 @@ __all__ = [
     "graph_break_info",
     "real_tensors",
     "profiler_active",
-    "copy_graph_module",
 ]
 
 
@@ -151,17 +151,14 @@ def profiler_active() -> bool:
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of ``gm`` with its own nodes; node metadata (fake values included) is
-    shared, as ``copy.deepcopy(gm.graph)`` would copy it, and so is the code
-    generator. Private: ``deepcopy`` also deep-copies the graph's ``_codegen``,
-    whose pytree specs warn (FutureWarning, ``LeafSpec`` deprecated) when copied on
-    torch 2.13; copying the nodes ourselves and sharing ``_codegen`` avoids that."""
+    shared. Private: ``Graph._codegen`` has no public getter, and ``copy.deepcopy``
+    of a graph deep-copies its pytree specs, which warns on torch 2.13."""
     import copy
 
-    old = gm.graph
-    g = torch.fx.Graph(tracer_cls=old._tracer_cls)
-    copied = g.graph_copy(old, val_map={}, return_output_node=True)
-    if copied is not None:
-        out_val, old_out = copied
-        g.output(out_val, type_expr=getattr(old_out, "type", None)).meta = copy.copy(old_out.meta)
-    g._codegen = old._codegen
-    return torch.fx.GraphModule(gm, g)
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    if out is not None:
+        value, old_output = out
+        graph.output(value, type_expr=getattr(old_output, "type", None)).meta = copy.copy(old_output.meta)
+    graph.set_codegen(gm.graph._codegen)
+    return torch.fx.GraphModule(gm, graph)

@@ -213,16 +213,11 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
     jg.fingerprint = graph_fingerprint(gm, jg.num_fwd_outputs)
     jg.structure = structure_fingerprint(gm, jg.num_fwd_outputs)
     jg.node_digests = node_digests(gm)
-    jg.raw_gm = _copy_gm(gm)
+    jg.raw_gm = copy_graph_module(gm)
     jg.dropout = dropout
     jg.num_dropouts = prepare_joint(gm, dropout=dropout, num_fwd_outputs=jg.num_fwd_outputs)
     recorded.clear()
     return jg
-
-
-def _copy_gm(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` with its own nodes (node metadata, fake values included, is shared)."""
-    return copy_graph_module(gm)
 
 
 def with_dropout(joint: JointGraph, dropout: str) -> JointGraph:
@@ -230,7 +225,7 @@ def with_dropout(joint: JointGraph, dropout: str) -> JointGraph:
     from the graph as captured: the same as capturing again, without running the model."""
     if joint.raw_gm is None:
         raise ValueError("this JointGraph keeps no copy of the captured graph; capture the model again")
-    gm = _copy_gm(joint.raw_gm)
+    gm = copy_graph_module(joint.raw_gm)
     jg = JointGraph(
         gm=gm,
         num_fwd_outputs=joint.num_fwd_outputs,
