@@ -106,7 +106,7 @@ def plan(
         raise ValueError(f"time_limit_s must be a positive number of seconds, not {time_limit_s!r}")
     args, kwargs = normalize_inputs(model, example_inputs)
     check_target(model, target)
-    check_input_devices(model, args, kwargs)
+    check_input_devices(model, args, kwargs, allow_meta=True)
     inputs = kwargs if kwargs else args
 
     t0 = time.perf_counter()
@@ -156,7 +156,7 @@ def check_target(model: torch.nn.Module, target: str | None) -> None:
     if param is None or param.device.type == "meta":
         return
     profile = load_device_profile(target)
-    kind = "cpu" if profile.name.lower().startswith("cpu") else "cuda"
+    kind = profile.device_type
     if param.device.type != kind:
         raise ValueError(
             f"target {profile.name!r} is a {'CPU' if kind == 'cpu' else 'GPU'} profile but the model is on "
@@ -166,6 +166,9 @@ def check_target(model: torch.nn.Module, target: str | None) -> None:
 
 
 def _granularity(gp: GraphProfile) -> int:
+    if gp.joint.fake:  # a meta-device model: planned for the target's allocator
+        dev = gp.device_profile
+        return 512 if dev is not None and dev.device_type == "cuda" else 1
     for n in gp.gm.graph.find_nodes(op="placeholder"):
         val = n.meta.get("val")
         if isinstance(val, torch.Tensor) and val.device.type == "cuda":
@@ -207,7 +210,7 @@ def plan_profile(
         if sq.evaluation is not None:
             prob.refine(sq.evaluation)  # exact live intervals of a plan that fits: a good start
         _log(progress, "solving ILP")
-        best = _search_ilp(prob, usable, time_limit_s)
+        best = _search_ilp(prob, usable, time_limit_s, start=sq.evaluation)
     if sq_found is not None and (solver == "sqrt" or best is None or (solver == "auto" and sq_found[0].cost_s < best[0].cost_s)):
         # auto: the cheaper of the two, both checked by exact simulation; ilp: the
         # sqrt(L) plan only when the ILP found none within the budget
@@ -221,33 +224,49 @@ def plan_profile(
     return package(*best)
 
 
-def _search_ilp(prob: Problem, budget: int, time_limit_s: float, max_calls: int = 16):
+def _search_ilp(prob: Problem, budget: int, time_limit_s: float, *, max_calls: int = 16, start: Evaluation | None = None):
     """Solve the ILP, check each solution by exact simulation, and adjust.
 
     The ILP's memory rows use estimated live intervals for recomputed values.
     After each solve the estimates of the values the solution saves or recomputes
     are replaced by the exact intervals of its simulated schedule
-    (``Problem.refine``). A solution over the budget is then re-solved under the
-    corrected rows; only when the rows were already exact for it is the ILP's
-    internal budget tightened by the overshoot. A fitting solution found under a
-    tightened internal budget loosens it again by the slack. The cheapest fitting
-    solution is returned. Corrections converge slowly on big graphs (each solution
-    shows the exact intervals of different values), so after ``_MAX_STALE``
-    corrected solutions still over the budget the internal budget is tightened anyway.
+    (``Problem.refine``), and a solution over the budget is solved again under the
+    corrected rows. Corrections can alternate between solutions (each shows the
+    exact intervals of different values), so after ``_MAX_STALE`` corrected
+    solutions in a row still over the budget, or when the rows were already exact,
+    the ILP's internal budget is tightened by the overshoot; a fitting solution
+    found under a tightened internal budget loosens it again by the slack. When
+    even the first solve finds nothing although ``start`` (sqrt(L)'s plan) fits,
+    the rows overestimate: the internal budget is loosened once by their error on
+    ``start``. Each solve starts from the best fitting solution so far (at first
+    ``start``). Returns the cheapest fitting solution, or None.
     """
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     best: Evaluation | None = None
     status, gap, calls = "Infeasible", None, 0
     internal = float(budget)
     seen: set[frozenset] = set()
     stale = 0  # solutions over the budget in a row, re-solved under corrected rows
+    relaxed = False
     while calls < max_calls:
-        remaining = time_limit_s - (time.perf_counter() - start)
+        remaining = time_limit_s - (time.perf_counter() - t0)
         if remaining <= 0.5:
             break
-        res = solve_ilp(prob, internal, time_limit_s=remaining)
+        hint = best or start
+        res = solve_ilp(
+            prob, internal, time_limit_s=remaining,
+            start=None if hint is None else prob.decisions_of(hint),
+        )
         calls += 1
         if res.recompute is None:
+            if best is None and start is not None and not relaxed:
+                # The rows overestimate: even the known fitting start is over the
+                # budget under them. Loosen the internal budget by their error there.
+                relaxed = True
+                error = prob.model_peak_of(start) - start.sim.peak_bytes
+                if error > 0:
+                    internal += error
+                    continue
             break  # nothing fits the (internal) budget under the current rows
         ev = prob.evaluate(res.recompute)
         changed = prob.refine(ev)
@@ -270,7 +289,7 @@ def _search_ilp(prob: Problem, budget: int, time_limit_s: float, max_calls: int 
             internal -= ev.sim.peak_bytes - budget + 0.001 * budget
     if best is None:
         return None
-    return best, SolverInfo(name="ilp", status=status, seconds=time.perf_counter() - start, gap=gap, calls=calls)
+    return best, SolverInfo(name="ilp", status=status, seconds=time.perf_counter() - t0, gap=gap, calls=calls)
 
 
 def _lowest(prob: Problem, time_limit_s: float) -> tuple[Evaluation, SolverInfo]:

@@ -5,6 +5,7 @@
     planner sweep MODEL (--budgets 0.2,0.3,... | --points N) [--plot tradeoff.png]
     planner verify MODEL plan.json
     planner targets
+    planner calibrate -o my.json [--device cuda] [--name NAME]
 
 MODEL is ``path/to/file.py:factory`` or ``package.module:factory``; ``factory()``
 returns ``(model, example_inputs)``. Exit status: 0 done, 1 ``verify`` found the
@@ -413,6 +414,25 @@ def _cmd_targets(a, out: _Out) -> int:
     return EXIT_OK
 
 
+def _cmd_calibrate(a, out: _Out) -> int:
+    from profiles.calibrate import calibrate, write_profile
+
+    if not a.output.endswith(".json"):
+        raise CliError(f"-o {a.output}: give a .json file name (--target accepts profile paths ending in .json)")
+    _check_output_path(a.output)
+    for flag, value in (("--matmul-size", a.matmul_size), ("--copy-mib", a.copy_mib), ("--repeats", a.repeats)):
+        if value is not None and value < 1:
+            raise CliError(f"{flag} must be 1 or more, not {value}")
+    try:
+        prof = calibrate(device=a.device, name=a.name or Path(a.output).stem, matmul_size=a.matmul_size,
+                         copy_bytes=a.copy_mib * 2**20 if a.copy_mib else None, repeats=a.repeats, log=out.say)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    write_profile(prof, a.output)
+    out.say(f"wrote {a.output}: use it as --target {a.output}")
+    return EXIT_OK
+
+
 # -- the parser -------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="planner", description="Plan activation checkpointing for a memory budget.",
@@ -465,6 +485,18 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("targets", help="list the device profiles for --target")
     p.set_defaults(run=_cmd_targets, quiet=False)
+
+    p = sub.add_parser("calibrate", help="measure a device profile here (matmul, copy) and write it as JSON for --target",
+                       description="Measure peak matmul FLOP/s per dtype, copy bandwidth and per-op overhead on the device "
+                                   "at hand and write a device profile JSON that --target accepts.")
+    p.add_argument("-o", "--output", required=True, metavar="PATH", help="where to write the profile (.json)")
+    p.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--name", help="profile name (default: the output file's stem)")
+    p.add_argument("--matmul-size", type=int, metavar="N", help="N of the NxN matmul (default 8192 on a GPU, 1024 on CPU)")
+    p.add_argument("--copy-mib", type=int, metavar="M", help="MiB copied for bandwidth (default 1024 on a GPU, 256 on CPU)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the median counts (default 5)")
+    quiet(p)
+    p.set_defaults(run=_cmd_calibrate)
     return ap
 
 
@@ -498,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         a = _parser().parse_args(argv)
         if a.command is None:
-            raise CliError("give a command: plan, show, sweep, verify or targets (see 'planner --help')")
+            raise CliError("give a command: plan, show, sweep, verify, targets or calibrate (see 'planner --help')")
         return a.run(a, _Out(quiet=getattr(a, "quiet", False)))
     except CliError as e:
         print(f"planner: error: {e}", file=sys.stderr)

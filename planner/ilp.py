@@ -4,8 +4,11 @@ Variables: ``r[v]`` (recompute forward value v in backward) and ``s[v]`` (save i
 Constraints: backward's inputs are saved or recomputed; a recomputed value's
 inputs are saved or recomputed; random and effectful ops are never recomputed;
 memory at every step of the linear model in :mod:`planner.problem` stays within
-the budget. Objective: least recompute time. Memory rows are added lazily: solve
-with the rows most likely to bind, add the rows the solution violates, repeat.
+the budget. Objective: least recompute time. On small graphs the memory rows
+are dense and added lazily (solve with the rows most likely to bind, add the rows
+the solution violates, repeat); on big ones each step's memory is a continuous
+variable chained to the previous step's through the values whose liveness changes
+there, which keeps the constraint matrix sparse.
 HiGHS is used when ``highspy`` is installed, else PuLP's bundled CBC.
 """
 
@@ -40,27 +43,56 @@ class IlpResult:
     model_peak: float | None = None
 
 
-def solver_backend(time_limit_s: float):
-    """HiGHS when installed (reports its MIP gap), else CBC."""
+def _highs_class():
     try:
-        import highspy  # noqa: F401
-
-        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=_GAP)
+        import highspy
     except ImportError:
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=_GAP)
+        return None
+
+    class WarmHiGHS(pulp.HiGHS):
+        """PuLP's HiGHS interface, handing HiGHS the variables' initial values as a
+        MIP start (PuLP's own warmStart option covers CBC only)."""
+
+        def callSolver(self, lp):
+            values = [v.varValue for v in lp.variables()]
+            if all(x is not None for x in values):
+                start = highspy.HighsSolution()
+                start.col_value = [float(x) for x in values]
+                lp.solverModel.setSolution(start)
+            super().callSolver(lp)
+
+    return WarmHiGHS
+
+
+_HIGHS = _highs_class()
+
+
+def solver_backend(time_limit_s: float, *, warm_start: bool = False):
+    """HiGHS when installed (reports its MIP gap), else CBC; both take the variables'
+    initial values as a MIP start when ``warm_start``."""
+    if _HIGHS is not None:
+        return _HIGHS(msg=False, timeLimit=time_limit_s, gapRel=_GAP)
+    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=_GAP, warmStart=warm_start)
+
+
+#: Above this many nonzeros (memory rows x candidates) the memory of each step is
+#: chained through differences (sparse); below it, dense rows are added lazily,
+#: which HiGHS solved faster on graphs of a few hundred candidates.
+_DENSE_LIMIT = 2_000_000
 
 
 def _initial_rows(prob: Problem) -> list[int]:
+    """The dense rows most likely to bind: strict suffix maxima of the forward
+    constant part (saved sets only grow in forward), the start of backward, and the
+    local maxima of backward's constant part."""
     const = prob.row_const
     nf = len(prob.fwd)
     rows = []
-    # Forward rows: saved sets only grow, so only strict suffix maxima can bind.
     best = -np.inf
     for k in range(nf - 1, -1, -1):
         if const[k] > best:
             rows.append(k)
             best = const[k]
-    # Backward: the start of backward and the local maxima of the constant part.
     b = const[nf:]
     if len(b):
         rows.append(nf)
@@ -76,16 +108,19 @@ def solve_ilp(
     *,
     time_limit_s: float = 60.0,
     minimize_memory: bool = False,
+    start: tuple[frozenset[str], frozenset[str]] | None = None,
     max_rounds: int = 12,
 ) -> IlpResult:
     """Solve for the cheapest recompute set whose model peak is within ``budget_bytes``.
 
     With ``minimize_memory=True`` the budget is ignored and the model peak is
-    minimised instead (recompute time breaks ties).
+    minimised instead (recompute time breaks ties). ``start``: a known solution,
+    ``(recomputed, saved)``, handed to the solver as a MIP start when it fits the
+    rows. ``max_rounds`` bounds the rounds of lazily added dense rows; the rows
+    added are kept in ``prob.ilp_rows`` for later solves.
     """
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     fwd = prob.fwd
-    cand_idx = {n: i for i, n in enumerate(prob.cand)}
     lp = pulp.LpProblem("checkpoint", pulp.LpMinimize)
     r = {n: lp.add_variable(f"r{i}", cat="Binary") for i, n in enumerate(fwd) if n in prob.can_recompute}
     s = {n: lp.add_variable(f"s{i}", cat="Binary") for i, n in enumerate(prob.cand)}
@@ -95,23 +130,19 @@ def solve_ilp(
             return s[n]
         return 1 if n in prob.free_save else 0
 
-    def rec(n):
-        return r.get(n, 0)
-
     for n in sorted(prob.bwd_needs, key=fwd.index):
-        lp += saved(n) + rec(n) >= 1, f"need_{n}"
+        lp += saved(n) + r.get(n, 0) >= 1, f"need_{n}"
     for n in fwd:
         if n not in r:
             continue
         for a in prob.fwd_inputs[n]:
-            lp += r[n] <= saved(a) + rec(a), f"dep_{n}_{a}"
+            lp += r[n] <= saved(a) + r.get(a, 0), f"dep_{n}_{a}"
     for n in s:
         if n in r:
             lp += s[n] + r[n] <= 1, f"one_{n}"
 
     total_cost = sum(prob.cost.values()) or 1.0
-    scale = 1.0 / total_cost
-    cost_expr = pulp.lpSum(prob.cost[n] * scale * v for n, v in r.items() if prob.cost[n] > 0)
+    cost_expr = pulp.lpSum(prob.cost[n] / total_cost * v for n, v in r.items() if prob.cost[n] > 0)
     mem_scale = 1.0 / max(float(prob.row_const.max()), 1.0)
     peak_var = None
     if minimize_memory:
@@ -119,70 +150,97 @@ def solve_ilp(
         lp += peak_var + 1e-3 * cost_expr
     else:
         lp += cost_expr
-    limit = None if minimize_memory else budget_bytes * mem_scale
+    S, R, const = prob.row_save, prob.row_recompute, prob.row_const
+    r_cols = np.array([n in r for n in prob.cand])
 
-    rows = _initial_rows(prob)
-    added: set[int] = set()
-    status, result, gap, objective = "Not Solved", None, None, None
-    rounds = 0
-    model_peak = None
-    while True:
-        rounds += 1
-        for k in rows:
-            if k in added:
-                continue
-            added.add(k)
-            coeffs = []
-            rs, rr = prob.row_save[k], prob.row_recompute[k]
-            for i in np.nonzero(rs)[0]:
-                coeffs.append((s[prob.cand[i]], rs[i] * mem_scale))
-            for i in np.nonzero(rr)[0]:
-                n = prob.cand[i]
-                if n in r:
-                    coeffs.append((r[n], rr[i] * mem_scale))
-            expr = pulp.LpAffineExpression(coeffs) + float(prob.row_const[k]) * mem_scale
+    def row_terms(save_row, rec_row):
+        terms = [(s[prob.cand[i]], save_row[i] * mem_scale) for i in np.nonzero(save_row)[0]]
+        terms += [(r[prob.cand[i]], rec_row[i] * mem_scale) for i in np.nonzero(rec_row * r_cols)[0]]
+        return terms
+
+    def limit(k):
+        return None if minimize_memory else (budget_bytes - float(const[k])) * mem_scale
+
+    chained = S.size > _DENSE_LIMIT
+    mem: list = []
+    if chained:
+        # One continuous variable per step for its decision-dependent bytes, each
+        # the previous step's plus the values whose liveness changes there: every
+        # candidate enters a few rows only.
+        dS = np.diff(S, axis=0, prepend=0.0)
+        dR = np.diff(R, axis=0, prepend=0.0)
+        for k in range(len(const)):
+            m = lp.add_variable(f"m{k}", upBound=limit(k))
+            terms = [(m, 1.0)] + ([(mem[-1], -1.0)] if k else [])
+            terms += [(v, -c) for v, c in row_terms(dS[k], dR[k])]
+            lp += pulp.LpAffineExpression(terms) == 0, f"mem_{k}"
             if minimize_memory:
-                lp += expr <= peak_var, f"mem_{k}"
-            else:
-                lp += expr <= limit, f"mem_{k}"
-        remaining = max(1.0, time_limit_s - (time.perf_counter() - start))
-        solver = solver_backend(remaining)
-        lp.solve(solver)
+                lp += m + float(const[k]) * mem_scale <= peak_var, f"peak_{k}"
+            mem.append(m)
+
+    if start is not None:
+        sv0 = np.array([1.0 if n in start[1] and n not in start[0] else 0.0 for n in prob.cand])
+        rv0 = np.array([1.0 if n in start[0] and n in r else 0.0 for n in prob.cand])
+        used = S @ sv0 + R @ rv0
+        # chained rows bound each step's variable, so a start over the budget cannot
+        # even be written down; HiGHS repairs or ignores infeasible starts otherwise
+        if not chained or minimize_memory or float((used + const).max()) <= budget_bytes:
+            for n, v in r.items():
+                v.setInitialValue(1 if n in start[0] else 0)
+            for n, v in s.items():
+                v.setInitialValue(1 if n in start[1] and n not in start[0] else 0)
+            for m, x in zip(mem, used * mem_scale):
+                m.setInitialValue(float(x))
+            if peak_var is not None:
+                peak_var.setInitialValue(float((used + const).max() * mem_scale))
+        else:
+            start = None  # over the budget under these rows: no use as a start
+
+    rows = [] if chained else sorted(set(_initial_rows(prob)) | prob.ilp_rows)
+    added: set[int] = set()
+    status, result, gap, objective, model_peak = "Not Solved", None, None, None, None
+    for rounds in range(1, max_rounds + 1):
+        for k in rows:
+            if k not in added:
+                added.add(k)
+                expr = pulp.LpAffineExpression(row_terms(S[k], R[k]))
+                if minimize_memory:
+                    lp += expr + float(const[k]) * mem_scale <= peak_var, f"mem_{k}"
+                else:
+                    lp += expr <= limit(k), f"mem_{k}"
+        remaining = max(1.0, time_limit_s - (time.perf_counter() - t0))
+        lp.solve(solver_backend(remaining, warm_start=start is not None or rounds > 1))
         status = pulp.LpStatus[lp.status]
-        if status not in ("Optimal",) and not (status == "Not Solved" and _has_values(r, s)):
-            if lp.sol_status not in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
-                result = None
-                break
+        if status != "Optimal" and lp.sol_status not in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
+            result = None
+            break
         sv = np.array([round(s[n].value() or 0) for n in prob.cand], dtype=float)
-        rv = np.array([round(rec(n).value() or 0) if n in r else 0 for n in prob.cand], dtype=float)
-        vals = prob.row_const + prob.row_save @ sv + prob.row_recompute @ rv
+        rv = np.array([round(r[n].value() or 0) if n in r else 0 for n in prob.cand], dtype=float)
+        vals = const + S @ sv + R @ rv
         model_peak = float(vals.max())
         result = frozenset(n for n, v in r.items() if round(v.value() or 0) == 1)
         objective = pulp.value(lp.objective)
         gap = _gap(lp)
-        bound = model_peak if minimize_memory else budget_bytes
-        violated = [k for k in np.nonzero(vals > (peak_var.value() / mem_scale if minimize_memory else bound) * (1 + 1e-9) + 1)[0] if k not in added]
-        if not violated or rounds >= max_rounds or time.perf_counter() - start > time_limit_s:
-            if violated:
-                status = f"{status} (memory rows incomplete)"
+        bound = peak_var.value() / mem_scale if minimize_memory else budget_bytes
+        violated = [k for k in np.nonzero(vals > bound * (1 + 1e-9) + 1)[0] if k not in added]
+        if chained or not violated or time.perf_counter() - t0 > time_limit_s:
             break
-        # add the worst violated rows first
-        violated.sort(key=lambda k: -vals[k])
+        if rounds == max_rounds:
+            status = f"{status} (memory rows incomplete)"
+            break
+        violated.sort(key=lambda k: -vals[k])  # the worst violated rows first
         rows = violated[: max(20, len(violated) // 4)]
+    prob.ilp_rows |= added
     return IlpResult(
         recompute=result,
         status=status,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - t0,
         gap=gap,
         objective=objective,
         num_binaries=len(r) + len(s),
         num_rows=lp.numConstraints(),
         model_peak=model_peak,
     )
-
-
-def _has_values(r, s) -> bool:
-    return all(v.value() is not None for v in list(r.values())[:1] + list(s.values())[:1])
 
 
 def _gap(lp) -> float | None:

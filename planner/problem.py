@@ -78,6 +78,8 @@ class Problem:
     row_recompute: np.ndarray | None = None
     row_names: list[str] = field(default_factory=list)
     granularity: int = 1
+    #: Dense memory rows the ILP has needed so far (kept for later solves).
+    ilp_rows: set[int] = field(default_factory=set)
     _cache: dict = field(default_factory=dict)
 
     # -- exact evaluation -------------------------------------------------
@@ -103,7 +105,6 @@ class Problem:
     def reset_intervals(self) -> None:
         """Forget refinements: back to the first estimates (for reproducible results)."""
         self._need, self._end = dict(self._initial[0]), dict(self._initial[1])
-        self._seen_need, self._seen_end = set(), set()
         _interval_rows(self)
 
     def refine(self, ev: "Evaluation") -> bool:
@@ -129,19 +130,12 @@ class Problem:
         rec = set(ev.recomputed)
         for n in self.cand:
             if n in rec and n in slot:
-                # The first observation replaces the estimate; later ones widen it
-                # (earliest rebuild seen), so that alternating solutions cannot make
-                # the rows flip back and forth forever.
-                new = slot[n] if n not in self._seen_need else min(self._need[n], slot[n])
-                self._seen_need.add(n)
-                if self._need[n] != new:
-                    self._need[n] = new
+                if self._need[n] != slot[n]:
+                    self._need[n] = slot[n]
                     changed = True
             if n in last_read and (n in rec or n in ev.saved):
-                new = last_read[n] if n not in self._seen_end else max(self._end[n], last_read[n])
-                self._seen_end.add(n)
-                if self._end[n] != new:
-                    self._end[n] = new
+                if self._end[n] != last_read[n]:
+                    self._end[n] = last_read[n]
                     changed = True
         if changed:
             _interval_rows(self)
@@ -159,6 +153,33 @@ class Problem:
         """Peak of the linear memory model for 0/1 vectors over ``cand``."""
         vals = self.row_const + self.row_save @ save + self.row_recompute @ rec
         return float(vals.max())
+
+    def decisions_of(self, ev: "Evaluation") -> tuple[frozenset[str], frozenset[str]]:
+        """An evaluated plan in the ILP's variables: ``(recomputed, saved candidates)``.
+
+        The runtime may hand backward a view of a saved value; the ILP has no
+        variable for that (views own nothing), and writes it as the view rebuilt
+        from its saved base, which costs the same memory and nothing to run."""
+        fwd = set(self.own_bytes)
+        saved_cands: set[str] = set()
+        recomputed = {n for n in ev.recomputed if n in self.can_recompute}
+        for x in ev.saved:
+            if x not in fwd:
+                continue  # parameters and inputs
+            if x in self.can_save:
+                saved_cands.add(x)
+            else:
+                saved_cands |= self._owner_of(x)
+                if x in self.can_recompute:
+                    recomputed.add(x)
+        return frozenset(recomputed), frozenset(saved_cands & set(self.cand))
+
+    def model_peak_of(self, ev: "Evaluation") -> float:
+        """Peak of the linear memory model for an evaluated plan."""
+        rec, saved = self.decisions_of(ev)
+        sv = np.array([1.0 if n in saved else 0.0 for n in self.cand])
+        rv = np.array([1.0 if n in rec else 0.0 for n in self.cand])
+        return self.model_peak(sv, rv)
 
 
 def build_problem(gp: GraphProfile, *, granularity: int = 1) -> Problem:
@@ -302,7 +323,6 @@ def _build_memory_rows(prob: Problem, by_name, held_storages, creator) -> None:
     prob._need = {n: need[n] for n in cand}
     prob._end = {n: end[n] for n in cand}
     prob._initial = (dict(prob._need), dict(prob._end))
-    prob._seen_need, prob._seen_end = set(), set()
     prob._owner_of = owner_of
 
     # Constant memory per forward step: storages that live in forward regardless

@@ -45,7 +45,18 @@ __all__ = [
     "graph_break_info",
     "real_tensors",
     "profiler_active",
+    "fake_tensor_mode",
 ]
+
+
+def fake_tensor_mode():
+    """A new ``FakeTensorMode``: tensors with shapes, strides, dtypes and a device
+    but no storage. Private (``torch._subclasses``) but the only way to trace a
+    model on a real device's kernels without allocating it (a model built on the
+    meta device, see :mod:`profiles.meta`); torch.export relies on the same class."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode()
 
 
 def make_boxed(gm: torch.fx.GraphModule):

@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from ._torch_private import aot_autograd, allow_recompiles, copy_graph_module
 from .dropout_pass import rewrite_dropout
 from .signature import check_input_devices, node_digests, structure_fingerprint
+from .meta import capture_meta, uses_meta
 
 __all__ = ["JointGraph", "capture", "normalize_inputs", "graph_fingerprint", "prepare_joint", "mutated_primals", "CaptureError", "with_dropout"]
 
@@ -53,6 +54,9 @@ class JointGraph:
     num_dropouts: int = 0
     #: The joint graph as captured, before ``prepare_joint`` (for ``with_dropout``).
     raw_gm: fx.GraphModule | None = field(default=None, repr=False)
+    #: True when captured from a meta-device model on fake tensors (:mod:`profiles.meta`):
+    #: shapes and dtypes only, no values to run.
+    fake: bool = False
 
     def drop_tensors(self) -> None:
         """Forget the real tensors so the graph no longer keeps them alive."""
@@ -143,9 +147,12 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
     """Capture one training step of ``model`` on ``example_inputs`` as a joint graph.
 
     ``dropout`` picks how dropout outputs are made recomputable (see
-    :mod:`profiles.dropout_pass`)."""
+    :mod:`profiles.dropout_pass`). A model or inputs on the meta device are captured
+    on fake tensors, allocating nothing (see :mod:`profiles.meta`)."""
     args, kwargs = normalize_inputs(model, example_inputs)
-    check_input_devices(model, args, kwargs)
+    if uses_meta(model, args, kwargs):
+        return capture_meta(model, args, kwargs, capture, dropout=dropout)
+    check_input_devices(model, args, kwargs, allow_meta=True)
     allow_recompiles()
     recorded: dict[str, Any] = {}
 
@@ -237,6 +244,7 @@ def with_dropout(joint: JointGraph, dropout: str) -> JointGraph:
         node_digests=list(joint.node_digests),
         dropout=dropout,
         raw_gm=joint.raw_gm,
+        fake=joint.fake,
     )
     jg.num_dropouts = prepare_joint(gm, dropout=dropout, num_fwd_outputs=jg.num_fwd_outputs)
     return jg

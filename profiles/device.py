@@ -2,14 +2,15 @@
 
 A profile is a JSON file in ``profiles/devices/``: memory capacity, peak dense
 FLOP/s per dtype, memory bandwidth, a per-op launch overhead, and where each
-number came from. Times are estimated with a roofline:
+number came from (``planner calibrate`` measures one on the device at hand, see
+:mod:`profiles.calibrate`). Times are estimated with a roofline:
 ``max(flops / peak_flops[dtype], bytes_moved / bandwidth) + overhead``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -27,6 +28,9 @@ class DeviceProfile:
     name: str
     #: Human-readable description.
     description: str = ""
+    #: torch device type the profile describes (``"cuda"`` or ``"cpu"``): a model built
+    #: on the meta device is planned with this device's allocator rounding and margin.
+    device_type: str = "cuda"
     #: Device memory in bytes (0 when not meaningful).
     memory_bytes: int = 0
     #: Peak dense FLOP/s by dtype name (``"float32"``, ``"bfloat16"``, ...).
@@ -35,8 +39,14 @@ class DeviceProfile:
     bandwidth_bytes_per_s: float = 1e11
     #: Fixed cost per op (kernel launch or dispatch), in seconds.
     overhead_s: float = 5e-6
-    #: Where each number came from.
+    #: Where each number came from, keyed by field: ``"memory_bytes"``,
+    #: ``"peak_flops.<dtype>"``, ``"bandwidth_bytes_per_s"``, ``"overhead_s"``.
     sources: dict[str, str] = field(default_factory=dict)
+
+    def unsourced(self) -> list[str]:
+        """Keys of the numbers that have no entry in ``sources``."""
+        keys = ["memory_bytes", "bandwidth_bytes_per_s", "overhead_s"] + [f"peak_flops.{k}" for k in self.peak_flops]
+        return [k for k in keys if not self.sources.get(k)]
 
     def flops_per_s(self, dtype: torch.dtype | str) -> float:
         key = str(dtype).replace("torch.", "")
@@ -52,6 +62,7 @@ class DeviceProfile:
         return {
             "name": self.name,
             "description": self.description,
+            "device_type": self.device_type,
             "memory_bytes": self.memory_bytes,
             "peak_flops": dict(self.peak_flops),
             "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
@@ -61,6 +72,10 @@ class DeviceProfile:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DeviceProfile":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"device profile {d.get('name', '?')!r} has unknown fields {unknown}; expected {sorted(known)}")
         return cls(**d)
 
 

@@ -6,6 +6,9 @@ multi-output op) allocates nothing new. FLOPs come from
 ``torch.utils.flop_counter``'s formulas; times from a device profile's roofline,
 or, with ``measure_time=True``, from running the nodes on the model's device.
 Ops' hidden temporaries are measured by running the nodes when real tensors exist.
+A model built on the meta device has none: for a CPU target its temporaries are
+measured on synthetic inputs one op at a time; for other targets they count as 0;
+``time_source`` says which.
 """
 
 from __future__ import annotations
@@ -64,10 +67,14 @@ class GraphProfile:
     storage_bytes: list[int]
     #: Name of the device profile times were estimated for.
     target: str
-    #: How ``time_s`` was obtained: ``"roofline:<target>"`` or ``"measured:<device>"``.
+    #: How ``time_s`` was obtained: ``"roofline:<target>"`` or ``"measured:<device>"``; for a
+    #: meta-device model followed by a note on how op temporaries were obtained.
     time_source: str
     #: Storage ids held for the whole step: parameters, buffers and inputs.
     static_storages: frozenset[int] = field(default_factory=frozenset)
+    #: The device profile itself (its ``device_type`` decides how a meta-device
+    #: model's memory is planned).
+    device_profile: DeviceProfile | None = None
 
     @property
     def gm(self) -> fx.GraphModule:
@@ -158,6 +165,11 @@ def profile_graph(
     captured tensors and timed instead (CUDA events on a GPU).
     """
     gm = joint.gm
+    if joint.fake and measure_time:
+        raise ValueError(
+            "measure_time=True needs real tensors, but this model was built on the meta device; "
+            "drop measure_time (times then come from the roofline of target=) or build the model on a real device"
+        )
     device = _graph_device(gm)
     profile = load_device_profile(target or _default_target(device))
     storage_ids: dict[Any, int] = {}
@@ -217,9 +229,22 @@ def profile_graph(
             if parent is not None and not parent.recomputable and infos[node.name].recomputable:
                 infos[node.name] = _replace(infos[node.name], recomputable=False)
     time_source = f"roofline:{profile.name}"
-    if measure_temps is None:
+    if joint.fake:
+        # No captured values. For a CPU target the temporaries are measured here on
+        # synthetic inputs, one op at a time; for another device they are unknown.
+        if measure_temps is None:
+            measure_temps = profile.device_type == "cpu"
+        if measure_temps:
+            from .timing import synthetic_cpu_temps
+
+            for name, temp in synthetic_cpu_temps(joint).items():
+                infos[name] = _replace(infos[name], temp_bytes=temp)
+        time_source += "; meta-device model captured on fake tensors, op temporaries " + (
+            "measured on synthetic CPU inputs" if measure_temps else "not measured (counted as 0)"
+        )
+    elif measure_temps is None:
         measure_temps = bool(joint.primal_values) and device.type in ("cpu", "cuda")
-    if measure_time or measure_temps:
+    if not joint.fake and (measure_time or measure_temps):
         from .timing import run_nodes
 
         measured = run_nodes(joint, measure_time=measure_time, measure_temps=measure_temps)
@@ -237,6 +262,7 @@ def profile_graph(
         target=profile.name,
         time_source=time_source,
         static_storages=frozenset(static),
+        device_profile=profile,
     )
 
 

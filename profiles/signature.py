@@ -26,6 +26,7 @@ __all__ = [
     "describe_inputs",
     "check_input_devices",
     "graph_device_type",
+    "target_device_type",
 ]
 
 
@@ -124,9 +125,10 @@ def describe_inputs(args: Iterable[Any], kwargs: dict) -> list:
     return out
 
 
-def check_input_devices(model: torch.nn.Module, args: Iterable[Any], kwargs: dict) -> None:
+def check_input_devices(model: torch.nn.Module, args: Iterable[Any], kwargs: dict, *, allow_meta: bool) -> None:
     """Raise ``ValueError`` naming the first input tensor on another device than the
-    model's parameters (unless the parameters are on the meta device: planning without memory)."""
+    model's parameters. With ``allow_meta`` (planning, see :mod:`profiles.meta`) meta
+    tensors on either side are accepted; a training step cannot run on them."""
     param = next(iter(model.parameters()), None)
     if param is None:
         return
@@ -134,11 +136,24 @@ def check_input_devices(model: torch.nn.Module, args: Iterable[Any], kwargs: dic
     items = [(f"input #{i}", a) for i, a in enumerate(args)] + [(f"input {k!r}", a) for k, a in kwargs.items()]
     for name, a in items:
         for t in pytree.tree_leaves(a):
-            if isinstance(t, torch.Tensor) and t.device != device and device.type != "meta":
-                raise ValueError(
-                    f"{name} is on {t.device} but the model's parameters are on {device}; "
-                    f"move the inputs with .to({str(device)!r}) (or the model with model.to(...)) first"
-                )
+            if not isinstance(t, torch.Tensor) or t.device == device:
+                continue
+            if allow_meta and "meta" in (t.device.type, device.type):
+                continue
+            raise ValueError(
+                f"{name} is on {t.device} but the model's parameters are on {device}; "
+                f"move the inputs with .to({str(device)!r}) (or the model with model.to(...)) first"
+            )
+
+
+def target_device_type(target: str) -> str:
+    """``"cpu"`` or ``"cuda"``: the device type of a device profile named ``target``
+    (its ``device_type``; for a name that is not a shipped profile, "cpu*" means CPU)."""
+    from .device import available_targets, load_device_profile
+
+    if target.lower() in available_targets():
+        return getattr(load_device_profile(target), "device_type", "cuda")
+    return "cpu" if target.lower().startswith("cpu") else "cuda"
 
 
 def graph_device_type(gm: fx.GraphModule) -> str:

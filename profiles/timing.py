@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from . import rng_ops  # noqa: F401  (the planner_rng ops)
 from .capture import JointGraph
 
-__all__ = ["run_nodes", "synthetic_temps"]
+__all__ = ["run_nodes", "synthetic_cpu_temps"]
 
 
 def _materialize(val: Any, device: torch.device) -> Any:
@@ -137,22 +137,18 @@ def run_nodes(joint: JointGraph, *, measure_time: bool = True, measure_temps: bo
     return {name: (times.get(name, 0.0), temps.get(name, 0)) for name in names}
 
 
-def synthetic_temps(joint: JointGraph, device: torch.device | str = "cpu") -> dict[str, int]:
-    """Temporary bytes per call_function node, measured on synthetic inputs of the
-    nodes' layouts (CPU only; needs no real tensors, e.g. for a graph compiled at new
-    shapes). The RNG state is restored."""
-    device = torch.device(device)
-    if device.type != "cpu":
-        raise ValueError(f"synthetic_temps measures on CPU only, not {device}")
+def synthetic_cpu_temps(joint: JointGraph) -> dict[str, int]:
+    """``{node name: temporary bytes}`` measured on the CPU on synthetic inputs only,
+    one op at a time (no captured values needed: used for meta-device models)."""
     rng = torch.get_rng_state()
     try:
         with torch.no_grad():
-            return _cpu_temps(joint, device, lambda n, call: _marked(n, call))
+            return _cpu_temps(joint, torch.device("cpu"), _marked)
     finally:
         torch.set_rng_state(rng)
 
 
-def _marked(n, call):
+def _marked(n: fx.Node, call):
     with torch.profiler.record_function(f"planner_node::{n.name}"):
         return call()
 

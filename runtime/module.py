@@ -41,6 +41,7 @@ from profiles.signature import (
     graph_device_type,
     parameter_mismatch,
     structure_fingerprint,
+    target_device_type,
 )
 
 __all__ = ["PlannedModule", "PlanMismatch", "ShapeWarning", "BudgetWarning", "apply"]
@@ -67,7 +68,7 @@ def _boxed_compiler(gm, example_inputs):
 
 
 def _device_kind(target: str) -> str:
-    return "cpu" if target.lower().startswith("cpu") else "cuda"
+    return target_device_type(target)
 
 
 def _key(inputs: list) -> str:
@@ -168,7 +169,7 @@ class PlannedModule(nn.Module):
         from planner.simulate import simulate
         from profiles.capture import JointGraph
         from profiles.graph_profile import profile_graph
-        from profiles.timing import synthetic_temps
+        from profiles.timing import synthetic_cpu_temps
 
         jg = JointGraph(gm=joint, num_fwd_outputs=num_fwd_outputs, primal_roles=[], primal_names=[], dropout=self.plan.dropout)
         gp = profile_graph(jg, measure_temps=False)  # times do not matter for the peak
@@ -177,7 +178,7 @@ class PlannedModule(nn.Module):
             # op temporaries, on synthetic inputs of the new sizes (not under the
             # caller's profiler: a nested session would end it)
             with real_tensors():
-                temps = synthetic_temps(jg)
+                temps = synthetic_cpu_temps(jg)
             for name, temp in temps.items():
                 gp.nodes[name] = dataclasses.replace(gp.nodes[name], temp_bytes=temp)
         granularity = 512 if device == "cuda" else 1
@@ -208,7 +209,7 @@ class PlannedModule(nn.Module):
     def forward(self, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled()):
             return self.module(*args, **kwargs)
-        check_input_devices(self.module, args, kwargs)
+        check_input_devices(self.module, args, kwargs, allow_meta=False)
         self._call_key = _key(describe_inputs(args, kwargs))
         for attempt in range(2):
             try:
@@ -219,6 +220,11 @@ class PlannedModule(nn.Module):
                     self._replan(args, kwargs)
                     continue
                 if isinstance(inner, PlanMismatch):
+                    if any(t.is_meta for t in self.module.parameters()):
+                        raise PlanMismatch(
+                            f"{inner} - the model is on the meta device, which cannot run a training step: build it "
+                            "for real on the target device (or model.to_empty(device=...) and load its weights) first"
+                        ) from e
                     raise PlanMismatch(str(inner)) from e
                 if graph_break_info(e) is not None:  # e.g. new shapes that take an untraceable path
                     raise explain_capture_failure(self.module, args, kwargs, e) from e

@@ -1,0 +1,75 @@
+"""The ILP's linear memory model and its two formulations, against the exact simulator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import planner.ilp as ilp
+from helpers import ResidualNet, tiny_gpt2
+from planner.api import _lowest, _search_ilp
+from planner.problem import build_problem
+from planner.sqrt import solve_sqrt
+from profiles import capture, profile_graph
+
+
+def _problem(case: str):
+    torch.manual_seed(0)
+    if case == "residual":  # BatchNorm (a multi-output op whose running statistics are outputs), dropout
+        model, inputs = ResidualNet(d=32, blocks=3, hidden=64), {"x": torch.randn(64, 32), "target": torch.randint(0, 8, (64,))}
+    else:
+        ids = torch.randint(0, 128, (4, 64))
+        model, inputs = tiny_gpt2(layers=2, d=64, heads=4, vocab=128, positions=64), {"input_ids": ids, "labels": ids}
+    gp = profile_graph(capture(model, inputs), measure_temps=False)
+    return build_problem(gp)
+
+
+@pytest.fixture(scope="module", params=["residual", "gpt2"])
+def prob(request):
+    return _problem(request.param)
+
+
+def test_linear_model_of_the_no_recompute_step_is_close_to_exact(prob):
+    """With nothing recomputed the live intervals are known exactly; the linear
+    model must then agree with the simulator (it once held every BatchNorm output
+    for the whole step, 40% over)."""
+    ev = prob.evaluate(frozenset())
+    model = prob.model_peak_of(ev)
+    assert abs(model - ev.sim.peak_bytes) <= 0.03 * ev.sim.peak_bytes, (model, ev.sim.peak_bytes)
+
+
+def test_dense_and_chained_memory_rows_give_the_same_optimum(prob, monkeypatch):
+    """Small graphs use dense rows added lazily, big ones the sparse chained rows:
+    the same model, so the same optimum (up to the solver's relative gap)."""
+    prob.reset_intervals()
+    base = prob.evaluate(frozenset()).sim.peak_bytes
+    low = ilp.solve_ilp(prob, None, minimize_memory=True).model_peak
+    budget = (low + base) / 2  # between the model's minimum and no recomputation
+    dense = ilp.solve_ilp(prob, budget)
+    monkeypatch.setattr(ilp, "_DENSE_LIMIT", 0)
+    chained = ilp.solve_ilp(prob, budget)
+    assert dense.recompute is not None and chained.recompute is not None
+    assert chained.num_rows > dense.num_rows  # really the other formulation
+    for res in (dense, chained):
+        assert res.model_peak <= budget * (1 + 1e-6)
+    assert chained.objective == pytest.approx(dense.objective, rel=2 * ilp._GAP, abs=1e-9)
+
+
+def test_search_returns_a_plan_that_fits_and_is_no_costlier_than_sqrt(prob):
+    """Between the lowest peak the planner finds and the no-recompute peak, the ILP
+    search finds a plan within the budget, no costlier than sqrt(L)'s there."""
+    prob.reset_intervals()
+    base = prob.evaluate(frozenset()).sim.peak_bytes
+    lowest, _ = _lowest(prob, 30.0)
+    low = lowest.sim.peak_bytes
+    assert low < base
+    for frac in (0.6, 0.3):
+        budget = int(low + frac * (base - low))
+        prob.reset_intervals()
+        sq = solve_sqrt(prob, budget).evaluation
+        found = _search_ilp(prob, budget, 30.0, start=sq if sq is not None else lowest)
+        assert found is not None, f"no ILP plan at {budget} bytes (lowest {low}, no recompute {base})"
+        ev, info = found
+        assert ev.sim.peak_bytes <= budget
+        if sq is not None:
+            assert ev.cost_s <= sq.cost_s * (1 + 1e-9)
