@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import sys
@@ -15,6 +16,7 @@ from profiles.device import load_device_profile
 from profiles.graph_profile import GraphProfile, profile_graph
 from profiles.signature import check_input_devices, describe_inputs, parameter_signature
 
+from .distributed import Distributed, account, engine_bytes
 from .ilp import solve_ilp
 from .plan_type import GiB, NodeDecision, Plan, SolverInfo
 from .problem import Evaluation, Problem, build_problem
@@ -87,6 +89,9 @@ def plan(
     time_limit_s: float = 60.0,
     measure_time: bool = False,
     progress: bool = False,
+    world_size: int = 1,
+    sharding: str = "none",
+    optimizer: str = "none",
 ) -> Plan:
     """Plan activation checkpointing for one training step of ``model``.
 
@@ -97,9 +102,17 @@ def plan(
     keyword arguments (default: ``model.example_input_array``). ``solver`` is
     ``"ilp"``, ``"sqrt"`` or ``"auto"`` (the cheaper of both; ``"ilp"`` falls back to
     sqrt(L)'s plan only when the ILP finds none).
+    With ``world_size``/``sharding`` (``"ddp"``, ``"fsdp"``) the budget is per rank and
+    also holds what the engine keeps on one rank; ``optimizer="adamw"`` adds AdamW's
+    state, so the budget can be the device's whole memory (see :mod:`planner.distributed`).
     Raises :class:`BudgetTooSmall` when no plan fits.
     """
     budget_bytes = check_budget(budget_gb)
+    dist_cfg = Distributed(world_size=world_size, sharding=sharding, optimizer=optimizer)
+    engine = engine_bytes(model, dist_cfg)
+    if dist_cfg.active:
+        return _plan_per_rank(model, budget_bytes, example_inputs, dist_cfg, engine, solver=solver, target=target,
+                              time_limit_s=time_limit_s, measure_time=measure_time, progress=progress)
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
     if not isinstance(time_limit_s, numbers.Real) or not time_limit_s > 0:
@@ -122,23 +135,38 @@ def plan(
         "parameters": parameter_signature(model),
     }
 
-    def attempt(joint):
+    def attempt(joint) -> tuple[Plan, float]:
+        """The plan for ``joint``, and its cost: recompute time, plus in RNG-replay
+        mode the extra mask draw each dropout makes in forward."""
         _log(progress, f"profiling (dropout: {joint.dropout})")
         gp = profile_graph(joint, target=target, measure_time=measure_time)
-        return plan_profile(gp, budget_bytes, solver=solver, time_limit_s=time_limit_s, model_info=model_info, progress=progress)
+        p = plan_profile(gp, budget_bytes, solver=solver, time_limit_s=time_limit_s, model_info=model_info, progress=progress)
+        extra = sum(ni.time_s for ni in gp.nodes.values() if "replay_dropout_mask" in ni.op and ni.phase == "forward")
+        return p, p.recompute_time_s + extra
 
     try:
-        return attempt(captured)
-    except BudgetTooSmall as first:
-        if captured.num_dropouts == 0:
-            raise
-        # Keeping dropout masks costs a byte per element; regenerating them in
-        # backward from the RNG state costs only time. Try that before giving up.
         try:
-            _log(progress, "budget too small while keeping dropout masks; trying RNG replay")
-            return attempt(with_dropout(captured, "replay"))
-        except BudgetTooSmall as second:
-            raise BudgetTooSmall(budget_bytes, min(first.min_budget_bytes, second.min_budget_bytes)) from None
+            first, first_cost = attempt(captured)
+        except BudgetTooSmall as too_small:
+            if captured.num_dropouts == 0:
+                raise
+            # Keeping dropout masks costs a byte per element; regenerating them in
+            # backward from the RNG state costs only time. Try that before giving up.
+            try:
+                _log(progress, "budget too small while keeping dropout masks; trying RNG replay")
+                return attempt(with_dropout(captured, "replay"))[0]
+            except BudgetTooSmall as second:
+                raise BudgetTooSmall(budget_bytes, min(too_small.min_budget_bytes, second.min_budget_bytes)) from None
+        if captured.num_dropouts == 0 or first.recompute_time_s == 0:
+            return first
+        # A plan that recomputes may be cheaper when masks need not be kept: plan
+        # that way too and keep the cheaper.
+        _log(progress, "trying RNG replay of dropout masks, to compare")
+        try:
+            second, second_cost = attempt(with_dropout(captured, "replay"))
+        except BudgetTooSmall:
+            return first
+        return second if second_cost < first_cost else first
     finally:
         captured.drop_tensors()
 

@@ -308,8 +308,9 @@ def _plan(model, budget_gb: float, inputs, a, target: str | None, out: _Out):
     import planner
 
     try:
+        per_rank = {k: getattr(a, k) for k in ("world_size", "sharding", "optimizer") if hasattr(a, k)}  # plan only
         return planner.plan(model, budget_gb, inputs, solver=a.solver, target=target, time_limit_s=a.time_limit,
-                            measure_time=a.measure_time, progress=out.progress)
+                            measure_time=a.measure_time, progress=out.progress, **per_rank)
     except planner.BudgetTooSmall as e:
         raise CliError(f"{e} (--budget-gb {math.ceil(e.min_budget_bytes / 2**30 * 1e4) / 1e4:.4f} works)") from None
     except Exception as e:
@@ -455,6 +456,9 @@ def _parser() -> argparse.ArgumentParser:
     model_options(p)
     p.add_argument("--budget-gb", required=True, metavar="X", help="GiB for one training step (parameters, activations, gradients...)")
     p.add_argument("-o", "--output", metavar="PATH", help="write the plan here (default: stdout)")
+    p.add_argument("--world-size", type=int, default=1, metavar="N", help="data-parallel processes; the budget is then per rank")
+    p.add_argument("--sharding", choices=["none", "ddp", "fsdp"], default="none", help="engine holding the model on each rank")
+    p.add_argument("--optimizer", choices=["none", "adamw"], default="none", help="count this optimizer's state in the budget")
     quiet(p)
     p.set_defaults(run=_cmd_plan)
 

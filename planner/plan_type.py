@@ -103,6 +103,11 @@ class Plan:
     timeline: tuple[tuple[str, str, int], ...] = ()
     #: The same for the step without recomputation.
     baseline_timeline: tuple[tuple[str, str, int], ...] = ()
+    #: Empty for one process. Otherwise what ``plan(..., world_size=, sharding=, optimizer=)``
+    #: was told (``world_size``, ``sharding``, ``optimizer``) and the bytes one rank holds
+    #: beyond the model's step (``forward_bytes``, ``backward_bytes``, ``end_bytes``,
+    #: ``optimizer_bytes``); the peaks and timelines above are then per rank and include them.
+    distributed: dict = field(default_factory=dict)
 
     # -- derived -----------------------------------------------------------
     @property
@@ -129,6 +134,8 @@ class Plan:
         d["nodes"] = [asdict(n) for n in self.nodes]
         d["timeline"] = [list(p) for p in self.timeline]
         d["baseline_timeline"] = [list(p) for p in self.baseline_timeline]
+        if not d["distributed"]:
+            del d["distributed"]  # one process: the JSON plans had before this field
         return d
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 1) -> str:
@@ -231,7 +238,13 @@ class Plan:
             f"recompute {self.recompute_flops / 1e9:.3f} GFLOP = {100 * self.overhead:.1f}% of the step's "
             f"{self.total_flops / 1e9:.3f} GFLOP; {len(self.recomputed)} values recomputed, {len(self.saved)} saved\n"
             f"solver {self.solver.name}: {self.solver.status} in {self.solver.seconds:.2f} s"
+            + (self._per_rank_note() if self.distributed else "")
         )
+
+    def _per_rank_note(self) -> str:
+        d = self.distributed
+        return (f"\nper rank of {d['world_size']} ({d['sharding']}, optimizer {d['optimizer']}): engine and optimizer add "
+                f"{d['forward_bytes'] / GiB:.3f} GiB in forward, {d['backward_bytes'] / GiB:.3f} GiB in backward")
 
     def by_module(self, depth: int | None = None) -> list[dict]:
         """Per module (path cut to ``depth`` parts): bytes saved and recomputed, FLOPs recomputed."""

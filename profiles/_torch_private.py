@@ -46,6 +46,7 @@ __all__ = [
     "real_tensors",
     "profiler_active",
     "fake_tensor_mode",
+    "no_ddp_graph_split",
 ]
 
 
@@ -173,3 +174,15 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         graph.output(value, type_expr=getattr(old_output, "type", None)).meta = copy.copy(old_output.meta)
     graph.set_codegen(gm.graph._codegen)
     return torch.fx.GraphModule(gm, graph)
+
+
+def no_ddp_graph_split():
+    """Context in which dynamo compiles a module running inside DDP's forward as one
+    graph. By default (``optimize_ddp=True``) dynamo's DDPOptimizer splits the graph
+    at DDP's gradient-bucket boundaries and compiles each piece with our backend, so
+    the partition hook would see pieces of the joint graph, not the one the plan was
+    made for (PlanMismatch, or an assertion inside DDPOptimizer). With
+    ``"no_optimization"`` DDP's C++ reducer all-reduces the gradients after the
+    compiled backward (no communication/computation overlap). Read when a frame is
+    compiled, so it only has to be active around the compiled call."""
+    return torch._dynamo.config.patch(optimize_ddp=False)

@@ -29,6 +29,7 @@ from profiles._torch_private import (
     backend_error_cause,
     graph_break_info,
     make_boxed,
+    no_ddp_graph_split,
     profiler_active,
     real_tensors,
 )
@@ -43,6 +44,8 @@ from profiles.signature import (
     structure_fingerprint,
     target_device_type,
 )
+
+from .distributed import check_wrapping
 
 __all__ = ["PlannedModule", "PlanMismatch", "ShapeWarning", "BudgetWarning", "apply"]
 
@@ -86,6 +89,7 @@ class PlannedModule(nn.Module):
         super().__init__()
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be a planner.Plan, not {type(plan).__name__}")
+        check_wrapping(model)
         plan.check()  # a Plan built or edited in code gets the checks from_json makes
         why = parameter_mismatch(model, plan.model.get("parameters"))
         if why:
@@ -213,7 +217,8 @@ class PlannedModule(nn.Module):
         self._call_key = _key(describe_inputs(args, kwargs))
         for attempt in range(2):
             try:
-                return self._compiled(*args, **kwargs)
+                with no_ddp_graph_split():  # one graph even inside DistributedDataParallel's forward
+                    return self._compiled(*args, **kwargs)
             except Exception as e:
                 inner = backend_error_cause(e)
                 if isinstance(inner, _Replan) and attempt == 0:

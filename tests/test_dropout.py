@@ -82,3 +82,25 @@ def test_with_dropout_equals_capturing_again():
     assert graph_fingerprint(first.gm, n) != graph_fingerprint(again.gm, n)
     # the derived graph is a copy: the mask-mode graph is untouched
     assert graph_fingerprint(with_dropout(derived, "mask").gm, n) == graph_fingerprint(first.gm, n)
+
+
+def test_plan_keeps_the_cheaper_dropout_treatment(gpt2):
+    """When the plan recomputes, plan() plans with kept masks and with RNG replay and
+    returns the cheaper: recompute time, plus replay's extra mask draw per dropout in
+    forward."""
+    from profiles.capture import with_dropout
+
+    model, inputs, eager = gpt2
+    budget = int(0.6 * eager)
+    joint = capture(model, inputs, dropout="mask")
+    costs = {}
+    for mode, j in (("mask", joint), ("replay", with_dropout(joint, "replay"))):
+        gp = profile_graph(j)
+        p = plan_profile(gp, budget)
+        extra = sum(n.time_s for n in gp.nodes.values() if "replay_dropout_mask" in n.op and n.phase == "forward")
+        costs[mode] = (p.recompute_time_s + extra, p.recomputed)
+    assert costs["mask"][1], "the budget must need recomputation for this test to mean anything"
+    want = min(costs, key=lambda m: costs[m][0])
+    got = planner.plan(model, budget / planner.GiB, inputs)
+    assert got.dropout == want
+    assert set(got.recomputed) == set(costs[want][1])
