@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from profiles.capture import capture, normalize_inputs, with_dropout
+from profiles.device import load_device_profile
 from profiles.graph_profile import GraphProfile, profile_graph
+from profiles.signature import check_input_devices, describe_inputs, parameter_signature
 
 from .distributed import Distributed, account, engine_bytes
 from .ilp import solve_ilp
@@ -116,6 +118,8 @@ def plan(
     if not isinstance(time_limit_s, numbers.Real) or not time_limit_s > 0:
         raise ValueError(f"time_limit_s must be a positive number of seconds, not {time_limit_s!r}")
     args, kwargs = normalize_inputs(model, example_inputs)
+    check_target(model, target)
+    check_input_devices(model, args, kwargs, allow_meta=True)
     inputs = kwargs if kwargs else args
 
     t0 = time.perf_counter()
@@ -126,6 +130,9 @@ def plan(
         "fingerprint": captured.fingerprint,
         "class": type(model).__name__,
         "inputs": _describe_inputs(args, kwargs),
+        "structure": captured.structure,
+        "graph": captured.node_digests,
+        "parameters": parameter_signature(model),
     }
 
     def attempt(joint) -> tuple[Plan, float]:
@@ -189,15 +196,26 @@ def _plan_per_rank(model, budget_bytes: int, example_inputs, cfg: Distributed, e
     return p
 
 
-def _describe_inputs(args, kwargs) -> list:
-    out = []
-    items = [(str(i), a) for i, a in enumerate(args)] + list(kwargs.items())
-    for name, a in items:
-        if isinstance(a, torch.Tensor):
-            out.append([name, list(a.shape), str(a.dtype).replace("torch.", "")])
-        else:
-            out.append([name, None, type(a).__name__])
-    return out
+_describe_inputs = describe_inputs
+
+
+def check_target(model: torch.nn.Module, target: str | None) -> None:
+    """``ValueError`` when ``target`` names a device profile of another kind (CPU or
+    GPU) than the device the model is on: its budget margins and allocator model
+    would not describe the device that runs the step."""
+    if target is None:
+        return
+    param = next(iter(model.parameters()), None)
+    if param is None or param.device.type == "meta":
+        return
+    profile = load_device_profile(target)
+    kind = profile.device_type
+    if param.device.type != kind:
+        raise ValueError(
+            f"target {profile.name!r} is a {'CPU' if kind == 'cpu' else 'GPU'} profile but the model is on "
+            f"{param.device}; move the model to the device it will train on (model.to(...)), "
+            "or leave target out to use the model's device"
+        )
 
 
 def _granularity(gp: GraphProfile) -> int:
@@ -389,6 +407,7 @@ def _make_plan(prob: Problem, ev: Evaluation, baseline: Evaluation, budget: int,
                 time_s=ni.time_s,
                 decision=decision,
                 reason=reason,
+                inputs=tuple(prob.fwd_inputs[name]),
             )
         )
     total_flops = sum(n.flops for n in info.values() if n.phase in ("forward", "backward"))

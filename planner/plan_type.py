@@ -12,9 +12,12 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["Plan", "NodeDecision", "SolverInfo", "SCHEMA_VERSION", "GiB"]
+__all__ = ["Plan", "NodeDecision", "SolverInfo", "SCHEMA_VERSION", "READABLE_VERSIONS", "GiB"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions ``from_dict`` reads: 1 lacks ``NodeDecision.inputs`` (its consistency
+#: check is then skipped) and the ``model`` entries used to name mismatches.
+READABLE_VERSIONS = (1, 2)
 GiB = 2**30
 
 
@@ -38,6 +41,9 @@ class NodeDecision:
     decision: str
     #: Why, in a few words (e.g. "random op: never recomputed").
     reason: str = ""
+    #: Names of the forward values it is computed from (parameters and inputs not
+    #: listed): a recomputed value's inputs must each be saved or recomputed.
+    inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +68,9 @@ class Plan:
 
     #: Version of this structure's JSON form.
     schema_version: int = SCHEMA_VERSION
-    #: Model identity: ``fingerprint`` (hash of the captured graph), ``class`` and ``inputs``.
+    #: Model identity: ``fingerprint`` (hash of the captured graph), ``class``, ``inputs``,
+    #: and to name mismatches ``structure`` (the fingerprint without shapes),
+    #: ``graph`` (a digest per joint-graph node) and ``parameters``.
     model: dict = field(default_factory=dict)
     #: Device profile the costs refer to (``"cpu"``, ``"h100"``, ...).
     target: str = "cpu"
@@ -139,26 +147,72 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
+        """Read a plan from its JSON form; ``ValueError`` naming the problem when the
+        data is not a consistent plan of a version this planner reads."""
         if not isinstance(d, dict) or "schema_version" not in d:
             raise ValueError("not a plan: the JSON has no 'schema_version' (was it written by Plan.to_json?)")
-        if d["schema_version"] != SCHEMA_VERSION:
+        if d["schema_version"] not in READABLE_VERSIONS:
             raise ValueError(
-                f"plan schema version {d['schema_version']} is not supported (this planner reads "
-                f"version {SCHEMA_VERSION}); re-plan the model with this version"
+                f"plan schema version {d['schema_version']!r} is not supported (this planner reads "
+                f"versions {', '.join(map(str, READABLE_VERSIONS))}); re-plan the model with this version"
             )
         try:
             d = dict(d)
             d["solver"] = SolverInfo(**d["solver"])
-            d["nodes"] = tuple(NodeDecision(**n) for n in d["nodes"])
+            nodes = []
+            for n in d["nodes"]:
+                n = dict(n)
+                if "inputs" in n:
+                    if not isinstance(n["inputs"], (list, tuple)) or not all(isinstance(a, str) for a in n["inputs"]):
+                        raise ValueError(f"node {n.get('name')!r}: 'inputs' must be a list of node names, not {n['inputs']!r}")
+                    n["inputs"] = tuple(n["inputs"])
+                nodes.append(NodeDecision(**n))
+            d["nodes"] = tuple(nodes)
             for key in ("timeline", "baseline_timeline"):
                 d[key] = tuple(tuple(p) for p in d.get(key, ()))
+            d["schema_version"] = SCHEMA_VERSION  # read as the current version
             plan = cls(**d)
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"malformed plan JSON: {e}") from e
-        for n in plan.nodes:
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"malformed plan JSON: {type(e).__name__}: {e}") from e
+        plan.check()
+        return plan
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistency: a field of the wrong
+        type or sign, an unknown decision, a duplicate node, or a recomputed value
+        whose inputs are neither saved nor recomputed. (A budget below the predicted
+        peak is allowed: ``planner verify`` checks such edits against a real step.)"""
+        bad = "the plan is inconsistent (edited by hand?): "
+        for key in ("budget_bytes", "predicted_peak_bytes", "baseline_peak_bytes", "static_bytes", "recompute_flops", "total_flops"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{bad}{key} must be a non-negative integer, not {v!r}")
+        if self.budget_bytes == 0:
+            raise ValueError(f"{bad}budget_bytes is 0")
+        if self.dropout not in ("mask", "replay"):
+            raise ValueError(f"{bad}dropout is {self.dropout!r}; expected 'mask' or 'replay'")
+        if not isinstance(self.model, dict) or not isinstance(self.model.get("fingerprint", ""), str):
+            raise ValueError(f"{bad}'model' must be an object with a string 'fingerprint'")
+        decided: dict[str, str] = {}
+        for n in self.nodes:
+            if not isinstance(n.name, str) or not n.name:
+                raise ValueError(f"{bad}a node has name {n.name!r}")
             if n.decision not in ("save", "recompute"):
                 raise ValueError(f"node {n.name!r} has decision {n.decision!r}; expected 'save' or 'recompute'")
-        return plan
+            if n.name in decided:
+                raise ValueError(f"{bad}node {n.name!r} appears twice")
+            if isinstance(n.bytes, bool) or not isinstance(n.bytes, int) or n.bytes < 0:
+                raise ValueError(f"{bad}node {n.name!r} has bytes {n.bytes!r}")
+            decided[n.name] = n.decision
+        for n in self.nodes:
+            if n.decision != "recompute":
+                continue
+            for a in n.inputs:
+                if a not in decided:
+                    raise ValueError(
+                        f"{bad}node {n.name!r} is recomputed but its input {a!r} is neither saved nor recomputed, "
+                        "so backward could not rebuild it as planned; re-plan, or restore the edited decisions"
+                    )
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> "Plan":

@@ -5,6 +5,7 @@ a device you don't have, and :func:`measure_peak` for measuring real peaks.
 """
 
 from .capture import CaptureError, JointGraph, capture, graph_fingerprint, normalize_inputs
+from .capture_errors import GraphBreak, InputsRejected
 from .device import DeviceProfile, available_targets, load_device_profile
 from .graph_profile import GraphProfile, NodeInfo, profile_graph
 from .memory import measure_peak, storage_bytes
@@ -12,6 +13,8 @@ from .memory import measure_peak, storage_bytes
 __all__ = [
     "capture",
     "CaptureError",
+    "GraphBreak",
+    "InputsRejected",
     "JointGraph",
     "graph_fingerprint",
     "normalize_inputs",

@@ -42,6 +42,9 @@ __all__ = [
     "allow_recompiles",
     "keep_random_ops",
     "backend_error_cause",
+    "graph_break_info",
+    "real_tensors",
+    "profiler_active",
     "fake_tensor_mode",
     "no_ddp_graph_split",
 ]
@@ -112,6 +115,50 @@ def backend_error_cause(exc: BaseException) -> BaseException | None:
             return getattr(seen, "inner_exception", None) or seen.__cause__
         seen = seen.__cause__
     return None
+
+
+def graph_break_info(exc: BaseException) -> dict | None:
+    """Where and why dynamo stopped tracing, when ``exc`` (or its cause) is a graph
+    break under ``fullgraph=True``: ``{"file", "line", "function", "code", "reason",
+    "hints"}``; ``None`` for other errors. Private: dynamo's ``Unsupported`` and its
+    ``real_stack`` of user frames are the only place the break's location is kept."""
+    from torch._dynamo.exc import Unsupported
+
+    seen = exc
+    while seen is not None and not isinstance(seen, Unsupported):
+        seen = seen.__cause__
+    if seen is None:
+        return None
+    stack = list(getattr(seen, "real_stack", None) or [])
+    frame = stack[-1] if stack else None
+    text = str(seen)
+    hints = [line.strip()[len("Hint:"):].strip() for line in text.splitlines() if line.strip().startswith("Hint:")]
+    reason = getattr(seen, "gb_type", None) or (text.splitlines()[0] if text else type(seen).__name__)
+    explanation = next((line.strip()[len("Explanation:"):].strip() for line in text.splitlines() if line.strip().startswith("Explanation:")), "")
+    return {
+        "file": getattr(frame, "filename", None),
+        "line": getattr(frame, "lineno", None),
+        "function": getattr(frame, "name", None),
+        "code": (getattr(frame, "line", "") or "").strip(),
+        "reason": reason,
+        "explanation": explanation,
+        "hints": hints,
+    }
+
+
+def real_tensors():
+    """Context in which new tensors are real even inside a compiler callback.
+    Private: AOTAutograd calls the partitioner under its FakeTensorMode, and
+    ``unset_fake_temporarily`` is the only way out of it."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
+
+
+def profiler_active() -> bool:
+    """Whether a ``torch.profiler``/autograd profiler session is running: a nested
+    session would end the caller's. Private: the only query torch offers."""
+    return bool(torch._C._autograd._profiler_enabled())
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

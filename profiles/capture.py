@@ -15,8 +15,9 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from ._torch_private import aot_autograd, allow_recompiles, backend_error_cause, copy_graph_module
+from ._torch_private import aot_autograd, allow_recompiles, copy_graph_module
 from .dropout_pass import rewrite_dropout
+from .signature import check_input_devices, node_digests, structure_fingerprint
 from .meta import capture_meta, uses_meta
 
 __all__ = ["JointGraph", "capture", "normalize_inputs", "graph_fingerprint", "prepare_joint", "mutated_primals", "CaptureError", "with_dropout"]
@@ -45,6 +46,9 @@ class JointGraph:
     #: The real tensors the forward was called with (cleared by ``drop_tensors``).
     primal_values: list[Any] = field(default_factory=list, repr=False)
     fingerprint: str = ""
+    #: The fingerprint without shapes, and a digest per node (``profiles.signature``).
+    structure: str = ""
+    node_digests: list[str] = field(default_factory=list, repr=False)
     #: How dropout was rewritten ("mask" or "replay"), and how many ops.
     dropout: str = "mask"
     num_dropouts: int = 0
@@ -148,6 +152,7 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
     args, kwargs = normalize_inputs(model, example_inputs)
     if uses_meta(model, args, kwargs):
         return capture_meta(model, args, kwargs, capture, dropout=dropout)
+    check_input_devices(model, args, kwargs, allow_meta=True)
     allow_recompiles()
     recorded: dict[str, Any] = {}
 
@@ -176,14 +181,11 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
     try:
         with torch.enable_grad():
             compiled(*args, **kwargs)
-    except Exception as e:  # torch.compile wraps every failure; say which step failed
-        inner = backend_error_cause(e)
-        raise CaptureError(
-            f"could not capture {type(model).__name__} as one forward+backward graph: "
-            f"{type(inner or e).__name__}: {str(inner or e).splitlines()[0] if str(inner or e) else ''}. "
-            "Check that the model runs eagerly on these inputs and that torch.compile("
-            "model, fullgraph=True) accepts it (no graph breaks)."
-        ) from e
+    except Exception as e:  # torch.compile wraps every failure; say which step failed and why
+        from .capture_errors import explain_capture_failure
+
+        err = explain_capture_failure(model, args, kwargs, e)
+        raise err from (getattr(err, "error", None) or e)
     finally:
         model.train(was_training)
         _set_rng_state(rng)
@@ -216,6 +218,8 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
         primal_values=primals,
     )
     jg.fingerprint = graph_fingerprint(gm, jg.num_fwd_outputs)
+    jg.structure = structure_fingerprint(gm, jg.num_fwd_outputs)
+    jg.node_digests = node_digests(gm)
     jg.raw_gm = copy_graph_module(gm)
     jg.dropout = dropout
     jg.num_dropouts = prepare_joint(gm, dropout=dropout, num_fwd_outputs=jg.num_fwd_outputs)
@@ -236,6 +240,8 @@ def with_dropout(joint: JointGraph, dropout: str) -> JointGraph:
         primal_names=list(joint.primal_names),
         primal_values=list(joint.primal_values),
         fingerprint=joint.fingerprint,
+        structure=joint.structure,
+        node_digests=list(joint.node_digests),
         dropout=dropout,
         raw_gm=joint.raw_gm,
         fake=joint.fake,

@@ -1,5 +1,5 @@
 """Apply a plan: ``apply(model, plan)`` returns a module that trains within the budget."""
 
-from .module import PlanMismatch, PlannedModule, apply
+from .module import BudgetWarning, PlanMismatch, PlannedModule, ShapeWarning, apply
 
-__all__ = ["apply", "PlannedModule", "PlanMismatch"]
+__all__ = ["apply", "PlannedModule", "PlanMismatch", "ShapeWarning", "BudgetWarning"]

@@ -5,56 +5,131 @@ partitioner splits the joint graph by the plan (:func:`planner.partition.split_j
 and runs both graphs with the boxed calling convention so every value, inputs
 included, is freed after its last use. In ``eval()`` mode or under
 ``torch.no_grad()`` it calls the original model directly.
+
+Inputs of other shapes than planned (the last, smaller batch of an epoch) compile
+again: when the graph is the plan's apart from sizes the plan's decisions are
+reused (with a :class:`BudgetWarning` when the re-simulated peak is over the
+budget); otherwise the model is planned again for those shapes at the plan's budget.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
 
 import torch
 from torch import nn
 
 from planner.partition import split_joint
-from planner.plan_type import Plan
-from profiles._torch_private import aot_autograd, allow_recompiles, backend_error_cause, make_boxed, no_ddp_graph_split
+from planner.plan_type import GiB, Plan
+from profiles._torch_private import (
+    aot_autograd,
+    allow_recompiles,
+    backend_error_cause,
+    graph_break_info,
+    make_boxed,
+    no_ddp_graph_split,
+    profiler_active,
+    real_tensors,
+)
 from profiles.capture import graph_fingerprint, prepare_joint
+from profiles.capture_errors import explain_capture_failure
+from profiles.signature import (
+    check_input_devices,
+    describe_inputs,
+    first_difference,
+    graph_device_type,
+    parameter_mismatch,
+    structure_fingerprint,
+    target_device_type,
+)
 
 from .distributed import check_wrapping
 
-__all__ = ["PlannedModule", "PlanMismatch", "apply"]
+__all__ = ["PlannedModule", "PlanMismatch", "ShapeWarning", "BudgetWarning", "apply"]
 
 
 class PlanMismatch(ValueError):
-    """The plan was made for another model or other input shapes."""
+    """The plan was made for another model, another device, or the model changed since."""
+
+
+class ShapeWarning(UserWarning):
+    """Inputs of other shapes than planned change the graph: the model is planned again for them."""
+
+
+class BudgetWarning(ShapeWarning):
+    """Inputs of other shapes than planned are predicted to need more than the plan's budget."""
+
+
+class _Replan(Exception):
+    """Raised inside the compiler when new input shapes change the graph's structure."""
 
 
 def _boxed_compiler(gm, example_inputs):
     return make_boxed(gm)
 
 
+def _device_kind(target: str) -> str:
+    return target_device_type(target)
+
+
+def _key(inputs: list) -> str:
+    return json.dumps(inputs)
+
+
 class PlannedModule(nn.Module):
-    """``model`` trained under ``plan``; shares its parameters and buffers."""
+    """``model`` trained under ``plan``; shares its parameters and buffers.
+
+    ``shapes`` maps each input signature seen in training (JSON of
+    ``[name, shape, dtype]`` per input) to how it runs: ``{"how": "planned" |
+    "reused" | "replanned", "plan": Plan, "predicted_peak_bytes": int}``."""
 
     def __init__(self, model: nn.Module, plan: Plan):
         super().__init__()
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be a planner.Plan, not {type(plan).__name__}")
         check_wrapping(model)
+        plan.check()  # a Plan built or edited in code gets the checks from_json makes
+        why = parameter_mismatch(model, plan.model.get("parameters"))
+        if why:
+            raise PlanMismatch(
+                f"this plan was made for another model ({plan.model.get('class', '?')}): {why}; "
+                "plan again with planner.plan(model, budget_gb, inputs)"
+            )
+        param = next(iter(model.parameters()), None)
+        if param is not None and param.device.type not in ("meta", _device_kind(plan.target)):
+            raise PlanMismatch(
+                f"this plan was made for target {plan.target!r} but the model is on {param.device}; its memory "
+                f"predictions do not hold there: move the model to a {_device_kind(plan.target)} device, or plan "
+                f"again on {param.device} with planner.plan(model, budget_gb, inputs)"
+            )
         self.module = model
         self.plan = plan
-        recompute = frozenset(plan.recomputed)
-        expected = plan.fingerprint
         graphs: list = []
         #: (forward, backward) GraphModules of each compilation, for inspection.
         self.compiled_graphs = graphs
+        self.shapes: dict[str, dict] = {}
+        if plan.model.get("inputs"):
+            self.shapes[_key(plan.model["inputs"])] = {"how": "planned", "plan": plan, "predicted_peak_bytes": plan.predicted_peak_bytes}
+        self._call_key = ""
 
         def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
-            got = graph_fingerprint(joint, num_fwd_outputs)
-            if expected and got != expected:
-                raise PlanMismatch(
-                    f"this plan was made for another model or input shapes (plan fingerprint {expected}, "
-                    f"this model and input {got}); plan again with planner.plan(model, budget_gb, inputs)"
-                )
-            prepare_joint(joint, dropout=plan.dropout, num_fwd_outputs=num_fwd_outputs)
-            fwd, bwd, _ = split_joint(joint, recompute, num_fwd_outputs=num_fwd_outputs)
+            use = self._choose(joint, num_fwd_outputs)
+            prepare_joint(joint, dropout=use.dropout, num_fwd_outputs=num_fwd_outputs)
+            fwd, bwd, _ = split_joint(joint, frozenset(use.recomputed), num_fwd_outputs=num_fwd_outputs)
+            entry = self.shapes.get(self._call_key)
+            if entry is not None and entry["how"] == "reused" and entry["predicted_peak_bytes"] is None:
+                entry["predicted_peak_bytes"] = peak = self._simulated_peak(joint, num_fwd_outputs, fwd, bwd)
+                if peak > use.budget_bytes:
+                    warnings.warn(
+                        f"inputs {self._call_key} differ from the planned {plan.model.get('inputs')}; the plan's "
+                        f"decisions still apply, but the step is predicted to peak at {peak / GiB:.4f} GiB, over the "
+                        f"budget of {use.budget_bytes / GiB:.4f} GiB; plan for these shapes with planner.plan(...) "
+                        "to stay within it",
+                        BudgetWarning,
+                        stacklevel=2,
+                    )
             graphs.append((fwd, bwd))
             return fwd, bwd
 
@@ -63,24 +138,108 @@ class PlannedModule(nn.Module):
         # Not a submodule: the compiled wrapper would list the parameters twice.
         object.__setattr__(self, "_compiled", torch.compile(model, backend=backend, fullgraph=True, dynamic=False))
 
+    # -- which decisions a newly compiled graph gets ------------------------------
+    def _choose(self, joint, num_fwd_outputs: int) -> Plan:
+        plan = self.plan
+        got = graph_fingerprint(joint, num_fwd_outputs)
+        entry = self.shapes.get(self._call_key)
+        if entry is not None and entry["how"] == "replanned":
+            plan = entry["plan"]
+            if got == plan.fingerprint:
+                return plan
+        elif not plan.fingerprint or got == plan.fingerprint:
+            return plan
+        elif entry is not None and entry["how"] == "reused" and structure_fingerprint(joint, num_fwd_outputs) == plan.model.get("structure"):
+            return plan  # compiled again (a guard failed) for shapes already handled
+        planned_inputs = plan.model.get("inputs")
+        if entry is not None or not planned_inputs:
+            # the planned input shapes (or unknown ones): the model itself differs
+            why = first_difference(joint, plan.model.get("graph")) or f"this model and input have fingerprint {got}"
+            raise PlanMismatch(
+                f"this plan was made for another model or input shapes (plan fingerprint {plan.fingerprint}; {why}); "
+                "the model's forward or structure changed since it was planned: plan again with "
+                "planner.plan(model, budget_gb, inputs)"
+            )
+        if plan.model.get("structure") and structure_fingerprint(joint, num_fwd_outputs) == plan.model["structure"]:
+            self.shapes[self._call_key] = {"how": "reused", "plan": plan, "predicted_peak_bytes": None}
+            return plan
+        raise _Replan()
+
+    def _simulated_peak(self, joint, num_fwd_outputs: int, fwd, bwd) -> int:
+        """Peak of the split graphs at the new sizes. Op temporaries are measured on
+        CPU (on synthetic inputs) unless a profiler is running; on a GPU the 6% margin
+        of recomputing plans stands in for them."""
+        from planner.schedule import schedule_of
+        from planner.simulate import simulate
+        from profiles.capture import JointGraph
+        from profiles.graph_profile import profile_graph
+        from profiles.timing import synthetic_cpu_temps
+
+        jg = JointGraph(gm=joint, num_fwd_outputs=num_fwd_outputs, primal_roles=[], primal_names=[], dropout=self.plan.dropout)
+        gp = profile_graph(jg, measure_temps=False)  # times do not matter for the peak
+        device = graph_device_type(joint)
+        if device == "cpu" and not profiler_active():
+            # op temporaries, on synthetic inputs of the new sizes (not under the
+            # caller's profiler: a nested session would end it)
+            with real_tensors():
+                temps = synthetic_cpu_temps(jg)
+            for name, temp in temps.items():
+                gp.nodes[name] = dataclasses.replace(gp.nodes[name], temp_bytes=temp)
+        granularity = 512 if device == "cuda" else 1
+        return simulate(gp, schedule_of(fwd, bwd), granularity=granularity).peak_bytes
+
+    def _replan(self, args, kwargs) -> None:
+        import planner
+
+        if args and kwargs:
+            raise PlanMismatch(
+                f"inputs {self._call_key} change the graph's structure, and a call with both positional and keyword "
+                "arguments cannot be planned again automatically: plan for these shapes with planner.plan(...)"
+            )
+        inputs = kwargs if kwargs else args
+        warnings.warn(
+            f"inputs {self._call_key} change the graph's structure, not only its sizes; planning again for them "
+            f"at the plan's budget of {self.plan.budget_bytes / GiB:.4f} GiB",
+            ShapeWarning,
+            stacklevel=4,
+        )
+        from profiles import available_targets
+
+        # the plan's device profile when it is a shipped one (a profile given by path records only its name)
+        target = self.plan.target if self.plan.target in available_targets() else None
+        new = planner.plan(self.module, self.plan.budget_bytes / GiB, inputs, target=target)
+        self.shapes[self._call_key] = {"how": "replanned", "plan": new, "predicted_peak_bytes": new.predicted_peak_bytes}
+
     def forward(self, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled()):
             return self.module(*args, **kwargs)
-        try:
-            with no_ddp_graph_split():  # one graph even inside DistributedDataParallel's forward
-                return self._compiled(*args, **kwargs)
-        except Exception as e:
-            inner = backend_error_cause(e)
-            if isinstance(inner, PlanMismatch):
-                if any(t.is_meta for t in self.module.parameters()):
-                    raise PlanMismatch(
-                        f"{inner} - the model is on the meta device, which cannot run a training step: build it "
-                        "for real on the target device (or model.to_empty(device=...) and load its weights) first"
-                    ) from e
-                raise PlanMismatch(str(inner)) from e
-            raise
+        check_input_devices(self.module, args, kwargs, allow_meta=False)
+        self._call_key = _key(describe_inputs(args, kwargs))
+        for attempt in range(2):
+            try:
+                with no_ddp_graph_split():  # one graph even inside DistributedDataParallel's forward
+                    return self._compiled(*args, **kwargs)
+            except Exception as e:
+                inner = backend_error_cause(e)
+                if isinstance(inner, _Replan) and attempt == 0:
+                    self._replan(args, kwargs)
+                    continue
+                if isinstance(inner, PlanMismatch):
+                    if any(t.is_meta for t in self.module.parameters()):
+                        raise PlanMismatch(
+                            f"{inner} - the model is on the meta device, which cannot run a training step: build it "
+                            "for real on the target device (or model.to_empty(device=...) and load its weights) first"
+                        ) from e
+                    raise PlanMismatch(str(inner)) from e
+                if graph_break_info(e) is not None:  # e.g. new shapes that take an untraceable path
+                    raise explain_capture_failure(self.module, args, kwargs, e) from e
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 def apply(model: nn.Module, plan: Plan) -> PlannedModule:
-    """Wrap ``model`` so that training steps follow ``plan``."""
+    """Wrap ``model`` so that training steps follow ``plan``.
+
+    Raises :class:`PlanMismatch` when the model's parameters or device differ from
+    the planned model's; a changed forward is refused at the first training call."""
     return PlannedModule(model, plan)

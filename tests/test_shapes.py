@@ -1,0 +1,160 @@
+"""Inputs of other shapes than planned: training stays exact.
+
+Same graph apart from sizes (another batch size, another sequence length): the
+plan's decisions are reused, the step re-simulated, and a BudgetWarning raised
+when that peak is over the budget. A graph whose structure changes with the
+shapes is planned again at the plan's budget (ShapeWarning).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import planner
+import runtime
+from helpers import ResidualNet, assert_same_step, measured_step_peak, run_step, tiny_gpt2
+
+
+def _batch(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(n, 32, generator=g), "target": torch.randint(0, 8, (n,), generator=g)}
+
+
+@pytest.fixture(scope="module")
+def residual():
+    torch.manual_seed(0)
+    model = ResidualNet(d=32, blocks=4, hidden=128)
+    inputs = _batch(256)
+    probe = copy.deepcopy(model)
+    eager = measured_step_peak(probe, probe, inputs)
+    p = planner.plan(model, 0.6 * eager / planner.GiB, inputs)
+    assert p.recomputed
+    return model, inputs, p
+
+
+def _key(inputs) -> str:
+    return json.dumps([[k, list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in inputs.items()])
+
+
+def test_last_smaller_batch_reuses_the_decisions_exactly_and_within_budget(residual):
+    model, _, p = residual
+    small = _batch(100, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within budget: no warning
+        wrapped, planned_model = assert_same_step(model, lambda m: runtime.apply(m, p), small)
+    entry = wrapped.shapes[_key(small)]
+    assert entry["how"] == "reused" and entry["plan"] is p
+    (fwd, bwd), = wrapped.compiled_graphs
+    assert {n.name for n in bwd.graph.nodes} >= set(p.recomputed) - {n.name for n in fwd.graph.nodes}
+    measured = measured_step_peak(wrapped, planned_model, small)
+    assert measured <= p.budget_bytes
+    # re-simulated at the new sizes (without op temporaries): within 5% of what runs
+    assert abs(entry["predicted_peak_bytes"] - measured) <= 0.05 * measured, (entry["predicted_peak_bytes"], measured)
+
+
+def test_larger_batch_warns_when_predicted_over_budget_and_stays_exact(residual):
+    model, _, p = residual
+    big = _batch(512, seed=2)
+    with pytest.warns(runtime.BudgetWarning, match="over the budget"):
+        wrapped, planned_model = assert_same_step(model, lambda m: runtime.apply(m, p), big)
+    entry = wrapped.shapes[_key(big)]
+    assert entry["how"] == "reused" and entry["predicted_peak_bytes"] > p.budget_bytes
+    measured = measured_step_peak(wrapped, planned_model, big)
+    assert abs(entry["predicted_peak_bytes"] - measured) <= 0.05 * measured
+
+
+def test_one_wrapped_module_alternates_shapes_without_recompiling(residual):
+    model, inputs, p = residual
+    eager, planned_model = copy.deepcopy(model), copy.deepcopy(model)
+    wrapped = runtime.apply(planned_model, p)
+    small = _batch(100, seed=3)
+    for step, batch in enumerate([inputs, small, inputs, small]):
+        for m in (eager, planned_model):
+            for q in m.parameters():
+                q.grad = None
+        _, le = run_step(eager, batch, seed=step)
+        _, lp = run_step(wrapped, batch, seed=step)
+        torch.testing.assert_close(lp, le)
+        for (k, a), (_, b) in zip(eager.named_parameters(), planned_model.named_parameters()):
+            if a.grad is not None:
+                torch.testing.assert_close(b.grad, a.grad, msg=k)
+    assert len(wrapped.compiled_graphs) == 2
+    assert {e["how"] for e in wrapped.shapes.values()} == {"planned", "reused"}
+
+
+class ShapeBranch(nn.Module):
+    """Its graph's structure depends on the batch size (a Python branch on a shape)."""
+
+    def __init__(self, d: int = 32, layers: int = 6):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x))
+        if x.shape[0] < 64:  # small batches take another path
+            x = x * torch.sigmoid(x)
+        return x.square().mean()
+
+
+def test_shapes_that_change_the_structure_are_planned_again():
+    torch.manual_seed(0)
+    model = ShapeBranch()
+    x = torch.randn(256, 32)
+    full = planner.plan(model, 1.0, (x,)).baseline_peak_bytes
+    p = planner.plan(model, 0.7 * full / planner.GiB, (x,))
+    small = (torch.randn(40, 32),)
+    with pytest.warns(runtime.ShapeWarning, match="planning again"):
+        wrapped, planned_model = assert_same_step(model, lambda m: runtime.apply(m, p), small)
+    entry = wrapped.shapes[json.dumps([["0", [40, 32], "float32"]])]
+    assert entry["how"] == "replanned"
+    assert entry["plan"].budget_bytes == p.budget_bytes and entry["plan"].fingerprint != p.fingerprint
+    assert measured_step_peak(wrapped, planned_model, small) <= p.budget_bytes
+
+
+def test_gpt2_at_a_shorter_sequence_reuses_the_decisions():
+    torch.manual_seed(0)
+    model = tiny_gpt2(layers=2, d=32, heads=2, vocab=64, positions=64)
+    ids = torch.randint(0, 64, (4, 64))
+    full = planner.plan(model, 1.0, {"input_ids": ids, "labels": ids}).baseline_peak_bytes
+    p = planner.plan(model, 0.8 * full / planner.GiB, {"input_ids": ids, "labels": ids})
+    short = torch.randint(0, 64, (4, 48))
+    inputs = {"input_ids": short, "labels": short}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", runtime.ShapeWarning)
+        wrapped, planned_model = assert_same_step(model, lambda m: runtime.apply(m, p), inputs)
+    (entry,) = [e for e in wrapped.shapes.values() if e["how"] != "planned"]
+    assert entry["how"] == "reused"
+    assert measured_step_peak(wrapped, planned_model, inputs) <= p.budget_bytes
+
+
+class ShapeBreak(nn.Module):
+    """Traceable at the planned batch size; small batches reach a print (a graph break)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.a = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if x.shape[0] < 8:
+            print("tiny batch")
+        return h.square().mean()
+
+
+def test_new_shapes_that_break_the_graph_name_the_line():
+    from profiles import GraphBreak
+
+    torch.manual_seed(0)
+    model = ShapeBreak()
+    p = planner.plan(model, 1.0, (torch.randn(32, 16),))
+    wrapped = runtime.apply(model, p)
+    with pytest.raises(GraphBreak, match=r"test_shapes.py:\d+ in forward \(`print\(\"tiny batch\"\)`\)"):
+        run_step(wrapped, (torch.randn(4, 16),))
+    assert all(q.grad is None for q in model.parameters())
