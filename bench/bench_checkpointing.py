@@ -21,7 +21,7 @@ the peers (relative to eager's count); ``plan.total_flops + plan.recompute_flops
 relative to ``plan.total_flops`` for planner rows, with ``FlopCounterMode`` run on
 the planned module too as a cross-check.
 
-    python bench/bench_checkpointing.py [--model gpt2|resnet|all] [--out FILE]
+    python bench/bench_checkpointing.py [--model gpt2|resnet|all] [--objective time|flops] [--out FILE]
 """
 
 from __future__ import annotations
@@ -443,9 +443,13 @@ def _random_ops_in_backward(b: Bench, budget: float) -> dict:
     return counts
 
 
+#: What the planner minimises (``--objective``): "time" (its default) or "flops".
+OBJECTIVE = "time"
+
+
 def _plan(b: Bench, budget_bytes: int, solver: str):
     t0 = time.perf_counter()
-    p = planner.plan(b.wl.model, budget_bytes / GiB, b.wl.inputs, solver=solver)
+    p = planner.plan(b.wl.model, budget_bytes / GiB, b.wl.inputs, solver=solver, objective=OBJECTIVE)
     return p, time.perf_counter() - t0
 
 
@@ -736,9 +740,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["gpt2", "resnet", "all"], default="all")
     ap.add_argument("--out", default=None, help="write the markdown fragment (machine line + tables + goals) here")
+    ap.add_argument("--objective", choices=["time", "flops"], default="time",
+                    help="what the planner minimises: estimated recompute time (its default) or recomputed FLOPs")
     args = ap.parse_args(argv)
+    global OBJECTIVE
+    OBJECTIVE = args.objective
     names = ["gpt2", "resnet"] if args.model == "all" else [args.model]
-    parts = [f"Machine: {machine()}", ""]
+    parts = [f"Machine: {machine()}; planner objective: {OBJECTIVE}", ""]
     for n in names:
         text, verdict, _ = run_workload(n)
         print(text, flush=True)

@@ -19,7 +19,7 @@ from profiles.signature import check_input_devices, describe_inputs, parameter_s
 from .distributed import Distributed, account, engine_bytes
 from .ilp import solve_ilp
 from .plan_type import GiB, NodeDecision, Plan, SolverInfo
-from .problem import Evaluation, Problem, build_problem
+from .problem import OBJECTIVES, Evaluation, Problem, build_problem
 from .sqrt import solve_sqrt
 
 __all__ = ["plan", "plan_profile", "BudgetTooSmall", "minimum_budget_bytes", "SOLVERS"]
@@ -89,6 +89,7 @@ def plan(
     time_limit_s: float = 60.0,
     measure_time: bool = False,
     progress: bool = False,
+    objective: str = "time",
     world_size: int = 1,
     sharding: str = "none",
     optimizer: str = "none",
@@ -101,7 +102,9 @@ def plan(
     measure). ``example_inputs`` is a tuple of positional arguments or a dict of
     keyword arguments (default: ``model.example_input_array``). ``solver`` is
     ``"ilp"``, ``"sqrt"`` or ``"auto"`` (the cheaper of both; ``"ilp"`` falls back to
-    sqrt(L)'s plan only when the ILP finds none).
+    sqrt(L)'s plan only when the ILP finds none). ``objective``: what to minimise,
+    ``"time"`` (estimated recompute seconds) or ``"flops"`` (recomputed FLOPs, then
+    time: never a matmul where pointwise recomputation fits).
     With ``world_size``/``sharding`` (``"ddp"``, ``"fsdp"``) the budget is per rank and
     also holds what the engine keeps on one rank; ``optimizer="adamw"`` adds AdamW's
     state, so the budget can be the device's whole memory (see :mod:`planner.distributed`).
@@ -112,9 +115,12 @@ def plan(
     engine = engine_bytes(model, dist_cfg)
     if dist_cfg.active:
         return _plan_per_rank(model, budget_bytes, example_inputs, dist_cfg, engine, solver=solver, target=target,
-                              time_limit_s=time_limit_s, measure_time=measure_time, progress=progress)
+                              time_limit_s=time_limit_s, measure_time=measure_time, progress=progress,
+                              objective=objective)
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
     if not isinstance(time_limit_s, numbers.Real) or not time_limit_s > 0:
         raise ValueError(f"time_limit_s must be a positive number of seconds, not {time_limit_s!r}")
     args, kwargs = normalize_inputs(model, example_inputs)
@@ -135,14 +141,17 @@ def plan(
         "parameters": parameter_signature(model),
     }
 
-    def attempt(joint) -> tuple[Plan, float]:
-        """The plan for ``joint``, and its cost: recompute time, plus in RNG-replay
-        mode the extra mask draw each dropout makes in forward."""
+    def attempt(joint) -> tuple[Plan, tuple]:
+        """The plan for ``joint``, and its rank under the objective; its time is the
+        recompute time plus, in RNG-replay mode, the extra mask draw each dropout
+        makes in forward."""
         _log(progress, f"profiling (dropout: {joint.dropout})")
         gp = profile_graph(joint, target=target, measure_time=measure_time)
-        p = plan_profile(gp, budget_bytes, solver=solver, time_limit_s=time_limit_s, model_info=model_info, progress=progress)
+        p = plan_profile(gp, budget_bytes, solver=solver, time_limit_s=time_limit_s, model_info=model_info,
+                         progress=progress, objective=objective)
         extra = sum(ni.time_s for ni in gp.nodes.values() if "replay_dropout_mask" in ni.op and ni.phase == "forward")
-        return p, p.recompute_time_s + extra
+        cost = p.recompute_time_s + extra
+        return p, ((p.recompute_flops, cost) if objective == "flops" else (cost, p.recompute_flops))
 
     try:
         try:
@@ -237,14 +246,16 @@ def plan_profile(
     time_limit_s: float = 60.0,
     model_info: dict | None = None,
     progress: bool = False,
+    objective: str = "time",
 ) -> Plan:
     """Plan from an already captured and profiled graph."""
-    prob = build_problem(gp, granularity=_granularity(gp))
+    prob = build_problem(gp, granularity=_granularity(gp), objective=objective)
     baseline = prob.evaluate(frozenset())
     _log(progress, f"no-checkpoint peak {baseline.sim.peak_bytes / GiB:.4f} GiB, budget {budget_bytes / GiB:.4f} GiB")
     info = model_info or {"fingerprint": gp.joint.fingerprint}
 
     def package(ev: Evaluation, solver_info: SolverInfo) -> Plan:
+        solver_info = dataclasses.replace(solver_info, objective=objective)
         return _make_plan(prob, ev, baseline, budget_bytes, solver_info, info)
 
     if baseline.sim.peak_bytes <= budget_bytes:
@@ -264,7 +275,7 @@ def plan_profile(
             prob.refine(sq.evaluation)  # exact live intervals of a plan that fits: a good start
         _log(progress, "solving ILP")
         best = _search_ilp(prob, usable, time_limit_s, start=sq.evaluation)
-    if sq_found is not None and (solver == "sqrt" or best is None or (solver == "auto" and sq_found[0].cost_s < best[0].cost_s)):
+    if sq_found is not None and (solver == "sqrt" or best is None or (solver == "auto" and prob.rank(sq_found[0]) < prob.rank(best[0]))):
         # auto: the cheaper of the two, both checked by exact simulation; ilp: the
         # sqrt(L) plan only when the ILP found none within the budget
         best = sq_found
@@ -327,8 +338,8 @@ def _search_ilp(prob: Problem, budget: int, time_limit_s: float, *, max_calls: i
         seen.add(res.recompute)
         if ev.sim.peak_bytes <= budget:
             stale = 0
-            improved = best is None or ev.cost_s < best.cost_s * (1 - 1e-3)
-            if best is None or ev.cost_s < best.cost_s:
+            improved = best is None or _better(prob.rank(ev), prob.rank(best), 1e-3)
+            if best is None or prob.rank(ev) < prob.rank(best):
                 best, status, gap = ev, res.status, res.gap
             slack = budget - ev.sim.peak_bytes
             if repeated or not improved or (not changed and (internal >= budget or slack <= 0.002 * budget)):
@@ -343,6 +354,14 @@ def _search_ilp(prob: Problem, budget: int, time_limit_s: float, *, max_calls: i
     if best is None:
         return None
     return best, SolverInfo(name="ilp", status=status, seconds=time.perf_counter() - t0, gap=gap, calls=calls)
+
+
+def _better(a: tuple, b: tuple, rel: float) -> bool:
+    """``a`` ranks below ``b`` by more than ``rel`` in its first differing term."""
+    for x, y in zip(a, b):
+        if x != y:
+            return x < y * (1 - rel)
+    return False
 
 
 def _lowest(prob: Problem, time_limit_s: float) -> tuple[Evaluation, SolverInfo]:

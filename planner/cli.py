@@ -1,6 +1,6 @@
 """The ``planner`` command line: plan a model from a factory, show, sweep and verify plans.
 
-    planner plan MODEL --budget-gb X [--solver ilp|sqrt|auto] [--target NAME] [-o plan.json]
+    planner plan MODEL --budget-gb X [--solver ilp|sqrt|auto] [--objective time|flops] [--target NAME] [-o plan.json]
     planner show plan.json [--depth N] [--top K] [--plot timeline.png]
     planner sweep MODEL (--budgets 0.2,0.3,... | --points N) [--plot tradeoff.png]
     planner verify MODEL plan.json
@@ -308,7 +308,7 @@ def _plan(model, budget_gb: float, inputs, a, target: str | None, out: _Out):
     import planner
 
     try:
-        per_rank = {k: getattr(a, k) for k in ("world_size", "sharding", "optimizer") if hasattr(a, k)}  # plan only
+        per_rank = {k: getattr(a, k) for k in ("world_size", "sharding", "optimizer", "objective") if hasattr(a, k)}  # plan only
         return planner.plan(model, budget_gb, inputs, solver=a.solver, target=target, time_limit_s=a.time_limit,
                             measure_time=a.measure_time, progress=out.progress, **per_rank)
     except planner.BudgetTooSmall as e:
@@ -459,6 +459,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=1, metavar="N", help="data-parallel processes; the budget is then per rank")
     p.add_argument("--sharding", choices=["none", "ddp", "fsdp"], default="none", help="engine holding the model on each rank")
     p.add_argument("--optimizer", choices=["none", "adamw"], default="none", help="count this optimizer's state in the budget")
+    p.add_argument("--objective", choices=["time", "flops"], default="time",
+                   help="minimise estimated recompute time (default) or recomputed FLOPs, then time")
     quiet(p)
     p.set_defaults(run=_cmd_plan)
 

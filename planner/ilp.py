@@ -4,7 +4,7 @@ Variables: ``r[v]`` (recompute forward value v in backward) and ``s[v]`` (save i
 Constraints: backward's inputs are saved or recomputed; a recomputed value's
 inputs are saved or recomputed; random and effectful ops are never recomputed;
 memory at every step of the linear model in :mod:`planner.problem` stays within
-the budget. Objective: least recompute time. On small graphs the memory rows
+the budget. Objective: least recompute time (or FLOPs, then time: ``Problem.objective``). On small graphs the memory rows
 are dense and added lazily (solve with the rows most likely to bind, add the rows
 the solution violates, repeat); on big ones each step's memory is a continuous
 variable chained to the previous step's through the values whose liveness changes
@@ -141,8 +141,8 @@ def solve_ilp(
         if n in r:
             lp += s[n] + r[n] <= 1, f"one_{n}"
 
-    total_cost = sum(prob.cost.values()) or 1.0
-    cost_expr = pulp.lpSum(prob.cost[n] / total_cost * v for n, v in r.items() if prob.cost[n] > 0)
+    weight = prob.weights()
+    cost_expr = pulp.lpSum(weight[n] * v for n, v in r.items() if weight[n] > 0)
     mem_scale = 1.0 / max(float(prob.row_const.max()), 1.0)
     peak_var = None
     if minimize_memory:

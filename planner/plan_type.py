@@ -60,6 +60,9 @@ class SolverInfo:
     gap: float | None = None
     #: Solver calls made (the ILP is re-solved until the exact simulation fits).
     calls: int = 1
+    #: What the solvers minimised: ``"time"`` (estimated recompute seconds) or
+    #: ``"flops"`` (recomputed FLOPs, then time).
+    objective: str = "time"
 
 
 @dataclass(frozen=True, kw_only=True)

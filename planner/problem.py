@@ -27,7 +27,7 @@ from profiles.graph_profile import GraphProfile
 from .schedule import fast_schedule
 from .simulate import SimResult, simulate
 
-__all__ = ["Problem", "Evaluation", "build_problem"]
+__all__ = ["Problem", "Evaluation", "build_problem", "OBJECTIVES"]
 
 INF = math.inf
 
@@ -78,6 +78,9 @@ class Problem:
     row_recompute: np.ndarray | None = None
     row_names: list[str] = field(default_factory=list)
     granularity: int = 1
+    #: What the solvers minimise: "time" (recompute seconds) or "flops" (recomputed
+    #: FLOPs, then seconds).
+    objective: str = "time"
     #: Dense memory rows the ILP has needed so far (kept for later solves).
     ilp_rows: set[int] = field(default_factory=set)
     _cache: dict = field(default_factory=dict)
@@ -101,6 +104,19 @@ class Problem:
         )
         self._cache[key] = ev
         return ev
+
+    def rank(self, ev: "Evaluation") -> tuple:
+        """Sort key of a fitting plan under the objective: lower is better."""
+        return (ev.flops, ev.cost_s) if self.objective == "flops" else (ev.cost_s, ev.flops)
+
+    def weights(self) -> dict[str, float]:
+        """The ILP's objective coefficient per forward node (normalised)."""
+        total_time = sum(self.cost.values()) or 1.0
+        w = {n: c / total_time for n, c in self.cost.items()}
+        if self.objective == "flops":
+            total_flops = sum(self.flops.values()) or 1
+            w = {n: self.flops[n] / total_flops + 1e-3 * w[n] for n in w}
+        return w
 
     def reset_intervals(self) -> None:
         """Forget refinements: back to the first estimates (for reproducible results)."""
@@ -182,7 +198,10 @@ class Problem:
         return self.model_peak(sv, rv)
 
 
-def build_problem(gp: GraphProfile, *, granularity: int = 1) -> Problem:
+OBJECTIVES = ("time", "flops")
+
+
+def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "time") -> Problem:
     gm = gp.gm
     info = gp.nodes
     nodes = list(gm.graph.nodes)
@@ -247,6 +266,7 @@ def build_problem(gp: GraphProfile, *, granularity: int = 1) -> Problem:
         fwd_inputs=fwd_inputs,
         parent=parent,
         granularity=granularity,
+        objective=objective,
     )
     _build_memory_rows(prob, by_name, held_storages, creator)
     return prob

@@ -122,7 +122,7 @@ def solve_sqrt(prob: Problem, budget_bytes: float | None) -> SqrtResult:
     start = time.perf_counter()
     points = articulation_points(prob)
     tried = []
-    best_fit: tuple[float, Evaluation, int] | None = None
+    best_fit: tuple[tuple, Evaluation, int] | None = None
     lowest: tuple[int, Evaluation, int] | None = None
     for boundaries in _candidate_sets(prob, points):
         k = len(boundaries)
@@ -131,8 +131,8 @@ def solve_sqrt(prob: Problem, budget_bytes: float | None) -> SqrtResult:
         if lowest is None or ev.sim.peak_bytes < lowest[0]:
             lowest = (ev.sim.peak_bytes, ev, k)
         if budget_bytes is not None and ev.sim.peak_bytes <= budget_bytes:
-            if best_fit is None or ev.cost_s < best_fit[0]:
-                best_fit = (ev.cost_s, ev, k)
+            if best_fit is None or prob.rank(ev) < best_fit[0]:
+                best_fit = (prob.rank(ev), ev, k)
     secs = time.perf_counter() - start
     if budget_bytes is None:
         assert lowest is not None

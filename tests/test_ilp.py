@@ -73,3 +73,37 @@ def test_search_returns_a_plan_that_fits_and_is_no_costlier_than_sqrt(prob):
         assert ev.sim.peak_bytes <= budget
         if sq is not None:
             assert ev.cost_s <= sq.cost_s * (1 + 1e-9)
+
+
+def test_flops_objective_recomputes_no_more_flops_than_time_objective():
+    """objective="flops" ranks plans by recomputed FLOPs first: at the same budget
+    its plan recomputes no more FLOPs than the time objective's, and both fit."""
+    prob_t = _problem("gpt2")
+    gp = prob_t.gp
+    prob_f = build_problem(gp, objective="flops")
+    base = prob_t.evaluate(frozenset()).sim.peak_bytes
+    low = _lowest(prob_t, 30.0)[0].sim.peak_bytes
+    budget = int(low + 0.4 * (base - low))
+    found = {}
+    for name, prob in (("time", prob_t), ("flops", prob_f)):
+        prob.reset_intervals()
+        sq = solve_sqrt(prob, budget).evaluation
+        res = _search_ilp(prob, budget, 30.0, start=sq if sq is not None else _lowest(prob, 30.0)[0])
+        assert res is not None
+        found[name] = res[0]
+        assert res[0].sim.peak_bytes <= budget
+    assert found["flops"].flops <= found["time"].flops
+    assert prob_f.rank(found["flops"])[0] == found["flops"].flops
+
+
+def test_plan_records_and_checks_the_objective():
+    import planner
+
+    torch.manual_seed(0)
+    model = ResidualNet(d=32, blocks=3, hidden=64)
+    inputs = {"x": torch.randn(64, 32), "target": torch.randint(0, 8, (64,))}
+    with pytest.raises(ValueError, match="objective"):
+        planner.plan(model, 1.0, inputs, objective="memory")
+    p = planner.plan(model, 1.0, inputs, objective="flops")
+    assert p.solver.objective == "flops"
+    assert planner.Plan.from_json(p.to_json()).solver.objective == "flops"
