@@ -302,8 +302,7 @@ def _search_ilp(prob: Problem, budget: int, time_limit_s: float, *, max_calls: i
     found under a tightened internal budget loosens it again by the slack. When
     even the first solve finds nothing although ``start`` (sqrt(L)'s plan) fits,
     the rows overestimate: the internal budget is loosened once by their error on
-    ``start``. Each solve starts from the best fitting solution so far (at first
-    ``start``). Returns the cheapest fitting solution, or None.
+    ``start``. Returns the cheapest fitting solution, or None.
     """
     t0 = time.perf_counter()
     best: Evaluation | None = None
@@ -316,11 +315,7 @@ def _search_ilp(prob: Problem, budget: int, time_limit_s: float, *, max_calls: i
         remaining = time_limit_s - (time.perf_counter() - t0)
         if remaining <= 0.5:
             break
-        hint = best or start
-        res = solve_ilp(
-            prob, internal, time_limit_s=remaining,
-            start=None if hint is None else prob.decisions_of(hint),
-        )
+        res = solve_ilp(prob, internal, time_limit_s=remaining)
         calls += 1
         if res.recompute is None:
             if best is None and start is not None and not relaxed:
@@ -365,21 +360,28 @@ def _better(a: tuple, b: tuple, rel: float) -> bool:
 
 
 def _lowest(prob: Problem, time_limit_s: float) -> tuple[Evaluation, SolverInfo]:
-    """The lowest-peak plan found by the ILP (minimising memory) and sqrt(L)."""
+    """The lowest-peak plan found by the ILP (minimising memory) and sqrt(L). The
+    same whatever was solved before, and whatever the objective (the ILP breaks
+    ties between equally low peaks by recompute time)."""
     start = time.perf_counter()
     options: list[tuple[Evaluation, str]] = []
-    prob.reset_intervals()  # the same minimum whatever was solved before
-    for _ in range(8):  # refine the ILP's live intervals from each exact schedule
-        remaining = time_limit_s - (time.perf_counter() - start)
-        if remaining <= 0.5:
-            break
-        res = solve_ilp(prob, None, time_limit_s=remaining, minimize_memory=True)
-        if res.recompute is None:
-            break
-        ev = prob.evaluate(res.recompute)
-        options.append((ev, f"ilp minimum memory: {res.status}"))
-        if not prob.refine(ev):
-            break
+    prob.reset_intervals()
+    prob.ilp_rows.clear()
+    objective, prob.objective = prob.objective, "time"
+    try:
+        for _ in range(8):  # refine the ILP's live intervals from each exact schedule
+            remaining = time_limit_s - (time.perf_counter() - start)
+            if remaining <= 0.5:
+                break
+            res = solve_ilp(prob, None, time_limit_s=remaining, minimize_memory=True)
+            if res.recompute is None:
+                break
+            ev = prob.evaluate(res.recompute)
+            options.append((ev, f"ilp minimum memory: {res.status}"))
+            if not prob.refine(ev):
+                break
+    finally:
+        prob.objective = objective
     sq = solve_sqrt(prob, None)
     if sq.evaluation is not None:
         options.append((sq.evaluation, f"sqrt minimum memory, {sq.segments} segments"))

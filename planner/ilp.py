@@ -43,36 +43,15 @@ class IlpResult:
     model_peak: float | None = None
 
 
-def _highs_class():
+def solver_backend(time_limit_s: float):
+    """HiGHS when installed (reports its MIP gap), else CBC. (No MIP starts: HiGHS
+    1.16 returned a given start as "Optimal" under the FLOPs objective, and starts
+    did not shorten solves here.)"""
     try:
-        import highspy
+        import highspy  # noqa: F401
     except ImportError:
-        return None
-
-    class WarmHiGHS(pulp.HiGHS):
-        """PuLP's HiGHS interface, handing HiGHS the variables' initial values as a
-        MIP start (PuLP's own warmStart option covers CBC only)."""
-
-        def callSolver(self, lp):
-            values = [v.varValue for v in lp.variables()]
-            if all(x is not None for x in values):
-                start = highspy.HighsSolution()
-                start.col_value = [float(x) for x in values]
-                lp.solverModel.setSolution(start)
-            super().callSolver(lp)
-
-    return WarmHiGHS
-
-
-_HIGHS = _highs_class()
-
-
-def solver_backend(time_limit_s: float, *, warm_start: bool = False):
-    """HiGHS when installed (reports its MIP gap), else CBC; both take the variables'
-    initial values as a MIP start when ``warm_start``."""
-    if _HIGHS is not None:
-        return _HIGHS(msg=False, timeLimit=time_limit_s, gapRel=_GAP)
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=_GAP, warmStart=warm_start)
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=_GAP)
+    return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=_GAP)
 
 
 #: Above this many nonzeros (memory rows x candidates) the memory of each step is
@@ -108,15 +87,12 @@ def solve_ilp(
     *,
     time_limit_s: float = 60.0,
     minimize_memory: bool = False,
-    start: tuple[frozenset[str], frozenset[str]] | None = None,
     max_rounds: int = 12,
 ) -> IlpResult:
     """Solve for the cheapest recompute set whose model peak is within ``budget_bytes``.
 
     With ``minimize_memory=True`` the budget is ignored and the model peak is
-    minimised instead (recompute time breaks ties). ``start``: a known solution,
-    ``(recomputed, saved)``, handed to the solver as a MIP start when it fits the
-    rows. ``max_rounds`` bounds the rounds of lazily added dense rows; the rows
+    minimised instead (recompute time breaks ties). ``max_rounds`` bounds the rounds of lazily added dense rows; the rows
     added are kept in ``prob.ilp_rows`` for later solves.
     """
     t0 = time.perf_counter()
@@ -178,24 +154,6 @@ def solve_ilp(
                 lp += m + float(const[k]) * mem_scale <= peak_var, f"peak_{k}"
             mem.append(m)
 
-    if start is not None:
-        sv0 = np.array([1.0 if n in start[1] and n not in start[0] else 0.0 for n in prob.cand])
-        rv0 = np.array([1.0 if n in start[0] and n in r else 0.0 for n in prob.cand])
-        used = S @ sv0 + R @ rv0
-        # chained rows bound each step's variable, so a start over the budget cannot
-        # even be written down; HiGHS repairs or ignores infeasible starts otherwise
-        if not chained or minimize_memory or float((used + const).max()) <= budget_bytes:
-            for n, v in r.items():
-                v.setInitialValue(1 if n in start[0] else 0)
-            for n, v in s.items():
-                v.setInitialValue(1 if n in start[1] and n not in start[0] else 0)
-            for m, x in zip(mem, used * mem_scale):
-                m.setInitialValue(float(x))
-            if peak_var is not None:
-                peak_var.setInitialValue(float((used + const).max() * mem_scale))
-        else:
-            start = None  # over the budget under these rows: no use as a start
-
     rows = [] if chained else sorted(set(_initial_rows(prob)) | prob.ilp_rows)
     added: set[int] = set()
     status, result, gap, objective, model_peak = "Not Solved", None, None, None, None
@@ -209,7 +167,7 @@ def solve_ilp(
                 else:
                     lp += expr <= limit(k), f"mem_{k}"
         remaining = max(1.0, time_limit_s - (time.perf_counter() - t0))
-        lp.solve(solver_backend(remaining, warm_start=start is not None or rounds > 1))
+        lp.solve(solver_backend(remaining))
         status = pulp.LpStatus[lp.status]
         if status != "Optimal" and lp.sol_status not in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
             result = None
