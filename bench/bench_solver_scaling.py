@@ -133,7 +133,7 @@ def table(rows: list[dict], fraction: float) -> str:
         f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPU cores ({cpu}), "
         f"torch {torch.__version__}, budget {fraction:.0%} of eager's measured peak, `solver=\"auto\"`.",
         "",
-        "| layers | joint nodes | ILP binaries | eager peak (MiB) | budget | predicted | capture (s) | profile (s) | plan_profile (s) | dropout | solver, status | ILP calls | gap | recompute FLOPs |",
+        "| layers | joint nodes | ILP binaries | eager peak (MiB) | budget | predicted | capture (s) | profile (s) | plan_profile (s) | dropout | solver, status | solver calls | gap | recompute FLOPs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -54,6 +54,9 @@ def solver_backend(time_limit_s: float):
     return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=_GAP)
 
 
+#: Memory coefficients below this fraction of the largest step's bytes are dropped.
+_MIN_COEF = 1e-6
+
 #: Above this many nonzeros (memory rows x candidates) the memory of each step is
 #: chained through differences (sparse); below it, dense rows are added lazily,
 #: which HiGHS solved faster on graphs of a few hundred candidates.
@@ -120,6 +123,7 @@ def solve_ilp(
     weight = prob.weights()
     cost_expr = pulp.lpSum(weight[n] * v for n, v in r.items() if weight[n] > 0)
     mem_scale = 1.0 / max(float(prob.row_const.max()), 1.0)
+    min_bytes = _MIN_COEF / mem_scale
     peak_var = None
     if minimize_memory:
         peak_var = lp.add_variable("peak", lowBound=0)
@@ -130,8 +134,14 @@ def solve_ilp(
     r_cols = np.array([n in r for n in prob.cand])
 
     def row_terms(save_row, rec_row):
-        terms = [(s[prob.cand[i]], save_row[i] * mem_scale) for i in np.nonzero(save_row)[0]]
-        terms += [(r[prob.cand[i]], rec_row[i] * mem_scale) for i in np.nonzero(rec_row * r_cols)[0]]
+        # Values below _MIN_COEF of the largest step (a few hundred bytes here) are
+        # left out of the rows: the exact simulation checks every plan anyway, and
+        # HiGHS 1.16's presolve looped forever, past its time limit, on a model with
+        # 1e-8 coefficients.
+        keep_s = np.abs(save_row) >= min_bytes
+        keep_r = (np.abs(rec_row) >= min_bytes) & r_cols
+        terms = [(s[prob.cand[i]], save_row[i] * mem_scale) for i in np.nonzero(keep_s)[0]]
+        terms += [(r[prob.cand[i]], rec_row[i] * mem_scale) for i in np.nonzero(keep_r)[0]]
         return terms
 
     def limit(k):
