@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import gc
 import os
 import platform
 import sys
@@ -32,37 +31,13 @@ import planner  # noqa: E402
 import runtime  # noqa: E402
 from planner.api import plan_profile  # noqa: E402
 from planner.problem import build_problem  # noqa: E402
-from profiles import capture, measure_peak, profile_graph, storage_bytes  # noqa: E402
+from profiles import capture, profile_graph  # noqa: E402
 from profiles.capture import with_dropout  # noqa: E402
 
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from plan_gpt2 import build, peak_of, step  # noqa: E402  (the same GPT-2 as the Quick start's example)
+
 MiB = 2**20
-
-
-def build(layers: int):
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    cfg = transformers.GPT2Config(n_layer=layers, n_embd=256, n_head=8, vocab_size=1000, n_positions=256)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).train()
-    ids = torch.randint(0, 1000, (8, 256))
-    return model, {"input_ids": ids, "labels": ids, "use_cache": False}
-
-
-def step(module, batch):
-    torch.manual_seed(0)
-    out = module(**batch)
-    out.loss.backward()
-    return out.loss.detach()
-
-
-def measured_peak(module, model, batch) -> int:
-    for p in model.parameters():
-        p.grad = None
-    gc.collect()
-    delta, _ = measure_peak(lambda: step(module, batch))
-    tensors = list(model.parameters()) + list(model.buffers()) + [v for v in batch.values() if isinstance(v, torch.Tensor)]
-    return storage_bytes(tensors) + delta
 
 
 def grads_of(model):
@@ -71,7 +46,7 @@ def grads_of(model):
 
 def run(layers: int, fraction: float, apply: bool) -> dict:
     model, batch = build(layers)
-    eager_peak = measured_peak(model, model, batch)
+    eager_peak = peak_of(model, model, batch)
     budget = int(fraction * eager_peak)
     t0 = time.perf_counter()
     joint = capture(model, batch)
@@ -115,7 +90,7 @@ def run(layers: int, fraction: float, apply: bool) -> dict:
             q.grad = None
         wrapped = runtime.apply(model, p)
         step(wrapped, batch)  # compiles
-        row["measured_mib"] = measured_peak(wrapped, model, batch) / MiB
+        row["measured_mib"] = peak_of(wrapped, model, batch) / MiB
         for q in model.parameters():
             q.grad = None
         step(wrapped, batch)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 
 import torch
 
@@ -40,6 +41,7 @@ def step(module, batch):
 def peak_of(module, model, batch) -> int:
     for p in model.parameters():
         p.grad = None
+    gc.collect()
     delta, _ = measure_peak(lambda: step(module, batch))
     static = storage_bytes(list(model.parameters()) + list(model.buffers()) + [v for v in batch.values() if isinstance(v, torch.Tensor)])
     return static + delta

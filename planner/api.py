@@ -19,7 +19,7 @@ from profiles.signature import check_input_devices, describe_inputs, parameter_s
 from .distributed import Distributed, account, engine_bytes
 from .ilp import solve_ilp
 from .plan_type import GiB, NodeDecision, Plan, SolverInfo
-from .problem import OBJECTIVES, Evaluation, Problem, build_problem
+from .problem import OBJECTIVES, Evaluation, Problem, build_problem, rank_key
 from .sqrt import solve_sqrt
 
 __all__ = ["plan", "plan_profile", "BudgetTooSmall", "minimum_budget_bytes", "SOLVERS"]
@@ -151,7 +151,7 @@ def plan(
                          progress=progress, objective=objective)
         extra = sum(ni.time_s for ni in gp.nodes.values() if "replay_dropout_mask" in ni.op and ni.phase == "forward")
         cost = p.recompute_time_s + extra
-        return p, ((p.recompute_flops, cost) if objective == "flops" else (cost, p.recompute_flops))
+        return p, rank_key(objective, flops=p.recompute_flops, time_s=cost)
 
     try:
         try:

@@ -27,7 +27,7 @@ from profiles.graph_profile import GraphProfile
 from .schedule import fast_schedule
 from .simulate import SimResult, simulate
 
-__all__ = ["Problem", "Evaluation", "build_problem", "OBJECTIVES"]
+__all__ = ["Problem", "Evaluation", "build_problem", "OBJECTIVES", "rank_key"]
 
 INF = math.inf
 
@@ -107,7 +107,7 @@ class Problem:
 
     def rank(self, ev: "Evaluation") -> tuple:
         """Sort key of a fitting plan under the objective: lower is better."""
-        return (ev.flops, ev.cost_s) if self.objective == "flops" else (ev.cost_s, ev.flops)
+        return rank_key(self.objective, flops=ev.flops, time_s=ev.cost_s)
 
     def weights(self) -> dict[str, float]:
         """The ILP's objective coefficient per forward node (normalised)."""
@@ -199,6 +199,11 @@ class Problem:
 
 
 OBJECTIVES = ("time", "flops")
+
+
+def rank_key(objective: str, *, flops: float, time_s: float) -> tuple:
+    """Sort key of a plan's recompute FLOPs and time under ``objective``: lower is better."""
+    return (flops, time_s) if objective == "flops" else (time_s, flops)
 
 
 def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "time") -> Problem:
