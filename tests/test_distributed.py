@@ -32,6 +32,10 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available in this torch build", allow_module_level=True)
 
+# FSDP2's interface for a custom reduce-scatter (FSDPModule.set_custom_reduce_scatter is
+# public, the base class it takes is not exported): used only by the measurement fence below.
+from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter  # noqa: E402
+
 WORLD = 2
 
 
@@ -51,6 +55,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Measuring a rank's memory with torch.profiler: the profiler sees an allocator
+# event only on a thread it profiles, and gloo runs collectives on worker threads of
+# its own. Whichever thread drops a collective's last reference frees its buffers;
+# when that is gloo's thread, the free is never reported and the block looks held for
+# the rest of the session. Found in CI: every FSDP2 run measured 541 KB too much
+# (never on the idle development machine); the likely block is the 532 KB clone
+# of the reduce-scatter input that gloo's work holds. Two test-only changes make
+# the frees land on the rank's own thread without changing what is allocated or
+# when it is freed, and the measurement corrects for any free still missed when
+# the block's address is reused (``_window_peak``):
+# - gloo with one worker thread (stock gloo uses two), so the collectives of a rank
+#   run one after another, each released before the next starts;
+# - FSDP2's own reduce-scatter (the same dist call as its default), followed by a
+#   one-element all-reduce on the same group: when that returns, gloo's worker has
+#   let go of the reduce-scatter, and the reference dropped here is the last one.
+
+
+def _gloo_one_thread(store, rank, size, timeout):
+    opts = dist.ProcessGroupGloo._Options()
+    opts._threads = 1
+    opts._timeout = timeout
+    opts._devices = [dist.ProcessGroupGloo.create_default_device()]
+    return dist.ProcessGroupGloo(store, rank, size, opts)
+
+
+def _init(rank: int, port: int) -> None:
+    if "gloo_one_thread" not in dist.Backend.backend_list:
+        dist.Backend.register_backend("gloo_one_thread", _gloo_one_thread, devices=["cpu"])
+    dist.init_process_group("gloo_one_thread", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+
+
+class _ReduceScatterFreedHere(ReduceScatter):
+    """FSDP2's default reduce-scatter (same call, same buffers), then the fence described above."""
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)  # as FSDP2's DefaultReduceScatter
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        work = dist.reduce_scatter_single(output=output_tensor, input=input_tensor, group=group, op=op, async_op=True)
+        work.wait()
+        dist.all_reduce(torch.zeros(1), group=group)  # gloo's one worker released `work` before running this
+        del work  # the last reference: gloo's clone of the input is freed on this thread
+        return None
+
+
 def _spawn(fn, *args) -> None:
     torch.multiprocessing.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
 
@@ -68,7 +117,9 @@ def _wrap(module, sharding: str, order: str = "outer"):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    return fully_shard(module, mesh=init_device_mesh("cpu", (WORLD,)))
+    sharded = fully_shard(module, mesh=init_device_mesh("cpu", (WORLD,)))
+    sharded.set_custom_reduce_scatter(_ReduceScatterFreedHere())
+    return sharded
 
 
 def _local_grads(model) -> dict:
@@ -108,25 +159,48 @@ def _train(wrapped, model, inputs, *, measure: str = ""):
     return first, _local_grads(model)
 
 
-def _window_peak(prof, region: str) -> int:
-    """Peak of the running sum of allocator events during the ``region`` record_function."""
-    events = list(prof.profiler.kineto_results.events())
-    mark = next(e for e in events if e.name() == region)
-    start, end = mark.start_ns(), mark.start_ns() + mark.duration_ns()
-    cpu = torch.autograd.DeviceType.CPU
-    mem = sorted((e for e in events if e.name() == "[memory]" and e.device_type() == cpu), key=lambda e: e.start_ns())
-    running = peak = 0
-    for e in mem:
-        running += e.nbytes()
-        if start <= e.start_ns() <= end:
+def _walk(events):
+    for e in events:
+        yield e
+        yield from _walk(e.children)
+
+
+def _window_peak(prof, region: str) -> tuple[int, int]:
+    """Peak of the running sum of allocator events during the ``region`` record_function,
+    and how many frees the profiler evidently missed.
+
+    Blocks are followed by address: a block allocated where a live one still is
+    proves the older one was freed unseen (on a thread the profiler does not see);
+    it is then dropped from the sum, from that point on.
+    """
+    tree = list(_walk(prof.profiler.kineto_results.experimental_event_tree()))
+    mark = next(e for e in tree if e.name == region)
+    start, end = mark.start_time_ns, mark.end_time_ns
+    allocations = sorted(
+        (e for e in tree if e.tag == torch._C._profiler._EventType.Allocation and e.extra_fields.device.type == "cpu"),
+        key=lambda e: e.start_time_ns,
+    )
+    live: dict[int, int] = {}
+    running = peak = missed = 0
+    for e in allocations:
+        f = e.extra_fields
+        if f.alloc_size > 0:
+            if f.ptr in live:
+                running -= live.pop(f.ptr)
+                missed += 1
+            live[f.ptr] = f.alloc_size
+            running += f.alloc_size
+        elif f.ptr in live:
+            running -= live.pop(f.ptr)
+        if start <= e.start_time_ns <= end:
             peak = max(peak, running)
-    return peak
+    return peak, missed
 
 
 def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    _init(rank, port)
     try:
         plan = planner.Plan.from_json(plan_json)
         base = _model()
@@ -134,22 +208,16 @@ def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str) -
         ref_model = copy.deepcopy(base)
         ref = _train(_wrap(ref_model, sharding), ref_model, inputs)
         # Everything the planned rank holds is allocated inside the profiled session,
-        # so frees of it are seen too (frees of older memory are not reported). The
-        # profiler does not see frees made on gloo's own threads either: FSDP2's
-        # reduce-scatter input is sometimes released there, by timing (about one run in
-        # eight here), and then looks held forever. Such a miss only adds; the lowest of
-        # three runs is kept.
-        runs = 3 if sharding == "fsdp" else 1
+        # so frees of it are seen too (frees of older memory are not reported).
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            for i in range(runs):
-                model = copy.deepcopy(base)
-                got = _train(_wrap(runtime.apply(model, plan), sharding), model, inputs, measure=f"measured_step_{i}")
-                _assert_same_grads(ref[0], got[0], f"rank {rank} step 1")
-                _assert_same_grads(ref[1], got[1], f"rank {rank} step 2")
-                del model, got
-                gc.collect()
-        measured = [storage_bytes(inputs.values()) + _window_peak(prof, f"measured_step_{i}") for i in range(runs)]
-        result = {"measured": min(measured), "runs": measured}
+            model = copy.deepcopy(base)
+            got = _train(_wrap(runtime.apply(model, plan), sharding), model, inputs, measure="measured_step")
+            _assert_same_grads(ref[0], got[0], f"rank {rank} step 1")
+            _assert_same_grads(ref[1], got[1], f"rank {rank} step 2")
+            del model, got
+            gc.collect()
+        peak, missed = _window_peak(prof, "measured_step")
+        result = {"measured": storage_bytes(inputs.values()) + peak, "missed_frees": missed}
         if sharding == "ddp":
             with pytest.raises(TypeError, match="the model itself is wrapped by DistributedDataParallel"):
                 runtime.apply(_wrap(copy.deepcopy(base), sharding), plan)
@@ -191,8 +259,8 @@ def test_planned_module_trains_under_engine_within_budget(single, sharding, tmp_
     for rank in range(WORLD):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         measured = r["measured"]
-        assert measured <= p.budget_bytes, f"rank {rank}: measured {r['runs']} > budget {p.budget_bytes}"
-        assert abs(measured - p.predicted_peak_bytes) <= 0.05 * measured, (rank, r["runs"], p.predicted_peak_bytes)
+        assert measured <= p.budget_bytes, f"rank {rank}: measured {measured} > budget {p.budget_bytes} ({r})"
+        assert abs(measured - p.predicted_peak_bytes) <= 0.05 * measured, (rank, r, p.predicted_peak_bytes)
         assert r["inner_order"] if sharding == "fsdp" else r["ddp_inside_refused"]
 
 
