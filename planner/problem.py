@@ -25,7 +25,7 @@ import torch.fx as fx
 from profiles.graph_profile import GraphProfile
 
 from .schedule import fast_schedule
-from .simulate import SimResult, simulate
+from .simulate import SimResult, held_tangents, simulate
 
 __all__ = ["Problem", "Evaluation", "build_problem", "OBJECTIVES", "rank_key"]
 
@@ -391,12 +391,14 @@ def _build_memory_rows(prob: Problem, by_name, held_storages, creator) -> None:
     # Backward constant memory: backward-created storages and tangents.
     bev = np.zeros(nb + 2)
     tangent_bytes = 0
+    seeds = held_tangents(gp)
     for n in gp.gm.graph.find_nodes(op="placeholder"):
         if n.name.startswith("tangents"):
             tb = sum(sizes[s] for s in info[n.name].storages if s not in held_storages and s not in static)
             lastb = max((bpos[u.name] for u in n.users if u.name in bpos), default=-1)
             tangent_bytes += tb
-            bev[lastb + 1] -= tb
+            if n.name not in seeds:  # the loss's seed gradient lives until backward returns
+                bev[lastb + 1] -= tb
     outputs = {a.name for a in by_name[list(by_name)[-1]].all_input_nodes} if by_name else set()
     bwd_storage_last: dict[int, int] = {}
     bwd_storage_first: dict[int, int] = {}

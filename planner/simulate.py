@@ -15,7 +15,7 @@ from profiles.graph_profile import GraphProfile
 
 from .schedule import GraphOrder, Schedule
 
-__all__ = ["SimResult", "simulate", "TimelinePoint"]
+__all__ = ["SimResult", "simulate", "TimelinePoint", "held_tangents"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,22 @@ class SimResult:
     timeline: list[TimelinePoint] = field(default_factory=list)
     #: Storage ids live at the peak (besides parameters, buffers and inputs).
     peak_storages: tuple[int, ...] = ()
+
+
+def held_tangents(gp: GraphProfile) -> frozenset[str]:
+    """Tangents held until backward returns rather than freed after their last use.
+
+    A one-element tangent is the gradient ``loss.backward()`` starts from (a ones
+    tensor made by ``torch.autograd.backward``, which keeps it until backward
+    returns), or one passed on unchanged from it. Other tangents reach the compiled
+    backward in the list it empties as it goes, and die after their last use.
+    """
+    held = set()
+    for n in gp.gm.graph.find_nodes(op="placeholder"):
+        val = n.meta.get("val")
+        if n.name.startswith("tangents") and hasattr(val, "numel") and val.numel() == 1:
+            held.add(n.name)
+    return frozenset(held)
 
 
 def _round(nbytes: int, granularity: int) -> int:
@@ -119,9 +135,13 @@ def simulate(
         acquire(info[name].storages)
     for name in set(fwd_out):
         release(info[name].storages)
-    # Tangents (gradients of the outputs) are allocated before backward runs.
+    # Tangents (gradients of the outputs) are allocated before backward runs; the
+    # loss's seed gradient is held by the caller until backward returns.
+    seeds = held_tangents(gp)
     for name, op, _ in schedule.backward.nodes:
         if op == "placeholder" and name.startswith("tangents"):
             acquire(info[name].storages)
+            if name in seeds:
+                acquire(info[name].storages)
     run(schedule.backward, "backward")
     return SimResult(peak, peak_node, peak_phase, static_bytes, points, tuple(sorted(peak_live)))
