@@ -93,11 +93,13 @@ def module_path(node: fx.Node) -> str:
 def _clean_path(path: str) -> str:
     import re
 
-    path = re.sub(r"^L\['self'\]\.?", "", path)
+    # The root model as dynamo reached it: L['self'], or L['args'][0] when forward is
+    # wrapped by a decorator taking (*args, **kwargs) (Hugging Face Llama).
+    path = re.sub(r"^L(\['[^']+'\]|\[\d+\])+\.?", "", path)
     path = re.sub(r"^L__self___?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"\._modules\.", ".", path)
+    path = re.sub(r"(^|\.)_modules\.", ".", path)
     return path.strip(".")
 
 
