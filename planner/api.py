@@ -16,7 +16,7 @@ from profiles.device import load_device_profile
 from profiles.graph_profile import GraphProfile, profile_graph
 from profiles.signature import check_input_devices, describe_inputs, parameter_signature
 
-from .distributed import Distributed, account, engine_bytes
+from .distributed import Distributed, EngineBytes, engine_bytes, record
 from .ilp import solve_ilp
 from .plan_type import GiB, NodeDecision, Plan, SolverInfo
 from .problem import OBJECTIVES, Evaluation, Problem, build_problem, rank_key
@@ -112,11 +112,7 @@ def plan(
     """
     budget_bytes = check_budget(budget_gb)
     dist_cfg = Distributed(world_size=world_size, sharding=sharding, optimizer=optimizer)
-    engine = engine_bytes(model, dist_cfg)
-    if dist_cfg.active:
-        return _plan_per_rank(model, budget_bytes, example_inputs, dist_cfg, engine, solver=solver, target=target,
-                              time_limit_s=time_limit_s, measure_time=measure_time, progress=progress,
-                              objective=objective)
+    engine = engine_bytes(model, dist_cfg) if dist_cfg.active else None
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
     if objective not in OBJECTIVES:
@@ -148,7 +144,9 @@ def plan(
         _log(progress, f"profiling (dropout: {joint.dropout})")
         gp = profile_graph(joint, target=target, measure_time=measure_time)
         p = plan_profile(gp, budget_bytes, solver=solver, time_limit_s=time_limit_s, model_info=model_info,
-                         progress=progress, objective=objective)
+                         progress=progress, objective=objective, engine=engine)
+        if engine is not None:
+            p = dataclasses.replace(p, distributed=record(dist_cfg, engine))
         extra = sum(ni.time_s for ni in gp.nodes.values() if "replay_dropout_mask" in ni.op and ni.phase == "forward")
         cost = p.recompute_time_s + extra
         return p, rank_key(objective, flops=p.recompute_flops, time_s=cost)
@@ -178,31 +176,6 @@ def plan(
         return second if second_cost < first_cost else first
     finally:
         captured.drop_tensors()
-
-
-def _plan_per_rank(model, budget_bytes: int, example_inputs, cfg: Distributed, engine, **options) -> Plan:
-    """Plan the model's step within the budget less the engine's bytes, then check the
-    end of backward (gradient reduction) on one rank too."""
-    inner = max(budget_bytes - engine.held, 1)  # 1 byte: no plan fits, BudgetTooSmall names the minimum
-    try:
-        p = plan(model, inner / GiB, example_inputs, **options)
-    except BudgetTooSmall as e:
-        raise BudgetTooSmall(budget_bytes, e.min_budget_bytes + engine.held) from None
-    p = account(dataclasses.replace(p, budget_bytes=budget_bytes), cfg, engine)
-    if p.predicted_peak_bytes > budget_bytes:  # only the gradient reduction can be over
-        raise BudgetTooSmall(budget_bytes, p.predicted_peak_bytes)
-    slack = budget_bytes - p.predicted_peak_bytes
-    if p.recomputed and engine.forward != engine.backward and slack > 0.002 * budget_bytes:
-        # The solver was given the budget less the larger phase's bytes (FSDP2: the
-        # all-gather output, freed before backward); once more with the slack that left.
-        try:
-            q = plan(model, (inner + slack) / GiB, example_inputs, **options)
-        except BudgetTooSmall:
-            return p
-        q = account(dataclasses.replace(q, budget_bytes=budget_bytes), cfg, engine)
-        if q.predicted_peak_bytes <= budget_bytes and q.recompute_time_s < p.recompute_time_s:
-            return q
-    return p
 
 
 _describe_inputs = describe_inputs
@@ -247,9 +220,11 @@ def plan_profile(
     model_info: dict | None = None,
     progress: bool = False,
     objective: str = "time",
+    engine: EngineBytes | None = None,
 ) -> Plan:
-    """Plan from an already captured and profiled graph."""
-    prob = build_problem(gp, granularity=_granularity(gp), objective=objective)
+    """Plan from an already captured and profiled graph; ``engine``: the per-rank
+    bytes of a data-parallel engine and optimizer (:func:`planner.distributed.engine_bytes`)."""
+    prob = build_problem(gp, granularity=_granularity(gp), objective=objective, engine=engine)
     baseline = prob.evaluate(frozenset())
     _log(progress, f"no-checkpoint peak {baseline.sim.peak_bytes / GiB:.4f} GiB, budget {budget_bytes / GiB:.4f} GiB")
     info = model_info or {"fingerprint": gp.joint.fingerprint}

@@ -5,8 +5,9 @@ activations and gradients, once. Under ``torch.distributed`` each rank also hold
 what the engine keeps (DDP's gradient buckets; FSDP2's parameter shards, its
 all-gather buffer during forward, its reduce-scatter buffers after backward) and,
 optionally, the optimizer's state. :func:`engine_bytes` says how many bytes that
-is per rank in each phase of the step; :func:`account` turns a plan made for the
-budget left over into per-rank numbers. Measured on CPU (gloo, torch 2.13) with
+is per rank in each phase of the step; the simulator and the ILP's memory rows add
+them to the phase they belong to (``planner.simulate``, ``planner.problem``), so a
+per-rank plan is solved and checked against the whole per-rank budget. Measured on CPU (gloo, torch 2.13) with
 ``torch.profiler`` allocator events; ``tests/test_distributed.py`` checks it.
 """
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Distributed", "EngineBytes", "SHARDINGS", "OPTIMIZERS", "engine_bytes", "account", "per_rank_peak"]
+__all__ = ["Distributed", "EngineBytes", "SHARDINGS", "OPTIMIZERS", "engine_bytes", "record", "from_record"]
 
 SHARDINGS = ("none", "ddp", "fsdp")
 OPTIMIZERS = ("none", "adamw")
@@ -73,7 +74,7 @@ class EngineBytes:
 
     @property
     def held(self) -> int:
-        """The most the engine adds during forward or backward: taken off the solver's budget."""
+        """The most the engine adds during forward or backward."""
         return max(self.forward, self.backward)
 
 
@@ -125,23 +126,9 @@ def engine_bytes(model: torch.nn.Module, cfg: Distributed) -> EngineBytes:
     return EngineBytes(forward=opt, backward=opt, end=opt, optimizer=opt)
 
 
-def _shift(timeline, eb: EngineBytes) -> tuple:
-    return tuple((ph, node, b + (eb.forward if ph == "forward" else eb.backward)) for ph, node, b in timeline)
-
-
-def per_rank_peak(timeline, eb: EngineBytes) -> int:
-    """The per-rank peak of a step whose simulated timeline (single model) is ``timeline``."""
-    shifted = _shift(timeline, eb)
-    end = timeline[-1][2] + eb.end if timeline else 0
-    return max([b for _, _, b in shifted] + [end])
-
-
-def account(plan, cfg: Distributed, eb: EngineBytes):
-    """``plan`` (made for the budget less ``eb.held``) as one rank sees it: timelines,
-    peaks and the budget per rank, and ``plan.distributed`` recording ``cfg`` and ``eb``."""
-    peak = per_rank_peak(plan.timeline, eb)
-    baseline = per_rank_peak(plan.baseline_timeline, eb)
-    record = {
+def record(cfg: Distributed, eb: EngineBytes) -> dict:
+    """``Plan.distributed``: how the plan's step is trained and what the engine adds per rank."""
+    return {
         "world_size": cfg.world_size,
         "sharding": cfg.sharding,
         "optimizer": cfg.optimizer,
@@ -150,11 +137,15 @@ def account(plan, cfg: Distributed, eb: EngineBytes):
         "end_bytes": eb.end,
         "optimizer_bytes": eb.optimizer,
     }
-    return dataclasses.replace(
-        plan,
-        predicted_peak_bytes=peak,
-        baseline_peak_bytes=baseline,
-        timeline=_shift(plan.timeline, eb),
-        baseline_timeline=_shift(plan.baseline_timeline, eb),
-        distributed=record,
+
+
+def from_record(distributed: dict) -> EngineBytes | None:
+    """The engine's bytes a plan was made with (None for a one-process plan)."""
+    if not distributed:
+        return None
+    return EngineBytes(
+        forward=int(distributed["forward_bytes"]),
+        backward=int(distributed["backward_bytes"]),
+        end=int(distributed["end_bytes"]),
+        optimizer=int(distributed["optimizer_bytes"]),
     )

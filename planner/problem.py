@@ -24,6 +24,7 @@ import torch.fx as fx
 
 from profiles.graph_profile import GraphProfile
 
+from .distributed import EngineBytes
 from .schedule import fast_schedule
 from .simulate import SimResult, held_tangents, simulate
 
@@ -81,6 +82,8 @@ class Problem:
     #: What the solvers minimise: "time" (recompute seconds) or "flops" (recomputed
     #: FLOPs, then seconds).
     objective: str = "time"
+    #: Per-rank bytes a data-parallel engine adds to each phase (None: one process).
+    engine: EngineBytes | None = None
     #: Dense memory rows the ILP has needed so far (kept for later solves).
     ilp_rows: set[int] = field(default_factory=set)
     _cache: dict = field(default_factory=dict)
@@ -92,7 +95,7 @@ class Problem:
         if key in self._cache:
             return self._cache[key]
         sched = fast_schedule(self.gp.joint, key)
-        sim = simulate(self.gp, sched, granularity=self.granularity)
+        sim = simulate(self.gp, sched, granularity=self.granularity, engine=self.engine)
         calls = [n for n in sched.backward.nodes if n[1] == "call_function"]
         recomputed = [name for name, _, _ in calls if name in self.own_bytes]
         cost = sum(self.cost.get(n, 0.0) for n in recomputed)
@@ -162,7 +165,8 @@ class Problem:
         ``(phase, node, bytes)``, for ``recompute``."""
         # fast_schedule gives the node orders of the graphs split_joint builds
         # (tests/test_schedule.py), without building them.
-        sim = simulate(self.gp, fast_schedule(self.gp.joint, frozenset(recompute)), granularity=self.granularity, timeline=True)
+        sim = simulate(self.gp, fast_schedule(self.gp.joint, frozenset(recompute)), granularity=self.granularity,
+                       timeline=True, engine=self.engine)
         return [(p.phase, p.node, p.live_bytes) for p in sim.timeline]
 
     def model_peak(self, save: np.ndarray, rec: np.ndarray) -> float:
@@ -206,7 +210,7 @@ def rank_key(objective: str, *, flops: float, time_s: float) -> tuple:
     return (flops, time_s) if objective == "flops" else (time_s, flops)
 
 
-def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "time") -> Problem:
+def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "time", engine: EngineBytes | None = None) -> Problem:
     gm = gp.gm
     info = gp.nodes
     nodes = list(gm.graph.nodes)
@@ -272,6 +276,7 @@ def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "t
         parent=parent,
         granularity=granularity,
         objective=objective,
+        engine=engine,
     )
     _build_memory_rows(prob, by_name, held_storages, creator)
     return prob
@@ -383,6 +388,8 @@ def _build_memory_rows(prob: Problem, by_name, held_storages, creator) -> None:
         if s not in held_storages and s not in free_saved_storages:
             live_events[other_last[s] + 1] -= sizes[s]
     const_f = static_bytes + np.cumsum(live_events)[:nf] + np.array([info[n].temp_bytes for n in fwd], dtype=float)
+    if prob.engine is not None:
+        const_f = const_f + prob.engine.forward
     held_bytes = sum(sizes[s] for s in held_storages if s not in static)
     held_bytes += sum(
         sizes[s] for n in prob.free_save for s in info[n].storages if s not in held_storages and s not in static
@@ -425,6 +432,8 @@ def _build_memory_rows(prob: Problem, by_name, held_storages, creator) -> None:
         bev[bwd_storage_last[s] + 1] -= sizes[s]
     const_b = static_bytes + held_bytes + tangent_bytes + np.cumsum(bev)[:nb]
     const_b = const_b + np.array([info[n].temp_bytes for n in bwd], dtype=float)
+    if prob.engine is not None:
+        const_b = const_b + prob.engine.backward
 
     m = len(cand)
     cb = np.array([sum(sizes[s] for s in cand_storages[n]) for n in cand], dtype=float)

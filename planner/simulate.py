@@ -5,6 +5,9 @@ storages are allocated when it runs; a storage is freed once no live value refer
 to it (fx frees each value after its last use, and the boxed calling convention
 frees graph inputs too). Parameters, buffers and inputs are live throughout; the
 model's outputs are held by the caller until backward ends; gradients are kept.
+Under ``torch.distributed`` the engine's per-rank bytes (``planner.distributed``)
+are added to every point of forward and of backward, and to the level at the end
+of backward while gradients are reduced.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from dataclasses import dataclass, field
 
 from profiles.graph_profile import GraphProfile
 
+from .distributed import EngineBytes
 from .schedule import GraphOrder, Schedule
 
-__all__ = ["SimResult", "simulate", "TimelinePoint", "held_tangents"]
+__all__ = ["SimResult", "simulate", "TimelinePoint", "held_tangents", "END_OF_BACKWARD"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,10 @@ class SimResult:
     timeline: list[TimelinePoint] = field(default_factory=list)
     #: Storage ids live at the peak (besides parameters, buffers and inputs).
     peak_storages: tuple[int, ...] = ()
+
+
+#: ``SimResult.peak_node`` when the peak is the gradient reduction after backward.
+END_OF_BACKWARD = "(end of backward: gradient reduction)"
 
 
 def held_tangents(gp: GraphProfile) -> frozenset[str]:
@@ -68,8 +76,9 @@ def simulate(
     *,
     granularity: int = 1,
     timeline: bool = False,
+    engine: EngineBytes | None = None,
 ) -> SimResult:
-    """Simulate the step and return its peak of live bytes."""
+    """Simulate the step and return its peak of live bytes (per rank with ``engine``)."""
     sizes = [_round(b, granularity) for b in gp.storage_bytes]
     info = gp.nodes
     refs: dict[int, int] = {}
@@ -79,6 +88,8 @@ def simulate(
     peak, peak_node, peak_phase = 0, "", ""
     points: list[TimelinePoint] = []
     peak_live: list[int] = []
+    extra = {"forward": engine.forward if engine else 0, "backward": engine.backward if engine else 0}
+    level = 0  # the single model's live bytes at the last node run, its temporaries included
 
     def acquire(storages):
         nonlocal live
@@ -99,7 +110,7 @@ def simulate(
                 live -= sizes[s]
 
     def run(order: GraphOrder, phase: str):
-        nonlocal peak, peak_node, peak_phase
+        nonlocal peak, peak_node, peak_phase, level
         last_use: dict[str, int] = {}
         for i, (_, _, inputs) in enumerate(order.nodes):
             for a in inputs:
@@ -108,7 +119,8 @@ def simulate(
         for i, (name, op, inputs) in enumerate(order.nodes):
             if op == "call_function":
                 acquire(info[name].storages)
-            total = static_bytes + live + (info[name].temp_bytes if op == "call_function" else 0)
+            level = static_bytes + live + (info[name].temp_bytes if op == "call_function" else 0)
+            total = level + extra[phase]
             if timeline:
                 points.append(TimelinePoint(phase, name, total))
             if total > peak:
@@ -144,4 +156,7 @@ def simulate(
             if name in seeds:
                 acquire(info[name].storages)
     run(schedule.backward, "backward")
+    if engine is not None and level + engine.end > peak:
+        peak, peak_node, peak_phase = level + engine.end, END_OF_BACKWARD, "backward"
+        peak_live[:] = [k for k, c in refs.items() if c > 0]
     return SimResult(peak, peak_node, peak_phase, static_bytes, points, tuple(sorted(peak_live)))

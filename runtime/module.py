@@ -169,6 +169,7 @@ class PlannedModule(nn.Module):
         """Peak of the split graphs at the new sizes. Op temporaries are measured on
         CPU (on synthetic inputs) unless a profiler is running; on a GPU the 6% margin
         of recomputing plans stands in for them."""
+        from planner.distributed import from_record
         from planner.schedule import schedule_of
         from planner.simulate import simulate
         from profiles.capture import JointGraph
@@ -186,7 +187,8 @@ class PlannedModule(nn.Module):
             for name, temp in temps.items():
                 gp.nodes[name] = dataclasses.replace(gp.nodes[name], temp_bytes=temp)
         granularity = 512 if device == "cuda" else 1
-        return simulate(gp, schedule_of(fwd, bwd), granularity=granularity).peak_bytes
+        engine = from_record(self.plan.distributed)  # a per-rank plan: the engine's bytes are the same at any shape
+        return simulate(gp, schedule_of(fwd, bwd), granularity=granularity, engine=engine).peak_bytes
 
     def _replan(self, args, kwargs) -> None:
         import planner
@@ -207,7 +209,10 @@ class PlannedModule(nn.Module):
 
         # the plan's device profile when it is a shipped one (a profile given by path records only its name)
         target = self.plan.target if self.plan.target in available_targets() else None
-        new = planner.plan(self.module, self.plan.budget_bytes / GiB, inputs, target=target)
+        dist = self.plan.distributed  # a per-rank plan is planned again per rank, for the same engine
+        per_rank = {k: dist[k] for k in ("world_size", "sharding", "optimizer")} if dist else {}
+        new = planner.plan(self.module, self.plan.budget_bytes / GiB, inputs, target=target,
+                           objective=self.plan.solver.objective, **per_rank)
         self.shapes[self._call_key] = {"how": "replanned", "plan": new, "predicted_peak_bytes": new.predicted_peak_bytes}
 
     def forward(self, *args, **kwargs):

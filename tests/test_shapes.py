@@ -158,3 +158,34 @@ def test_new_shapes_that_break_the_graph_name_the_line():
     with pytest.raises(GraphBreak, match=r"test_shapes.py:\d+ in forward \(`print\(\"tiny batch\"\)`\)"):
         run_step(wrapped, (torch.randn(4, 16),))
     assert all(q.grad is None for q in model.parameters())
+
+
+def test_per_rank_plans_stay_per_rank_at_new_shapes(residual):
+    """A plan made per rank (world_size/sharding/optimizer) is re-simulated with the
+    engine's bytes at new sizes, and planned again per rank, under its objective."""
+    from planner.distributed import Distributed, engine_bytes
+
+    model, inputs, _ = residual
+    ddp = {"world_size": 2, "sharding": "ddp", "optimizer": "adamw"}
+    single, ranked = planner.plan(model, 1.0, inputs), planner.plan(model, 1.0, inputs, **ddp)
+    assert not single.recomputed and not ranked.recomputed
+    small = _batch(100, seed=1)
+    peaks = []
+    for p in (single, ranked):
+        wrapped, _ = assert_same_step(model, lambda m, p=p: runtime.apply(m, p), small)
+        peaks.append(wrapped.shapes[_key(small)]["predicted_peak_bytes"])
+    assert peaks[1] - peaks[0] == engine_bytes(model, Distributed(**ddp)).held
+
+    torch.manual_seed(0)
+    branchy = ShapeBranch()
+    x = torch.randn(256, 32)
+    fsdp = {"world_size": 2, "sharding": "fsdp", "optimizer": "adamw"}
+    full = planner.plan(branchy, 1.0, (x,), **fsdp).baseline_peak_bytes
+    p = planner.plan(branchy, 0.9 * full / planner.GiB, (x,), objective="flops", **fsdp)
+    assert p.recomputed
+    tiny = (torch.randn(40, 32),)
+    with pytest.warns(runtime.ShapeWarning, match="planning again"):
+        wrapped, _ = assert_same_step(branchy, lambda m: runtime.apply(m, p), tiny)
+    new = wrapped.shapes[json.dumps([["0", [40, 32], "float32"]])]["plan"]
+    assert new.distributed == p.distributed and new.solver.objective == "flops"
+    assert new.budget_bytes == p.budget_bytes and new.predicted_peak_bytes <= p.budget_bytes
