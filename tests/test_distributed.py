@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ import torch
 
 import planner
 import runtime
-from helpers import ResidualNet, run_step
+from helpers import ResidualNet
 from planner.distributed import Distributed, engine_bytes
 from profiles import storage_bytes
 
@@ -32,11 +31,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available in this torch build", allow_module_level=True)
 
-# FSDP2's interface for a custom reduce-scatter (FSDPModule.set_custom_reduce_scatter is
-# public, the base class it takes is not exported): used only by the measurement fence below.
-from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter  # noqa: E402
-
-WORLD = 2
+from dist_harness import WORLD, assert_same_grads, init, spawn, train, window_peak, wrap  # noqa: E402
 
 
 def _model():
@@ -49,186 +44,38 @@ def _inputs(rank: int):
     return {"x": torch.randn(128, 64, generator=g), "target": torch.randint(0, 8, (128,), generator=g)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# Measuring a rank's memory with torch.profiler: the profiler sees an allocator
-# event only on a thread it profiles, and gloo runs collectives on worker threads of
-# its own. Whichever thread drops a collective's last reference frees its buffers;
-# when that is gloo's thread, the free is never reported and the block looks held for
-# the rest of the session. Found in CI: every FSDP2 run measured 541 KB too much
-# (never on the idle development machine); the likely block is the 532 KB clone
-# of the reduce-scatter input that gloo's work holds. Two test-only changes make
-# the frees land on the rank's own thread without changing what is allocated or
-# when it is freed, and the measurement corrects for any free still missed when
-# the block's address is reused (``_window_peak``):
-# - gloo with one worker thread (stock gloo uses two), so the collectives of a rank
-#   run one after another, each released before the next starts;
-# - FSDP2's own reduce-scatter (the same dist call as its default), followed by a
-#   one-element all-reduce on the same group: when that returns, gloo's worker has
-#   let go of the reduce-scatter, and the reference dropped here is the last one.
-
-
-def _gloo_one_thread(store, rank, size, timeout):
-    opts = dist.ProcessGroupGloo._Options()
-    opts._threads = 1
-    opts._timeout = timeout
-    opts._devices = [dist.ProcessGroupGloo.create_default_device()]
-    return dist.ProcessGroupGloo(store, rank, size, opts)
-
-
-def _init(rank: int, port: int) -> None:
-    if "gloo_one_thread" not in dist.Backend.backend_list:
-        dist.Backend.register_backend("gloo_one_thread", _gloo_one_thread, devices=["cpu"])
-    dist.init_process_group("gloo_one_thread", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-
-
-class _ReduceScatterFreedHere(ReduceScatter):
-    """FSDP2's default reduce-scatter (same call, same buffers), then the fence described above."""
-
-    def allocate(self, size, *, dtype, device):
-        return torch.empty(*size, dtype=dtype, device=device)  # as FSDP2's DefaultReduceScatter
-
-    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
-        work = dist.reduce_scatter_single(output=output_tensor, input=input_tensor, group=group, op=op, async_op=True)
-        work.wait()
-        dist.all_reduce(torch.zeros(1), group=group)  # gloo's one worker released `work` before running this
-        del work  # the last reference: gloo's clone of the input is freed on this thread
-        return None
-
-
-def _spawn(fn, *args) -> None:
-    torch.multiprocessing.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
-
-
-def _wrap(module, sharding: str, order: str = "outer"):
-    """``module`` wrapped by the engine; ``order="inner"``: fully_shard first, the plan inside."""
-    if sharding == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Small buckets: several of them, which dynamo's DDPOptimizer would split the graph at.
-        # No initial broadcast (every rank builds the same model from one seed): gloo
-        # sometimes frees the broadcast's flat buffer on its own thread, where the
-        # profiler does not see the free, and the measurement would keep it forever.
-        return DistributedDataParallel(module, bucket_cap_mb=0.1, init_sync=False)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    sharded = fully_shard(module, mesh=init_device_mesh("cpu", (WORLD,)))
-    sharded.set_custom_reduce_scatter(_ReduceScatterFreedHere())
-    return sharded
-
-
-def _local_grads(model) -> dict:
-    """This rank's gradients, copied by numpy: outside the torch allocator the measurement sees."""
-    out = {}
-    for name, p in model.named_parameters():
-        g = p.grad
-        out[name] = None if g is None else torch.from_numpy((g.to_local() if hasattr(g, "to_local") else g).detach().numpy().copy())
-    return out
-
-
-def _assert_same_grads(ref: dict, got: dict, what: str) -> None:
-    assert ref.keys() == got.keys()
-    for k in ref:
-        if ref[k] is None:
-            assert got[k] is None, f"{what}: {k} has a gradient only with the plan"
-        else:
-            assert got[k] is not None, f"{what}: {k} has no gradient with the plan"
-            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}, grad of {k}: {m}")
-
-
-def _train(wrapped, model, inputs, *, measure: str = ""):
-    """Two steps with AdamW in between; returns (grads of step 1, grads of step 2, absolute peak of step 2)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    run_step(wrapped, inputs, seed=10)
-    first = _local_grads(model)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    gc.collect()  # the first call's compilation leaves cyclic garbage behind
-    if measure:
-        from torch.profiler import record_function
-
-        with record_function(measure):
-            run_step(wrapped, inputs, seed=11)
-    else:
-        run_step(wrapped, inputs, seed=11)
-    return first, _local_grads(model)
-
-
-def _walk(events):
-    for e in events:
-        yield e
-        yield from _walk(e.children)
-
-
-def _window_peak(prof, region: str) -> tuple[int, int]:
-    """Peak of the running sum of allocator events during the ``region`` record_function,
-    and how many frees the profiler evidently missed.
-
-    Blocks are followed by address: a block allocated where a live one still is
-    proves the older one was freed unseen (on a thread the profiler does not see);
-    it is then dropped from the sum, from that point on.
-    """
-    tree = list(_walk(prof.profiler.kineto_results.experimental_event_tree()))
-    mark = next(e for e in tree if e.name == region)
-    start, end = mark.start_time_ns, mark.end_time_ns
-    allocations = sorted(
-        (e for e in tree if e.tag == torch._C._profiler._EventType.Allocation and e.extra_fields.device.type == "cpu"),
-        key=lambda e: e.start_time_ns,
-    )
-    live: dict[int, int] = {}
-    running = peak = missed = 0
-    for e in allocations:
-        f = e.extra_fields
-        if f.alloc_size > 0:
-            if f.ptr in live:
-                running -= live.pop(f.ptr)
-                missed += 1
-            live[f.ptr] = f.alloc_size
-            running += f.alloc_size
-        elif f.ptr in live:
-            running -= live.pop(f.ptr)
-        if start <= e.start_time_ns <= end:
-            peak = max(peak, running)
-    return peak, missed
-
-
 def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    _init(rank, port)
+    init(rank, port)
     try:
         plan = planner.Plan.from_json(plan_json)
         base = _model()
         inputs = _inputs(rank)
         ref_model = copy.deepcopy(base)
-        ref = _train(_wrap(ref_model, sharding), ref_model, inputs)
+        ref = train(wrap(ref_model, sharding), ref_model, inputs)
         # Everything the planned rank holds is allocated inside the profiled session,
         # so frees of it are seen too (frees of older memory are not reported).
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             model = copy.deepcopy(base)
-            got = _train(_wrap(runtime.apply(model, plan), sharding), model, inputs, measure="measured_step")
-            _assert_same_grads(ref[0], got[0], f"rank {rank} step 1")
-            _assert_same_grads(ref[1], got[1], f"rank {rank} step 2")
+            got = train(wrap(runtime.apply(model, plan), sharding), model, inputs, measure="measured_step")
+            assert_same_grads(ref[0], got[0], f"rank {rank} step 1")
+            assert_same_grads(ref[1], got[1], f"rank {rank} step 2")
             del model, got
             gc.collect()
-        peak, missed = _window_peak(prof, "measured_step")
+        peak, missed = window_peak(prof, "measured_step")
         result = {"measured": storage_bytes(inputs.values()) + peak, "missed_frees": missed}
         if sharding == "ddp":
             with pytest.raises(TypeError, match="the model itself is wrapped by DistributedDataParallel"):
-                runtime.apply(_wrap(copy.deepcopy(base), sharding), plan)
+                runtime.apply(wrap(copy.deepcopy(base), sharding), plan)
             result["ddp_inside_refused"] = True
         if sharding == "fsdp":
             # fully_shard on the model first, the plan applied to it, also works
             inner_model = copy.deepcopy(base)
-            _wrap(inner_model, sharding)
-            inner = _train(runtime.apply(inner_model, plan), inner_model, inputs)
-            _assert_same_grads(ref[0], inner[0], f"rank {rank} fully_shard(model) then apply, step 1")
-            _assert_same_grads(ref[1], inner[1], f"rank {rank} fully_shard(model) then apply, step 2")
+            wrap(inner_model, sharding)
+            inner = train(runtime.apply(inner_model, plan), inner_model, inputs)
+            assert_same_grads(ref[0], inner[0], f"rank {rank} fully_shard(model) then apply, step 1")
+            assert_same_grads(ref[1], inner[1], f"rank {rank} fully_shard(model) then apply, step 2")
             result["inner_order"] = True
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(result, f)
@@ -262,7 +109,7 @@ def test_planned_module_trains_under_engine_within_budget(single, sharding, frac
         "world_size": WORLD, "sharding": sharding, "optimizer": "adamw", "forward_bytes": engine.forward,
         "backward_bytes": engine.backward, "end_bytes": engine.end, "optimizer_bytes": engine.optimizer,
     }
-    _spawn(_worker, p.to_json(), sharding, str(tmp_path))
+    spawn(_worker, p.to_json(), sharding, str(tmp_path))
     for rank in range(WORLD):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         measured = r["measured"]
