@@ -48,10 +48,43 @@ def solver_backend(time_limit_s: float):
     1.16 returned a given start as "Optimal" under the FLOPs objective, and starts
     did not shorten solves here.)"""
     try:
-        import highspy  # noqa: F401
+        import highspy
     except ImportError:
         return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=_GAP)
+    _swallow_banner(highspy)
     return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=_GAP)
+
+
+_banner_swallowed = False
+
+
+def _swallow_banner(highspy) -> None:
+    """HiGHS prints a banner to the process's stdout (C level, so ``msg=False`` and
+    Python redirection miss it) when the first ``Highs`` object of a process is made;
+    make that one here with file descriptor 1 pointed at /dev/null, so that a
+    program whose stdout carries results (JSON) gets nothing else."""
+    global _banner_swallowed
+    if _banner_swallowed:
+        return
+    _banner_swallowed = True
+    import ctypes
+    import os
+    import sys
+
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # no file descriptor 1 (embedded interpreters)
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+        highspy.Highs()
+        ctypes.CDLL(None).fflush(None)  # the banner may sit in C's stdout buffer
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 #: Memory coefficients below this fraction of the largest step's bytes are dropped.

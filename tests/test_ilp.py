@@ -107,3 +107,24 @@ def test_plan_records_and_checks_the_objective():
     p = planner.plan(model, 1.0, inputs, objective="flops")
     assert p.solver.objective == "flops"
     assert planner.Plan.from_json(p.to_json()).solver.objective == "flops"
+
+
+def test_solving_prints_nothing_to_stdout():
+    """HiGHS prints a banner on its first use in a process (C level); a planner's
+    caller whose stdout carries results must not get it."""
+    pytest.importorskip("highspy")
+    import subprocess
+    import sys
+
+    code = (
+        "import pulp\n"
+        "from planner.ilp import solver_backend\n"
+        "lp = pulp.LpProblem('x', pulp.LpMinimize)\n"
+        "x = lp.add_variable('x', cat='Binary')\n"
+        "lp += x\n"
+        "lp += x >= 1\n"
+        "lp.solve(solver_backend(5.0))\n"
+        "print('solved', x.value())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "solved 1.0\n"
