@@ -152,3 +152,22 @@ def test_verify_matches_eager_and_leaves_the_model_alone(setup):
         torch.testing.assert_close(t, before[k])
     bad = type(v)(**{**v.__dict__, "mismatched": ("head.weight",), "max_grad_diff": 0.5})
     assert not bad.ok and "DIFFER" in bad.summary() and "verdict:   FAILED" in bad.summary()
+
+
+def test_verify_a_per_rank_plan_compares_the_one_process_step(setup):
+    """verify runs one process: a per-rank plan's step is compared with the plan's
+    prediction for the step alone, and the budget check adds the engine's most."""
+    from planner.distributed import Distributed, engine_bytes
+
+    model, inputs, full, _ = setup
+    kw = {"world_size": 2, "sharding": "fsdp", "optimizer": "adamw"}
+    engine = engine_bytes(model, Distributed(**kw))
+    p = planner.plan(model, (engine.held + 0.65 * full.baseline_peak_bytes) / planner.GiB, inputs, **kw)
+    assert p.recomputed
+    v = pi.verify(model, inputs, p)
+    assert v.per_rank and v.predicted_step_bytes < v.predicted_peak_bytes
+    assert abs(v.measured_peak_bytes - v.predicted_step_bytes) <= 0.05 * v.measured_peak_bytes, v.summary()
+    assert v.ok and v.predicted_peak_bytes <= v.checked_peak_bytes <= p.budget_bytes, v.summary()
+    assert "without the engine" in v.summary() and "per rank:" in v.summary()
+    over = type(v)(**{**v.__dict__, "measured_peak_bytes": v.predicted_step_bytes + p.budget_bytes})
+    assert not over.within_budget and "OVER budget" in over.summary()
