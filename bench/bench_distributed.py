@@ -30,9 +30,10 @@ sys.path.insert(0, str(ROOT / "tests"))  # the measurement harness shared with t
 
 import planner  # noqa: E402
 import runtime  # noqa: E402
-from dist_harness import WORLD, assert_same_grads, init, spawn, train, window_peak, wrap  # noqa: E402
+from dist_harness import WORLD, assert_same_grads, init, spawn, train, wrap  # noqa: E402
 from planner.distributed import Distributed, engine_bytes  # noqa: E402
 from profiles import storage_bytes  # noqa: E402
+from profiles.memory import allocator_peak  # noqa: E402
 
 
 def build(layers: int):
@@ -52,7 +53,7 @@ def inputs_for(rank: int):
 
 
 def _measured(prof, region: str, inputs) -> int:
-    peak, _ = window_peak(prof, region)
+    peak, _ = allocator_peak(prof, region=region)
     return storage_bytes([v for v in inputs.values() if isinstance(v, torch.Tensor)]) + peak
 
 

@@ -1,8 +1,9 @@
 """Measure the peak memory of a piece of work, independently of the planner.
 
 On CPU: run it under ``torch.profiler`` with ``profile_memory=True``; allocator
-events (``[memory]``) carry signed byte counts; their running sum's maximum is the
-peak above what was live before. On a GPU: ``torch.cuda.max_memory_allocated``.
+events carry signed byte counts; their running sum's maximum is the peak above
+what was live before (:func:`allocator_peak`). On a GPU:
+``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["measure_peak", "storage_bytes"]
+__all__ = ["measure_peak", "allocator_peak", "running_peak", "storage_bytes"]
 
 
 def storage_bytes(tensors: Iterable[Any]) -> int:
@@ -45,13 +46,62 @@ def measure_peak(fn: Callable[[], Any], *, device: torch.device | str = "cpu") -
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
-    # Raw allocator records: each ``[memory]`` event is one allocation (+) or free (-).
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    running = peak = 0
-    for e in events:
-        if e.device_type() != torch.autograd.DeviceType.CPU:
-            continue
-        running += e.nbytes()
-        peak = max(peak, running)
+    peak, _ = allocator_peak(prof)
     return peak, result
+
+
+def _walk(events):
+    stack = list(events)
+    while stack:
+        e = stack.pop()
+        yield e
+        stack.extend(e.children)
+
+
+def allocator_peak(prof, *, region: str | None = None) -> tuple[int, int]:
+    """Peak of the running sum of a finished ``torch.profiler`` session's CPU allocator
+    events (within the ``record_function`` named ``region``, when given), and how
+    many frees the profiler evidently missed.
+
+    The profiler reports an allocator event only on a thread it profiles: a block
+    freed on another thread (a collective's worker, an intra-op pool) would look
+    held for the rest of the session. Blocks are followed by address: one allocated
+    where a live block still is proves the older was freed unseen; it leaves the
+    sum from that point on (an upper bound stays an upper bound).
+    """
+    tree = list(_walk(prof.profiler.kineto_results.experimental_event_tree()))
+    start, end = -1, float("inf")
+    if region is not None:
+        mark = next((e for e in tree if e.name == region), None)
+        if mark is None:
+            raise ValueError(f"no record_function named {region!r} in this profile")
+        start, end = mark.start_time_ns, mark.end_time_ns
+    allocation = torch._C._profiler._EventType.Allocation
+    events = [
+        (e.start_time_ns, e.extra_fields.ptr, e.extra_fields.alloc_size)
+        for e in tree
+        if e.tag == allocation and e.extra_fields.device.type == "cpu"
+    ]
+    return running_peak(events, start=start, end=end)
+
+
+def running_peak(events, *, start: float = -1, end: float = float("inf")) -> tuple[int, int]:
+    """``(peak, missed frees)`` of allocator events ``(time_ns, address, signed bytes)``:
+    the running sum's maximum over events timed within ``[start, end]``; see
+    :func:`allocator_peak` for how missed frees are found."""
+    live: dict[int, int] = {}
+    running = peak = missed = 0
+    for t, ptr, size in sorted(events, key=lambda e: e[0]):
+        if size > 0:
+            if ptr in live:
+                running -= live.pop(ptr)
+                missed += 1
+            live[ptr] = size
+            running += size
+        elif ptr in live:
+            running -= live.pop(ptr)
+        else:
+            running += size  # a free of a block allocated before the session
+        if start <= t <= end:
+            peak = max(peak, running)
+    return peak, missed

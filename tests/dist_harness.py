@@ -2,7 +2,8 @@
 
 Shared by ``tests/test_distributed.py`` and ``bench/bench_distributed.py``: the
 engines (DDP, FSDP2) set up so that the profiler sees every free, two training
-steps with AdamW in between, and the peak of a measured region.
+steps with AdamW in between (the peak of a measured region:
+``profiles.memory.allocator_peak``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
 from helpers import run_step
 
-__all__ = ["WORLD", "free_port", "init", "spawn", "wrap", "local_grads", "assert_same_grads", "train", "window_peak"]
+__all__ = ["WORLD", "free_port", "init", "spawn", "wrap", "local_grads", "assert_same_grads", "train"]
 
 WORLD = 2
 
@@ -39,7 +40,7 @@ def free_port() -> int:
 # of the reduce-scatter input that gloo's work holds. Two test-only changes make
 # the frees land on the rank's own thread without changing what is allocated or
 # when it is freed, and the measurement corrects for any free still missed when
-# the block's address is reused (``_window_peak``):
+# the block's address is reused (``profiles.memory.allocator_peak``):
 # - gloo with one worker thread (stock gloo uses two), so the collectives of a rank
 #   run one after another, each released before the next starts;
 # - FSDP2's own reduce-scatter (the same dist call as its default), followed by a
@@ -132,43 +133,3 @@ def train(wrapped, model, inputs, *, measure: str = ""):
     else:
         run_step(wrapped, inputs, seed=11)
     return first, local_grads(model)
-
-
-def _walk(events):
-    for e in events:
-        yield e
-        yield from _walk(e.children)
-
-
-def window_peak(prof, region: str) -> tuple[int, int]:
-    """Peak of the running sum of allocator events during the ``region`` record_function,
-    and how many frees the profiler evidently missed.
-
-    Blocks are followed by address: a block allocated where a live one still is
-    proves the older one was freed unseen (on a thread the profiler does not see);
-    it is then dropped from the sum, from that point on.
-    """
-    tree = list(_walk(prof.profiler.kineto_results.experimental_event_tree()))
-    mark = next(e for e in tree if e.name == region)
-    start, end = mark.start_time_ns, mark.end_time_ns
-    allocations = sorted(
-        (e for e in tree if e.tag == torch._C._profiler._EventType.Allocation and e.extra_fields.device.type == "cpu"),
-        key=lambda e: e.start_time_ns,
-    )
-    live: dict[int, int] = {}
-    running = peak = missed = 0
-    for e in allocations:
-        f = e.extra_fields
-        if f.alloc_size > 0:
-            if f.ptr in live:
-                running -= live.pop(f.ptr)
-                missed += 1
-            live[f.ptr] = f.alloc_size
-            running += f.alloc_size
-        elif f.ptr in live:
-            running -= live.pop(f.ptr)
-        if start <= e.start_time_ns <= end:
-            peak = max(peak, running)
-    return peak, missed
-
-

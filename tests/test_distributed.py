@@ -26,12 +26,13 @@ import runtime
 from helpers import ResidualNet
 from planner.distributed import Distributed, engine_bytes
 from profiles import storage_bytes
+from profiles.memory import allocator_peak
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available in this torch build", allow_module_level=True)
 
-from dist_harness import WORLD, assert_same_grads, init, spawn, train, window_peak, wrap  # noqa: E402
+from dist_harness import WORLD, assert_same_grads, init, spawn, train, wrap  # noqa: E402
 
 
 def _model():
@@ -63,7 +64,7 @@ def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str) -
             assert_same_grads(ref[1], got[1], f"rank {rank} step 2")
             del model, got
             gc.collect()
-        peak, missed = window_peak(prof, "measured_step")
+        peak, missed = allocator_peak(prof, region="measured_step")
         result = {"measured": storage_bytes(inputs.values()) + peak, "missed_frees": missed}
         if sharding == "ddp":
             with pytest.raises(TypeError, match="the model itself is wrapped by DistributedDataParallel"):
