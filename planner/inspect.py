@@ -547,7 +547,8 @@ class Verification:
             ]
         lines = [
             *peak,
-            f"eager:     measured {format_bytes(self.eager_peak_bytes)} (the plan's no-checkpoint peak: {format_bytes(self.baseline_peak_bytes)})",
+            f"eager:     measured {format_bytes(self.eager_peak_bytes)} (the plan's no-checkpoint peak"
+            f"{' per rank' if self.per_rank else ''}: {format_bytes(self.baseline_peak_bytes)})",
             f"FLOPs:     step {format_flops(self.measured_step_flops)} measured, {format_flops(self.plan_total_flops)} planned; "
             f"recomputed {rec} in the backward graph, {format_flops(self.plan_recompute_flops)} planned",
             f"loss:      planned {self.loss_planned:.6g}, eager {self.loss_eager:.6g}",
