@@ -7,7 +7,7 @@ optimum over the planner's decision space. The ILP (``solver="ilp"``), sqrt(L)
 and ``auto`` plans are compared with it at budgets from the lowest reachable peak
 to the no-recompute peak, under the default objective (estimated recompute time).
 
-    python bench/bench_optimality.py [--blocks 2] [--points 8]
+    python bench/bench_optimality.py [--model residual|gated] [--blocks 2] [--points 8]
 """
 
 from __future__ import annotations
@@ -40,13 +40,36 @@ class Net(nn.Module):
         return self.head(x).square().mean()
 
 
+class Gated(nn.Module):
+    """Pre-norm gated blocks ``x + gelu(a(ln(x))) * sigmoid(b(ln(x)))``, dropout on
+    the gate (its output is never recomputed), and a head; the loss inside."""
+
+    def __init__(self, d: int = 64, blocks: int = 1):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(blocks))
+        self.a = nn.ModuleList(nn.Linear(d, d) for _ in range(blocks))
+        self.b = nn.ModuleList(nn.Linear(d, d) for _ in range(blocks))
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x):
+        for norm, a, b in zip(self.norms, self.a, self.b):
+            h = norm(x)
+            x = x + self.drop(nn.functional.gelu(a(h)) * torch.sigmoid(b(h)))
+        return self.head(x).square().mean()
+
+
+MODELS = {"residual": Net, "gated": Gated}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="residual")
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--points", type=int, default=8, help="budgets between the lowest peak and the no-recompute peak")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    model, x = Net(blocks=args.blocks), torch.randn(256, 64)
+    model, x = MODELS[args.model](blocks=args.blocks).train(), torch.randn(256, 64)
     gp = profile_graph(capture(model, (x,)))
     prob = build_problem(gp)
     cands = sorted(prob.can_recompute)
@@ -59,7 +82,7 @@ def main(argv=None) -> int:
     margin = SAFETY["cpu"]
     base = prob.evaluate(frozenset()).sim.peak_bytes
     low = min(e.sim.peak_bytes for e in evs)
-    print(f"{args.blocks} blocks, d=64, batch 256: {len(gp.gm.graph.nodes)} joint nodes, {len(cands)} recomputable values, "
+    print(f"{args.model}, {args.blocks} blocks, d=64, batch 256: {len(gp.gm.graph.nodes)} joint nodes, {len(cands)} recomputable values, "
           f"{len(evs)} subsets simulated in {enum_s:.0f} s; no-recompute peak {base} B, lowest peak {low} B")
     print("| budget (B) | optimum (us) | ilp (us) | ilp / optimum | sqrt (us) | auto (us) | ilp solve (s) |")
     print("|---|---|---|---|---|---|---|")
