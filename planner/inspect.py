@@ -240,9 +240,15 @@ def _headline(plan: Plan) -> list[tuple[str, str]]:
     solver = f"{plan.solver.name}: {plan.solver.status} in {plan.solver.seconds:.2f} s"
     if plan.solver.calls > 1:
         solver += f" ({plan.solver.calls} calls)"
+    budget = format_bytes(plan.budget_bytes)
+    d = plan.distributed
+    if d:
+        budget += (f" per rank of {d['world_size']} ({d['sharding']}, optimizer {d['optimizer']}; the engine adds "
+                   f"{format_bytes(d['forward_bytes'])} in forward, {format_bytes(d['backward_bytes'])} in backward, "
+                   f"{format_bytes(d['end_bytes'])} while gradients are reduced)")
     return [
         ("model", f"{plan.model.get('class', '?')} (fingerprint {plan.fingerprint or '?'}), target {plan.target}"),
-        ("budget", format_bytes(plan.budget_bytes)),
+        ("budget", budget),
         ("predicted peak", f"{format_bytes(plan.predicted_peak_bytes)} ({_pct(plan.predicted_peak_bytes, plan.budget_bytes)} of the budget)"),
         ("no-checkpoint peak", f"{format_bytes(plan.baseline_peak_bytes)} (the plan's peak is {format_bytes(plan.baseline_peak_bytes - plan.predicted_peak_bytes)} lower)"),
         ("params+buffers+inputs", format_bytes(plan.static_bytes)),

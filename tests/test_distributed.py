@@ -203,5 +203,7 @@ def test_cli_plans_per_rank(tmp_path, capsys):
     assert p.distributed["world_size"] == 2 and p.distributed["sharding"] == "fsdp" and p.distributed["optimizer"] == "adamw"
     assert p.predicted_peak_bytes <= p.budget_bytes
     capsys.readouterr()
+    assert main(["show", str(out)]) == 0
+    assert "per rank of 2 (fsdp, optimizer adamw; the engine adds" in capsys.readouterr().out
     assert main(["plan", factory, "--budget-gb", "0.01", "--world-size", "2", "-q"]) == 2
     assert "needs sharding='ddp' or sharding='fsdp'" in capsys.readouterr().err
