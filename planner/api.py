@@ -334,33 +334,60 @@ def _better(a: tuple, b: tuple, rel: float) -> bool:
     return False
 
 
+#: Minimum-memory ILP paths tried by ``_lowest``: the plain one; when its lowest
+#: peak is within 5% of the best found (sqrt(L)'s included), one whose tie-breaking
+#: weights are perturbed, then more for as long as each lowers the best peak (at
+#: most this many). On GPT-2 the plain path's lowest is 20-100% above sqrt(L)'s and
+#: no other path is tried. The linear memory model misjudges some recomputed
+#: values' lifetimes, so where a path settles depends on near-ties; on the
+#: benchmark ResNet the first perturbed path reached 90.1 MiB where the plain one
+#: settled at 97.9.
+_LOWEST_PATHS = 5
+
+
 def _lowest(prob: Problem, time_limit_s: float) -> tuple[Evaluation, SolverInfo]:
-    """The lowest-peak plan found by the ILP (minimising memory) and sqrt(L). The
-    same whatever was solved before, and whatever the objective (the ILP breaks
-    ties between equally low peaks by recompute time)."""
+    """The lowest-peak plan found by the ILP (minimising memory, several paths) and
+    sqrt(L). The same whatever was solved before, and whatever the objective (the ILP
+    breaks ties between equally low peaks by recompute time)."""
     start = time.perf_counter()
     options: list[tuple[Evaluation, str]] = []
-    prob.reset_intervals()
-    prob.ilp_rows.clear()
-    objective, prob.objective = prob.objective, "time"
-    try:
-        for _ in range(8):  # refine the ILP's live intervals from each exact schedule
-            remaining = time_limit_s - (time.perf_counter() - start)
-            if remaining <= 0.5:
-                break
-            res = solve_ilp(prob, None, time_limit_s=remaining, minimize_memory=True)
-            if res.recompute is None:
-                break
-            ev = prob.evaluate(res.recompute)
-            options.append((ev, f"ilp minimum memory: {res.status}"))
-            if not prob.refine(ev):
-                break
-    finally:
-        prob.objective = objective
     sq = solve_sqrt(prob, None)
     if sq.evaluation is not None:
         options.append((sq.evaluation, f"sqrt minimum memory, {sq.segments} segments"))
     options.append((prob.evaluate(frozenset(prob.can_recompute)), "recompute everything"))
+    objective, prob.objective = prob.objective, "time"
+    try:
+        best_peak = None
+        for path in range(_LOWEST_PATHS):
+            if time_limit_s - (time.perf_counter() - start) <= 0.5:
+                break
+            lowest = min(o[0].sim.peak_bytes for o in options)
+            if path == 1:
+                ilp_lowest = min((o[0].sim.peak_bytes for o in options if o[1].startswith("ilp")), default=None)
+                if ilp_lowest is None or ilp_lowest > 1.05 * lowest:
+                    break  # the ILP's memory model is far off here: other paths will not win
+            elif path >= 2 and lowest == best_peak:
+                break  # the last path found nothing lower
+            best_peak = lowest
+            prob.reset_intervals()
+            prob.ilp_rows.clear()
+            prob.tie_break_seed = None if path == 0 else path
+            for _ in range(8):  # refine the ILP's live intervals from each exact schedule
+                remaining = time_limit_s - (time.perf_counter() - start)
+                if remaining <= 0.5:
+                    break
+                res = solve_ilp(prob, None, time_limit_s=remaining, minimize_memory=True)
+                if res.recompute is None:
+                    break
+                ev = prob.evaluate(res.recompute)
+                options.append((ev, f"ilp minimum memory: {res.status}" + (f", path {path}" if path else "")))
+                if not prob.refine(ev):
+                    break
+    finally:
+        prob.objective = objective
+        prob.tie_break_seed = None
+        prob.reset_intervals()
+        prob.ilp_rows.clear()
     ev, how = min(options, key=lambda o: (o[0].sim.peak_bytes, o[0].cost_s))
     name = "ilp" if how.startswith("ilp") else "sqrt"
     return ev, SolverInfo(name=name, status=how, seconds=time.perf_counter() - start, calls=len(options))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import operator
+import random
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,6 +85,9 @@ class Problem:
     objective: str = "time"
     #: Per-rank bytes a data-parallel engine adds to each phase (None: one process).
     engine: EngineBytes | None = None
+    #: When set, the ILP's objective weights are perturbed by a fixed pseudo-random
+    #: amount (deterministic per seed): another path through near-ties.
+    tie_break_seed: int | None = None
     #: Dense memory rows the ILP has needed so far (kept for later solves).
     ilp_rows: set[int] = field(default_factory=set)
     _cache: dict = field(default_factory=dict)
@@ -113,12 +117,16 @@ class Problem:
         return rank_key(self.objective, flops=ev.flops, time_s=ev.cost_s)
 
     def weights(self) -> dict[str, float]:
-        """The ILP's objective coefficient per forward node (normalised)."""
+        """The ILP's objective coefficient per forward node (normalised); each scaled
+        by up to 5% when ``tie_break_seed`` is set (see :func:`planner.api._lowest`)."""
         total_time = sum(self.cost.values()) or 1.0
         w = {n: c / total_time for n, c in self.cost.items()}
         if self.objective == "flops":
             total_flops = sum(self.flops.values()) or 1
             w = {n: self.flops[n] / total_flops + 1e-3 * w[n] for n in w}
+        if self.tie_break_seed is not None:
+            rng = random.Random(self.tie_break_seed)
+            w = {n: w[n] * (1 + 0.05 * rng.random()) for n in sorted(w)}
         return w
 
     def reset_intervals(self) -> None:
