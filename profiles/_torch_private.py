@@ -45,6 +45,8 @@ __all__ = [
     "graph_break_info",
     "real_tensors",
     "profiler_active",
+    "allocator_events",
+    "record_function_span",
     "fake_tensor_mode",
     "no_ddp_graph_split",
 ]
@@ -159,6 +161,35 @@ def profiler_active() -> bool:
     """Whether a ``torch.profiler``/autograd profiler session is running: a nested
     session would end the caller's. Private: the only query torch offers."""
     return bool(torch._C._autograd._profiler_enabled())
+
+
+def _event_tree(prof):
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        yield e
+        stack.extend(e.children)
+
+
+def allocator_events(prof) -> list[tuple[int, int, int]]:
+    """``(start ns, address, signed bytes)`` of every CPU allocator event of a
+    finished ``torch.profiler`` session (``profile_memory=True``). Private: the
+    public events carry no addresses; the result's event tree does."""
+    allocation = torch._C._profiler._EventType.Allocation
+    return [
+        (e.start_time_ns, e.extra_fields.ptr, e.extra_fields.alloc_size)
+        for e in _event_tree(prof)
+        if e.tag == allocation and e.extra_fields.device.type == "cpu"
+    ]
+
+
+def record_function_span(prof, name: str) -> tuple[int, int] | None:
+    """``(start ns, end ns)`` of the first ``record_function(name)`` range of a finished
+    ``torch.profiler`` session, on the clock of :func:`allocator_events`; None if absent."""
+    for e in _event_tree(prof):
+        if e.name == name:
+            return e.start_time_ns, e.end_time_ns
+    return None
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

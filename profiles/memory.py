@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ._torch_private import allocator_events, record_function_span
+
 __all__ = ["measure_peak", "allocator_peak", "running_peak", "storage_bytes"]
 
 
@@ -50,14 +52,6 @@ def measure_peak(fn: Callable[[], Any], *, device: torch.device | str = "cpu") -
     return peak, result
 
 
-def _walk(events):
-    stack = list(events)
-    while stack:
-        e = stack.pop()
-        yield e
-        stack.extend(e.children)
-
-
 def allocator_peak(prof, *, region: str | None = None) -> tuple[int, int]:
     """Peak of the running sum of a finished ``torch.profiler`` session's CPU allocator
     events (within the ``record_function`` named ``region``, when given), and how
@@ -69,20 +63,13 @@ def allocator_peak(prof, *, region: str | None = None) -> tuple[int, int]:
     where a live block still is proves the older was freed unseen; it leaves the
     sum from that point on (an upper bound stays an upper bound).
     """
-    tree = list(_walk(prof.profiler.kineto_results.experimental_event_tree()))
     start, end = -1, float("inf")
     if region is not None:
-        mark = next((e for e in tree if e.name == region), None)
-        if mark is None:
+        span = record_function_span(prof, region)
+        if span is None:
             raise ValueError(f"no record_function named {region!r} in this profile")
-        start, end = mark.start_time_ns, mark.end_time_ns
-    allocation = torch._C._profiler._EventType.Allocation
-    events = [
-        (e.start_time_ns, e.extra_fields.ptr, e.extra_fields.alloc_size)
-        for e in tree
-        if e.tag == allocation and e.extra_fields.device.type == "cpu"
-    ]
-    return running_peak(events, start=start, end=end)
+        start, end = span
+    return running_peak(allocator_events(prof), start=start, end=end)
 
 
 def running_peak(events, *, start: float = -1, end: float = float("inf")) -> tuple[int, int]:
