@@ -131,7 +131,7 @@ def plan(
     model_info = {
         "fingerprint": captured.fingerprint,
         "class": type(model).__name__,
-        "inputs": _describe_inputs(args, kwargs),
+        "inputs": describe_inputs(args, kwargs),
         "structure": captured.structure,
         "graph": captured.node_digests,
         "parameters": parameter_signature(model),
@@ -176,9 +176,6 @@ def plan(
         return second if second_cost < first_cost else first
     finally:
         captured.drop_tensors()
-
-
-_describe_inputs = describe_inputs
 
 
 def check_target(model: torch.nn.Module, target: str | None) -> None:
