@@ -74,7 +74,8 @@ def test_meta_model_refuses_measured_times():
 
 
 def _llama(device: str):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     transformers.logging.set_verbosity_error()
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=4, vocab_size=256, max_position_embeddings=128)

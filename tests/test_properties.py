@@ -30,9 +30,8 @@ from planner.problem import build_problem
 from profiles import capture, profile_graph
 from profiles.signature import describe_inputs, parameter_signature
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, example, given, note, settings
+from hypothesis import strategies as st
 
 # When an example fails, hypothesis' pytest plugin imports libcst to suggest a patch,
 # and libcst's import warns (DeprecationWarning from mypy_extensions); under -W error
@@ -143,7 +142,7 @@ PROPS = settings(
 @given(seed=st.integers(0, 2**31 - 1))
 def test_applied_plans_are_exact_within_budget_and_predicted(seed):
     model, inputs = _model(seed)
-    hypothesis.note(f"blocks: {model.spec}")
+    note(f"blocks: {model.spec}")
     gp, info = _profiled(model, inputs)
     baseline = planner.plan_profile(gp, 2**40, model_info=info).baseline_peak_bytes
     # 1.0: exactly the no-recomputation peak, where a plan keeps no safety margin (seed 1
@@ -171,13 +170,14 @@ def test_solvers_stay_within_budget_ilp_no_costlier_deterministic_round_trip(see
         found = {}
         for solver in ("sqrt", "ilp"):
             try:
-                found[solver] = planner.plan_profile(gp, budget, solver=solver, model_info=info)
-            except planner.BudgetTooSmall:
-                continue
-            p = found[solver]
-            peak = check.evaluate(frozenset(p.recomputed)).sim.peak_bytes
-            assert peak == p.predicted_peak_bytes <= budget, (seed, solver, fraction, peak, budget)
-            assert planner.Plan.from_json(p.to_json()) == p
+                p = planner.plan_profile(gp, budget, solver=solver, model_info=info)
+            except planner.BudgetTooSmall as e:
+                assert e.min_budget_bytes > budget, (seed, solver, fraction, e.min_budget_bytes, budget)
+            else:
+                found[solver] = p
+                peak = check.evaluate(frozenset(p.recomputed)).sim.peak_bytes
+                assert peak == p.predicted_peak_bytes <= budget, (seed, solver, fraction, peak, budget)
+                assert planner.Plan.from_json(p.to_json()) == p
         if "sqrt" in found:
             assert "ilp" in found, f"seed {seed}: ilp found no plan where sqrt did ({fraction})"
             ilp, sq = found["ilp"], found["sqrt"]
