@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ._torch_private import backend_error_cause, graph_break_info
-from .capture import CaptureError
+from .joint import CaptureError
 from .signature import describe_inputs
 
 __all__ = ["GraphBreak", "InputsRejected", "explain_capture_failure"]
