@@ -139,7 +139,7 @@ def backend_error_cause(exc: BaseException) -> BaseException | None:
     seen = exc
     while seen is not None:
         if isinstance(seen, BackendCompilerFailed):
-            return getattr(seen, "inner_exception", None) or seen.__cause__
+            return seen.inner_exception
         seen = seen.__cause__
     return None
 
@@ -147,7 +147,7 @@ def backend_error_cause(exc: BaseException) -> BaseException | None:
 def graph_break_info(exc: BaseException) -> dict | None:
     """Where and why dynamo stopped tracing, when ``exc`` (or its cause) is a graph
     break under ``fullgraph=True``: ``{"file", "line", "function", "code", "reason",
-    "hints"}``; ``None`` for other errors. Private: dynamo's ``Unsupported`` and its
+    "explanation", "hints"}``; ``None`` for other errors. Private: dynamo's ``Unsupported`` and its
     ``real_stack`` of user frames are the only place the break's location is kept."""
     from torch._dynamo.exc import Unsupported
 
@@ -156,17 +156,17 @@ def graph_break_info(exc: BaseException) -> dict | None:
         seen = seen.__cause__
     if seen is None:
         return None
-    stack = list(getattr(seen, "real_stack", None) or [])
+    stack = list(seen.real_stack or [])
     frame = stack[-1] if stack else None
     text = str(seen)
     hints = [line.strip()[len("Hint:"):].strip() for line in text.splitlines() if line.strip().startswith("Hint:")]
-    reason = getattr(seen, "gb_type", None) or (text.splitlines()[0] if text else type(seen).__name__)
+    reason = seen.gb_type or (text.splitlines()[0] if text else type(seen).__name__)
     explanation = next((line.strip()[len("Explanation:"):].strip() for line in text.splitlines() if line.strip().startswith("Explanation:")), "")
     return {
-        "file": getattr(frame, "filename", None),
-        "line": getattr(frame, "lineno", None),
-        "function": getattr(frame, "name", None),
-        "code": (getattr(frame, "line", "") or "").strip(),
+        "file": frame.filename if frame else None,
+        "line": frame.lineno if frame else None,
+        "function": frame.name if frame else None,
+        "code": (frame.line or "").strip() if frame else "",
         "reason": reason,
         "explanation": explanation,
         "hints": hints,
