@@ -7,7 +7,6 @@ model's own error, from an eager call, wrapped with the inputs that were tried).
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 

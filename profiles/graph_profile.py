@@ -17,7 +17,7 @@ import dataclasses
 import operator
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
@@ -104,9 +104,7 @@ def _tensors(val: Any) -> list[torch.Tensor]:
     return [t for t in tree_leaves(val) if isinstance(t, torch.Tensor)]
 
 
-
-
-def count_flops(nodes) -> tuple[dict[str, int], dict[str, str]]:
+def count_flops(nodes: Iterable[fx.Node]) -> tuple[dict[str, int], dict[str, str]]:
     """``(flops, failures)`` of fx ``nodes``: FLOPs of one execution per node name,
     and, for each node whose FLOP formula raised (its FLOPs count as 0), the error.
     Warns :class:`FlopCountWarning` once per operator that failed, naming its nodes."""
