@@ -7,7 +7,6 @@ model's own error, from an eager call, wrapped with the inputs that were tried).
 
 from __future__ import annotations
 
-
 import torch
 
 from ._torch_private import backend_error_cause, graph_break_info
