@@ -674,7 +674,7 @@ def _recompute_flops_run(wrapped, plan: Plan) -> int | None:
     """FLOPs of the plan's recomputed values in the backward graph the runtime compiled."""
     graphs = getattr(wrapped, "compiled_graphs", None)
     try:
-        from profiles.graph_profile import _flops
+        from profiles.nodes import node_flops as _flops
     except ImportError:  # pragma: no cover - the profiler's internals moved
         return None
     if not graphs:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from profiles.capture import JointGraph
+from profiles.joint import JointGraph
 
 from .partition import emit_just_in_time, forward_node_names, required_saved
 

@@ -4,11 +4,13 @@ Also holds device profiles (``profiles/devices/*.json``) for estimating times on
 a device you don't have, and :func:`measure_peak` for measuring real peaks.
 """
 
-from .capture import CaptureError, JointGraph, capture, graph_fingerprint, normalize_inputs
+from .capture import capture, normalize_inputs
 from .capture_errors import GraphBreak, InputsRejected
 from .device import DeviceProfile, available_targets, load_device_profile
-from .graph_profile import GraphProfile, NodeInfo, profile_graph
+from .graph_profile import FlopCountWarning, GraphProfile, NodeInfo, profile_graph
+from .joint import CaptureError, JointGraph
 from .memory import measure_peak, storage_bytes
+from .signature import graph_fingerprint
 
 __all__ = [
     "capture",
@@ -21,6 +23,7 @@ __all__ = [
     "profile_graph",
     "GraphProfile",
     "NodeInfo",
+    "FlopCountWarning",
     "DeviceProfile",
     "load_device_profile",
     "available_targets",

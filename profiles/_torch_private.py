@@ -4,39 +4,31 @@ Why: torch.compile's AOTAutograd is the only way to get one joint forward+backwa
 graph of an arbitrary model (dynamo handles data-dependent Python, tied weights
 and buffers), and choosing what forward saves for backward is only exposed
 through its private ``partition_fn`` hook and ``_extract_fwd_bwd_modules``. A
-torch upgrade that moves these names is a one-file change here.
+torch upgrade that moves these names is a one-file change here. Each import and
+function below says why it needs a private name.
 """
 
 from __future__ import annotations
 
 import torch
 from torch._dynamo.backends.common import aot_autograd  # private: backend factory with partition_fn
-from torch._functorch.partitioners import (  # private: the partitioner's building block
+from torch._functorch.partitioners import (  # private: the partitioner's building blocks
     _extract_fwd_bwd_modules as extract_fwd_bwd_modules,
+    default_partition,  # private: AOTAutograd's own partition, run after the joint graph is recorded
 )
-from torch.fx.graph import CodeGen
-
-
-class _BoxedCodeGen(CodeGen):
-    """Generated ``forward(self, args_list)`` that takes its inputs out of the list
-    and clears it, so each input is freed after its last use (the convention
-    AOTAutograd's runtime calls "boxed"; torch 2.12+ ships the same as
-    ``torch.fx.graph._BoxedCodeGen``, written out here for older versions)."""
-
-    def gen_fn_def(self, free_vars, maybe_return_annotation, **kwargs):
-        name = getattr(self, "_func_name", "forward")
-        fn_def = f"def {name}(self, args_list){maybe_return_annotation}:"
-        names = [v.split(":")[0].split("=")[0].strip() for v in free_vars if v != "self"]
-        if names:
-            fn_def += "\n    args_iter = iter(args_list)"
-            for var in names:
-                fn_def += f"\n    {var} = next(args_iter)"
-            fn_def += "\n    args_list.clear()"
-        return fn_def
+from torch._ops import OpOverload  # private module: the type of every ``torch.ops`` overload in a graph
+from torch.fx.graph import _BoxedCodeGen  # private: codegen of AOTAutograd's boxed calling convention
+from torch.multiprocessing.reductions import StorageWeakRef  # private: the hashable identity of a storage
+from torch.utils._pytree import (  # private: torch has no public pytree; fx args and meta values are its containers
+    tree_leaves,
+    tree_map,
+    tree_map_only,
+)
 
 __all__ = [
     "aot_autograd",
     "copy_graph_module",
+    "default_partition",
     "extract_fwd_bwd_modules",
     "make_boxed",
     "allow_recompiles",
@@ -47,9 +39,44 @@ __all__ = [
     "profiler_active",
     "allocator_events",
     "record_function_span",
+    "record_function_ranges",
+    "profiler_cpu_memory_events",
     "fake_tensor_mode",
     "no_ddp_graph_split",
+    "is_op_overload",
+    "is_random_op",
+    "op_is_mutable",
+    "storage_key",
+    "tree_leaves",
+    "tree_map",
+    "tree_map_only",
 ]
+
+
+def is_op_overload(target) -> bool:
+    """Whether an fx node's ``target`` is a ``torch.ops`` operator overload (aten or a
+    custom op such as ``planner_rng``), not a higher-order op or a Python callable.
+    Private: ``OpOverload`` lives in ``torch._ops``; torch exports no public name for it."""
+    return isinstance(target, OpOverload)
+
+
+def is_random_op(target) -> bool:
+    """Whether ``target`` is an operator overload tagged ``nondeterministic_seeded``:
+    it draws from a random generator, so running it again gives other numbers."""
+    return isinstance(target, OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
+
+
+def op_is_mutable(target: OpOverload) -> bool:
+    """Whether operator overload ``target`` mutates one of its arguments. Private: the
+    overload's schema is only reachable as ``OpOverload._schema``."""
+    return target._schema.is_mutable
+
+
+def storage_key(tensor: torch.Tensor) -> StorageWeakRef:
+    """A hashable key equal for two tensors exactly when they share a storage; works
+    for fake tensors (which have no data pointer). Private: ``StorageWeakRef`` is
+    the key AOTAutograd's own alias analysis uses."""
+    return StorageWeakRef(tensor.untyped_storage())
 
 
 def fake_tensor_mode():
@@ -65,7 +92,7 @@ def fake_tensor_mode():
 def make_boxed(gm: torch.fx.GraphModule):
     """Return ``gm`` as a boxed callable: it takes one list and clears it, so each
     input is freed after its last use instead of living until the call returns."""
-    gm.graph.set_codegen(_BoxedCodeGen())
+    gm.graph.set_codegen(_BoxedCodeGen())  # private: the codegen AOTAutograd's own boxed graphs use
     gm.recompile()
     forward = gm.forward
 
@@ -92,19 +119,17 @@ def allow_recompiles(count: int = 256) -> None:
     compiles the same ``forward`` code object again with another backend; past
     the default limit of 8 dynamo would silently fall back to eager."""
     cfg = torch._dynamo.config
-    if hasattr(cfg, "recompile_limit"):
-        cfg.recompile_limit = max(cfg.recompile_limit, count)
-        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, count * 4)
-    else:  # older name
-        cfg.cache_size_limit = max(cfg.cache_size_limit, count)
+    cfg.recompile_limit = max(cfg.recompile_limit, count)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, count * 4)
     # Logging calls inside forward (Hugging Face's ``logger.warning_once``) would
-    # break the graph; inside compiled regions they become no-ops instead.
+    # break the graph; inside compiled regions they become no-ops instead. The
+    # ``*_once`` and ``warning_advice`` methods exist once transformers has added them.
     import logging
 
     for name in ("debug", "info", "warning", "warn", "warning_once", "info_once", "warning_advice"):
         fn = getattr(logging.Logger, name, None)
         if fn is not None:
-            getattr(cfg, "ignore_logging_functions", getattr(cfg, "ignore_logger_methods", set())).add(fn)
+            cfg.ignore_logging_functions.add(fn)
 
 
 def backend_error_cause(exc: BaseException) -> BaseException | None:
@@ -114,7 +139,7 @@ def backend_error_cause(exc: BaseException) -> BaseException | None:
     seen = exc
     while seen is not None:
         if isinstance(seen, BackendCompilerFailed):
-            return getattr(seen, "inner_exception", None) or seen.__cause__
+            return seen.inner_exception
         seen = seen.__cause__
     return None
 
@@ -122,7 +147,7 @@ def backend_error_cause(exc: BaseException) -> BaseException | None:
 def graph_break_info(exc: BaseException) -> dict | None:
     """Where and why dynamo stopped tracing, when ``exc`` (or its cause) is a graph
     break under ``fullgraph=True``: ``{"file", "line", "function", "code", "reason",
-    "hints"}``; ``None`` for other errors. Private: dynamo's ``Unsupported`` and its
+    "explanation", "hints"}``; ``None`` for other errors. Private: dynamo's ``Unsupported`` and its
     ``real_stack`` of user frames are the only place the break's location is kept."""
     from torch._dynamo.exc import Unsupported
 
@@ -131,17 +156,17 @@ def graph_break_info(exc: BaseException) -> dict | None:
         seen = seen.__cause__
     if seen is None:
         return None
-    stack = list(getattr(seen, "real_stack", None) or [])
+    stack = list(seen.real_stack or [])
     frame = stack[-1] if stack else None
     text = str(seen)
     hints = [line.strip()[len("Hint:"):].strip() for line in text.splitlines() if line.strip().startswith("Hint:")]
-    reason = getattr(seen, "gb_type", None) or (text.splitlines()[0] if text else type(seen).__name__)
+    reason = seen.gb_type or (text.splitlines()[0] if text else type(seen).__name__)
     explanation = next((line.strip()[len("Explanation:"):].strip() for line in text.splitlines() if line.strip().startswith("Explanation:")), "")
     return {
-        "file": getattr(frame, "filename", None),
-        "line": getattr(frame, "lineno", None),
-        "function": getattr(frame, "name", None),
-        "code": (getattr(frame, "line", "") or "").strip(),
+        "file": frame.filename if frame else None,
+        "line": frame.lineno if frame else None,
+        "function": frame.name if frame else None,
+        "code": (frame.line or "").strip() if frame else "",
         "reason": reason,
         "explanation": explanation,
         "hints": hints,
@@ -190,6 +215,32 @@ def record_function_span(prof, name: str) -> tuple[int, int] | None:
         if e.name == name:
             return e.start_time_ns, e.end_time_ns
     return None
+
+
+def _kineto_events(prof) -> list:
+    """The events of a finished ``torch.profiler`` session, by start time. Private:
+    ``kineto_results`` is the only place that gives allocator events' byte counts
+    on the same clock as ``record_function`` ranges."""
+    return sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
+
+
+def record_function_ranges(prof, prefix: str) -> list[tuple[int, int, str]]:
+    """``(start ns, end ns, name without prefix)`` of every ``record_function`` range
+    of a finished ``torch.profiler`` session whose name starts with ``prefix``, by start."""
+    ranges = []
+    for e in _kineto_events(prof):
+        name = e.name()
+        if name.startswith(prefix):
+            ranges.append((e.start_ns(), e.start_ns() + e.duration_ns(), name[len(prefix):]))
+    return ranges
+
+
+def profiler_cpu_memory_events(prof) -> list[tuple[int, int]]:
+    """``(start ns, signed bytes)`` of every CPU allocator event of a finished
+    ``torch.profiler`` session (``profile_memory=True``), by time, on the clock of
+    :func:`record_function_ranges`."""
+    cpu = torch.autograd.DeviceType.CPU
+    return [(e.start_ns(), e.nbytes()) for e in _kineto_events(prof) if e.name() == "[memory]" and e.device_type() == cpu]
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -72,6 +72,31 @@ def _describe(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
 
 
+def _matmul_peaks(time_it, device: torch.device, n: int, dtypes: Sequence[str], repeats: int, where: str, say) -> tuple[dict[str, float], dict[str, str]]:
+    """``(peak FLOP/s, sources)`` by dtype name, from an ``n x n`` matmul per dtype;
+    a dtype the device cannot multiply is left out."""
+    sources: dict[str, str] = {}
+    peak: dict[str, float] = {}
+    for dt_name in dtypes:
+        dtype = getattr(torch, dt_name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {dt_name!r}: give torch dtype names such as float32, bfloat16")
+        try:
+            a = torch.ones(n, n, dtype=dtype, device=device)
+            b = torch.ones(n, n, dtype=dtype, device=device)
+            out = torch.empty(n, n, dtype=dtype, device=device)
+            secs = time_it(lambda: torch.mm(a, b, out=out), repeats)
+        except RuntimeError as e:  # the device has no matmul kernel for this dtype
+            say(f"{dt_name}: no matmul on {device} ({str(e).splitlines()[0]}); left out")
+            continue
+        finally:
+            a = b = out = None
+        peak[dt_name] = 2.0 * n**3 / secs
+        sources[f"peak_flops.{dt_name}"] = f"{where}: {n}x{n} matmul, median of {repeats}"
+        say(f"{dt_name} matmul {n}x{n}: {peak[dt_name] / 1e12:.3f} TFLOP/s")
+    return peak, sources
+
+
 def calibrate(
     *,
     device: str | torch.device | None = None,
@@ -106,25 +131,7 @@ def calibrate(
     time_it = _timer(device)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     where = f"measured by planner calibrate on {_describe(device)} at {when}, torch {torch.__version__}"
-    sources: dict[str, str] = {}
-    peak: dict[str, float] = {}
-    for dt_name in dtypes:
-        dtype = getattr(torch, dt_name, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {dt_name!r}: give torch dtype names such as float32, bfloat16")
-        try:
-            a = torch.ones(n, n, dtype=dtype, device=device)
-            b = torch.ones(n, n, dtype=dtype, device=device)
-            out = torch.empty(n, n, dtype=dtype, device=device)
-            secs = time_it(lambda: torch.mm(a, b, out=out), repeats)
-        except RuntimeError as e:  # the device has no matmul kernel for this dtype
-            say(f"{dt_name}: no matmul on {device} ({str(e).splitlines()[0]}); left out")
-            continue
-        finally:
-            a = b = out = None
-        peak[dt_name] = 2.0 * n**3 / secs
-        sources[f"peak_flops.{dt_name}"] = f"{where}: {n}x{n} matmul, median of {repeats}"
-        say(f"{dt_name} matmul {n}x{n}: {peak[dt_name] / 1e12:.3f} TFLOP/s")
+    peak, sources = _matmul_peaks(time_it, device, n, dtypes, repeats, where, say)
     if not peak:
         raise ValueError(f"calibrate: none of the dtypes {list(dtypes)} could be multiplied on {device}")
     elems = max(1, nbytes // 4)

@@ -7,12 +7,10 @@ model's own error, from an eager call, wrapped with the inputs that were tried).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ._torch_private import backend_error_cause, graph_break_info
-from .capture import CaptureError
+from .joint import CaptureError
 from .signature import describe_inputs
 
 __all__ = ["GraphBreak", "InputsRejected", "explain_capture_failure"]

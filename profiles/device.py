@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DeviceProfile", "load_device_profile", "available_targets", "default_target_for"]
+__all__ = ["DeviceProfile", "load_device_profile", "available_targets", "default_target_for", "target_device_type"]
 
 _DIR = Path(__file__).parent / "devices"
 
@@ -110,3 +110,11 @@ def default_target_for(device: torch.device) -> str:
                 return {"4090": "rtx4090"}.get(key, key)
         return "h100"
     return "cpu"
+
+
+def target_device_type(target: str) -> str:
+    """``"cpu"`` or ``"cuda"``: the device type of a device profile named ``target``
+    (its ``device_type``; for a name that is not a shipped profile, "cpu*" means CPU)."""
+    if target.lower() in available_targets():
+        return load_device_profile(target).device_type
+    return "cpu" if target.lower().startswith("cpu") else "cuda"

@@ -44,7 +44,7 @@ def _fake(val: torch.Tensor, *, dtype=None) -> torch.Tensor:
 
 def _fake_state(like: torch.Tensor) -> torch.Tensor:
     mode = getattr(like, "fake_mode", None)
-    n = rng_ops._state_nbytes(like.device if like.device.type != "meta" else torch.device("cpu"))
+    n = rng_ops.state_nbytes(like.device if like.device.type != "meta" else torch.device("cpu"))
     if mode is None:
         return torch.empty(n, dtype=torch.uint8)
     with mode:

@@ -13,23 +13,31 @@ measured on synthetic inputs one op at a time; for other targets they count as 0
 
 from __future__ import annotations
 
+import dataclasses
 import operator
+import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils import _pytree as pytree
-from torch.utils.flop_counter import flop_registry
 
-from .capture import JointGraph, mutated_primals
-from .device import DeviceProfile, load_device_profile
+from ._torch_private import storage_key, tree_leaves
+from .allocator import graph_device
+from .device import DeviceProfile, default_target_for, load_device_profile
+from .joint import JointGraph, mutated_primals
+from .nodes import FlopCountError, is_recomputable, module_path, node_flops, op_name
+from .timing import run_nodes, synthetic_cpu_temps
 
-__all__ = ["NodeInfo", "GraphProfile", "profile_graph", "module_path"]
+__all__ = ["NodeInfo", "GraphProfile", "FlopCountWarning", "profile_graph", "count_flops"]
 
 
-@dataclass(frozen=True, kw_only=True)
+class FlopCountWarning(UserWarning):
+    """A FLOP formula raised on some nodes of a profiled graph: their FLOPs count as 0
+    (``GraphProfile.flop_failures`` names each node and the error)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class NodeInfo:
     """What the profiler knows about one joint-graph node."""
 
@@ -57,11 +65,13 @@ class NodeInfo:
     temp_bytes: int = 0
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True, slots=True)
 class GraphProfile:
     """A joint graph with a ``NodeInfo`` per node."""
 
+    #: The profiled graph.
     joint: JointGraph
+    #: A ``NodeInfo`` per node, by node name.
     nodes: dict[str, NodeInfo]
     #: Size in bytes of each storage id.
     storage_bytes: list[int]
@@ -75,72 +85,13 @@ class GraphProfile:
     #: The device profile itself (its ``device_type`` decides how a meta-device
     #: model's memory is planned).
     device_profile: DeviceProfile | None = None
+    #: Nodes whose FLOP formula raised (their ``flops`` are 0), with the error, by node name.
+    flop_failures: dict[str, str] = field(default_factory=dict)
 
     @property
     def gm(self) -> fx.GraphModule:
+        """The joint graph module (``joint.gm``)."""
         return self.joint.gm
-
-
-def module_path(node: fx.Node) -> str:
-    """The owning module's dotted path, from dynamo's ``nn_module_stack`` metadata."""
-    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return _clean_path(path)
-
-
-def _clean_path(path: str) -> str:
-    import re
-
-    # The root model as dynamo reached it: L['self'], or L['args'][0] when forward is
-    # wrapped by a decorator taking (*args, **kwargs) (Hugging Face Llama).
-    path = re.sub(r"^L(\['[^']+'\]|\[\d+\])+\.?", "", path)
-    path = re.sub(r"^L__self___?", "", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"(^|\.)_modules\.", ".", path)
-    return path.strip(".")
-
-
-def _op_name(node: fx.Node) -> str:
-    if node.op != "call_function":
-        return node.op
-    if node.target is operator.getitem:
-        return "getitem"
-    return str(node.target)
-
-
-def _is_recomputable(node: fx.Node) -> bool:
-    target = node.target
-    if node.op != "call_function":
-        return True
-    if target is operator.getitem:
-        return _is_recomputable(node.args[0])
-    if not isinstance(target, torch._ops.OpOverload):
-        return False  # higher-order ops and Python callables: keep as they ran
-    if torch.Tag.nondeterministic_seeded in target.tags:
-        return False  # random: a second run draws other numbers
-    schema = target._schema
-    return not schema.is_mutable
-
-
-def _flops(node: fx.Node) -> int:
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-        return 0
-    formula = flop_registry.get(node.target.overloadpacket)
-    if formula is None:
-        return 0
-
-    def val(a):
-        return a.meta.get("val") if isinstance(a, fx.Node) else a
-
-    args = pytree.tree_map(val, node.args)
-    kwargs = pytree.tree_map(val, node.kwargs)
-    try:
-        return int(formula(*args, **kwargs, out_val=node.meta.get("val")))
-    except Exception:  # a formula that cannot handle these arguments counts as 0
-        return 0
 
 
 def _is_batch_norm_training(node: fx.Node) -> bool:
@@ -150,7 +101,133 @@ def _is_batch_norm_training(node: fx.Node) -> bool:
 
 
 def _tensors(val: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(val) if isinstance(t, torch.Tensor)]
+    return [t for t in tree_leaves(val) if isinstance(t, torch.Tensor)]
+
+
+def count_flops(nodes: Iterable[fx.Node]) -> tuple[dict[str, int], dict[str, str]]:
+    """``(flops, failures)`` of fx ``nodes``: FLOPs of one execution per node name,
+    and, for each node whose FLOP formula raised (its FLOPs count as 0), the error.
+    Warns :class:`FlopCountWarning` once per operator that failed, naming its nodes."""
+    flops: dict[str, int] = {}
+    failures: dict[str, str] = {}
+    by_op: dict[str, list[FlopCountError]] = {}
+    for node in nodes:
+        try:
+            flops[node.name] = node_flops(node)
+        except FlopCountError as e:
+            flops[node.name] = 0
+            failures[node.name] = str(e)
+            by_op.setdefault(e.op, []).append(e)
+    for op, errors in by_op.items():
+        names = ", ".join(repr(e.node) for e in errors[:3]) + (f" and {len(errors) - 3} more" if len(errors) > 3 else "")
+        cause = errors[0].__cause__
+        warnings.warn(
+            f"the FLOP formula of {op} raised on {len(errors)} node(s) ({names}): "
+            f"{type(cause).__name__}: {cause}; their FLOPs count as 0 (GraphProfile.flop_failures lists them)",
+            FlopCountWarning,
+            stacklevel=3,
+        )
+    return flops, failures
+
+
+def _phase(node: fx.Node) -> str:
+    """``primal`` (parameter, buffer, input or a constant the graph module holds),
+    ``tangent``, ``output``, ``forward`` or ``backward``."""
+    if node.op == "placeholder":
+        return "tangent" if node.name.startswith("tangents") else "primal"
+    if node.op == "output":
+        return "output"
+    if node.op == "get_attr":
+        return "primal"
+    return "backward" if node.meta.get("partitioner_tag") == "is_backward" else "forward"
+
+
+def _node_info(node: fx.Node, ids: list[int], new_bytes: int, flops: int, profile: DeviceProfile, mutated: set[str]) -> NodeInfo:
+    """The ``NodeInfo`` of ``node``, whose outputs are storages ``ids`` of which
+    ``new_bytes`` are new; its time is the roofline estimate of ``profile``."""
+    tensors = _tensors(node.meta.get("val"))
+    moved = new_bytes + sum(
+        sum(t.untyped_storage().nbytes() for t in _tensors(a.meta.get("val")))
+        for a in node.all_input_nodes
+    ) if new_bytes else 0
+    dtype = str(tensors[0].dtype).replace("torch.", "") if tensors else ""
+    return NodeInfo(
+        name=node.name,
+        op=op_name(node),
+        phase=_phase(node),
+        module=module_path(node),
+        bytes=new_bytes,
+        flops=flops,
+        time_s=profile.estimate_time(flops, moved, dtype or "float32") if new_bytes else 0.0,
+        storages=tuple(ids),
+        # A value read from a buffer the step updates in place is not recomputed:
+        # backward would see the updated buffer. Training-mode BatchNorm is the
+        # exception: its output depends on the batch statistics only.
+        recomputable=is_recomputable(node)
+        and (_is_batch_norm_training(node) or not any(a.name in mutated for a in node.all_input_nodes)),
+        dtype=dtype,
+    )
+
+
+def _node_infos(joint: JointGraph, profile: DeviceProfile, flops: dict[str, int]) -> tuple[dict[str, NodeInfo], list[int], set[int]]:
+    """``(infos, storage_bytes, static)``: a ``NodeInfo`` per node; the size of each
+    storage, numbered in order of first appearance; the storages of the primals."""
+    gm = joint.gm
+    mutated = mutated_primals(gm, joint.num_fwd_outputs)
+    storage_ids: dict[Any, int] = {}
+    storage_bytes: list[int] = []
+    static: set[int] = set()
+    infos: dict[str, NodeInfo] = {}
+    for node in gm.graph.nodes:
+        ids, new_bytes = [], 0
+        for t in _tensors(node.meta.get("val")):
+            key = storage_key(t)
+            if key not in storage_ids:
+                storage_ids[key] = len(storage_bytes)
+                nbytes = t.untyped_storage().nbytes()
+                storage_bytes.append(nbytes)
+                if node.op == "call_function":
+                    new_bytes += nbytes
+            ids.append(storage_ids[key])
+        infos[node.name] = info = _node_info(node, ids, new_bytes, flops[node.name], profile, mutated)
+        if info.phase == "primal":
+            static.update(ids)
+    for node in gm.graph.nodes:  # a getitem can be recomputed only with its op
+        if node.op == "call_function" and node.target is operator.getitem:
+            parent = infos.get(node.args[0].name)
+            if parent is not None and not parent.recomputable and infos[node.name].recomputable:
+                infos[node.name] = dataclasses.replace(infos[node.name], recomputable=False)
+    return infos, storage_bytes, static
+
+
+def _add_fake_temps(joint: JointGraph, infos: dict[str, NodeInfo], profile: DeviceProfile, measure_temps: bool | None) -> str:
+    """For a joint graph captured on fake tensors (no values): for a CPU target
+    (or ``measure_temps=True``) measure op temporaries on synthetic CPU inputs, one
+    op at a time, into ``infos``; returns the note for ``time_source``."""
+    if measure_temps is None:
+        measure_temps = profile.device_type == "cpu"
+    if measure_temps:
+        for name, temp in synthetic_cpu_temps(joint).items():
+            infos[name] = dataclasses.replace(infos[name], temp_bytes=temp)
+    return "; meta-device model captured on fake tensors, op temporaries " + (
+        "measured on synthetic CPU inputs" if measure_temps else "not measured (counted as 0)"
+    )
+
+
+def _add_measured(joint: JointGraph, infos: dict[str, NodeInfo], device: torch.device, *, measure_time: bool, measure_temps: bool | None) -> None:
+    """Run the nodes on the captured tensors and put the measured times (with
+    ``measure_time``) and op temporaries (with ``measure_temps``; by default when
+    there are captured tensors on a CPU or CUDA device) into ``infos``."""
+    if measure_temps is None:
+        measure_temps = bool(joint.primal_values) and device.type in ("cpu", "cuda")
+    if not (measure_time or measure_temps):
+        return
+    measured = run_nodes(joint, measure_time=measure_time, measure_temps=measure_temps)
+    for name, (secs, temp) in measured.items():
+        kw: dict[str, Any] = {"temp_bytes": temp} if measure_temps else {}
+        if measure_time:
+            kw["time_s"] = secs
+        infos[name] = dataclasses.replace(infos[name], **kw)
 
 
 def profile_graph(
@@ -164,97 +241,24 @@ def profile_graph(
 
     ``target`` names the device profile for estimated times (default: the device of
     the captured tensors). With ``measure_time=True`` each node is run on the
-    captured tensors and timed instead (CUDA events on a GPU).
+    captured tensors and timed instead (CUDA events on a GPU). ``measure_temps``
+    decides whether op temporaries are measured (default: when tensors can be run).
+    A FLOP formula that raises is reported with a :class:`FlopCountWarning`.
     """
-    gm = joint.gm
     if joint.fake and measure_time:
         raise ValueError(
             "measure_time=True needs real tensors, but this model was built on the meta device; "
             "drop measure_time (times then come from the roofline of target=) or build the model on a real device"
         )
-    device = _graph_device(gm)
-    profile = load_device_profile(target or _default_target(device))
-    storage_ids: dict[Any, int] = {}
-    storage_bytes: list[int] = []
-    static: set[int] = set()
-    infos: dict[str, NodeInfo] = {}
-    mutated = mutated_primals(gm, joint.num_fwd_outputs)
-    for node in gm.graph.nodes:
-        tensors = _tensors(node.meta.get("val"))
-        ids, new_bytes = [], 0
-        for t in tensors:
-            key = StorageWeakRef(t.untyped_storage())
-            if key not in storage_ids:
-                storage_ids[key] = len(storage_bytes)
-                nbytes = t.untyped_storage().nbytes()
-                storage_bytes.append(nbytes)
-                if node.op == "call_function":
-                    new_bytes += nbytes
-            ids.append(storage_ids[key])
-        if node.op == "placeholder":
-            phase = "tangent" if node.name.startswith("tangents") else "primal"
-            if phase == "primal":
-                static.update(ids)
-        elif node.op == "output":
-            phase = "output"
-        elif node.op == "get_attr":
-            phase = "primal"  # a constant the graph module holds
-            static.update(ids)
-        else:
-            phase = "backward" if node.meta.get("partitioner_tag") == "is_backward" else "forward"
-        flops = _flops(node)
-        moved = new_bytes + sum(
-            sum(t.untyped_storage().nbytes() for t in _tensors(a.meta.get("val")))
-            for a in node.all_input_nodes
-        ) if new_bytes else 0
-        dtype = str(tensors[0].dtype).replace("torch.", "") if tensors else ""
-        time_s = profile.estimate_time(flops, moved, dtype or "float32") if new_bytes else 0.0
-        infos[node.name] = NodeInfo(
-            name=node.name,
-            op=_op_name(node),
-            phase=phase,
-            module=module_path(node),
-            bytes=new_bytes,
-            flops=flops,
-            time_s=time_s,
-            storages=tuple(ids),
-            # A value read from a buffer the step updates in place is not recomputed:
-            # backward would see the updated buffer. Training-mode BatchNorm is the
-            # exception: its output depends on the batch statistics only.
-            recomputable=_is_recomputable(node)
-            and (_is_batch_norm_training(node) or not any(a.name in mutated for a in node.all_input_nodes)),
-            dtype=dtype,
-        )
-    for node in gm.graph.nodes:  # a getitem can be recomputed only with its op
-        if node.op == "call_function" and node.target is operator.getitem:
-            parent = infos.get(node.args[0].name)
-            if parent is not None and not parent.recomputable and infos[node.name].recomputable:
-                infos[node.name] = _replace(infos[node.name], recomputable=False)
+    device = graph_device(joint.gm)
+    profile = load_device_profile(target or default_target_for(device))
+    flops, flop_failures = count_flops(joint.gm.graph.nodes)
+    infos, storage_bytes, static = _node_infos(joint, profile, flops)
     time_source = f"roofline:{profile.name}"
     if joint.fake:
-        # No captured values. For a CPU target the temporaries are measured here on
-        # synthetic inputs, one op at a time; for another device they are unknown.
-        if measure_temps is None:
-            measure_temps = profile.device_type == "cpu"
-        if measure_temps:
-            from .timing import synthetic_cpu_temps
-
-            for name, temp in synthetic_cpu_temps(joint).items():
-                infos[name] = _replace(infos[name], temp_bytes=temp)
-        time_source += "; meta-device model captured on fake tensors, op temporaries " + (
-            "measured on synthetic CPU inputs" if measure_temps else "not measured (counted as 0)"
-        )
-    elif measure_temps is None:
-        measure_temps = bool(joint.primal_values) and device.type in ("cpu", "cuda")
-    if not joint.fake and (measure_time or measure_temps):
-        from .timing import run_nodes
-
-        measured = run_nodes(joint, measure_time=measure_time, measure_temps=measure_temps)
-        for name, (secs, temp) in measured.items():
-            kw = {"temp_bytes": temp} if measure_temps else {}
-            if measure_time:
-                kw["time_s"] = secs
-            infos[name] = _replace(infos[name], **kw)
+        time_source += _add_fake_temps(joint, infos, profile, measure_temps)
+    else:
+        _add_measured(joint, infos, device, measure_time=measure_time, measure_temps=measure_temps)
         if measure_time:
             time_source = f"measured:{device}"
     return GraphProfile(
@@ -265,24 +269,5 @@ def profile_graph(
         time_source=time_source,
         static_storages=frozenset(static),
         device_profile=profile,
+        flop_failures=flop_failures,
     )
-
-
-def _replace(info: NodeInfo, **kw) -> NodeInfo:
-    import dataclasses
-
-    return dataclasses.replace(info, **kw)
-
-
-def _graph_device(gm: fx.GraphModule) -> torch.device:
-    for node in gm.graph.find_nodes(op="placeholder"):
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            return val.device
-    return torch.device("cpu")
-
-
-def _default_target(device: torch.device) -> str:
-    from .device import default_target_for
-
-    return default_target_for(device)

@@ -18,13 +18,13 @@ their CPU variants; a fake CUDA device is not possible on a CPU-only torch build
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
-from ._torch_private import fake_tensor_mode
+from ._torch_private import fake_tensor_mode, tree_leaves, tree_map_only
 
 __all__ = ["uses_meta", "capture_meta", "FAKE_DEVICE"]
 
@@ -38,7 +38,7 @@ def _is_meta(t: Any) -> bool:
 
 def uses_meta(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     """True when any parameter, buffer or input tensor of the step is on the meta device."""
-    if any(_is_meta(t) for t in pytree.tree_leaves((args, kwargs))):
+    if any(_is_meta(t) for t in tree_leaves((args, kwargs))):
         return True
     return any(_is_meta(p) for p in model.parameters()) or any(_is_meta(b) for b in model.buffers())
 
@@ -99,10 +99,8 @@ def capture_meta(model: nn.Module, args: tuple, kwargs: dict, capture_fn: Callab
     values (``primal_values`` empty) and ``fake`` set."""
     mode = fake_tensor_mode()
     fake = _faker(mode)
-    f_args, f_kwargs = pytree.tree_map_only(torch.Tensor, fake, (args, kwargs))
+    f_args, f_kwargs = tree_map_only(torch.Tensor, fake, (args, kwargs))
     inputs = f_kwargs if f_kwargs else f_args
     with _swapped(model, fake), mode:
         joint = capture_fn(model, inputs, **capture_kw)
-    joint.primal_values = []  # fakes: nothing to run
-    joint.fake = True
-    return joint
+    return dataclasses.replace(joint, primal_values=[], fake=True)  # fakes: nothing to run

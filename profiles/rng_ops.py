@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rng_state", "replay_dropout_mask"]
+__all__ = ["rng_state", "replay_dropout_mask", "state_nbytes"]
 
 
 def _get_state(device: torch.device) -> torch.Tensor:
@@ -36,7 +36,8 @@ def _set_state(device: torch.device, state: torch.Tensor) -> None:
 _STATE_BYTES = {"cpu": None, "cuda": None}
 
 
-def _state_nbytes(device: torch.device) -> int:
+def state_nbytes(device: torch.device) -> int:
+    """Bytes of the RNG state of ``device``'s generator (what ``planner_rng::state`` returns)."""
     key = device.type
     if _STATE_BYTES.get(key) is None:
         _STATE_BYTES[key] = _get_state(device).numel()
@@ -50,7 +51,7 @@ def rng_state(like: torch.Tensor) -> torch.Tensor:
 
 @rng_state.register_fake
 def _(like):
-    return torch.empty(_state_nbytes(like.device if like.device.type != "meta" else torch.device("cpu")), dtype=torch.uint8, device="cpu")
+    return torch.empty(state_nbytes(like.device if like.device.type != "meta" else torch.device("cpu")), dtype=torch.uint8, device="cpu")
 
 
 @torch.library.custom_op("planner_rng::replay_dropout_mask", mutates_args=())

@@ -1,7 +1,7 @@
 """Identify what a plan was made for, and say how a model or its inputs differ from it.
 
-A plan records, besides the joint graph's fingerprint (:func:`capture.graph_fingerprint`:
-structure *and* shapes), a size-independent structural fingerprint (the same graph
+A plan records the joint graph's fingerprint (:func:`graph_fingerprint`: structure
+*and* shapes), a size-independent structural fingerprint (the same graph
 at another batch size or sequence length has the same one), a short digest per
 joint-graph node (to name the first node that differs), the model's parameters and
 buffers (names, shapes, dtypes) and the example inputs' shapes. The runtime checks
@@ -15,9 +15,12 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
-from torch.utils import _pytree as pytree
+
+from ._torch_private import tree_leaves
+from .nodes import module_path
 
 __all__ = [
+    "graph_fingerprint",
     "structure_fingerprint",
     "node_digests",
     "first_difference",
@@ -25,28 +28,35 @@ __all__ = [
     "parameter_mismatch",
     "describe_inputs",
     "check_input_devices",
-    "graph_device_type",
-    "target_device_type",
 ]
 
 
 def _node_line(node: fx.Node, *, shapes: bool) -> str:
     metas = []
-    for t in pytree.tree_leaves(node.meta.get("val")):
+    for t in tree_leaves(node.meta.get("val")):
         if isinstance(t, torch.Tensor):
             metas.append(f"{tuple(t.shape)}:{t.dtype}" if shapes else str(t.dtype))
     args = ",".join(a.name for a in node.all_input_nodes)
     return f"{node.name}|{node.op}|{node.target}|{args}|{';'.join(metas)}"
 
 
-def structure_fingerprint(gm: fx.GraphModule, num_fwd_outputs: int) -> str:
-    """Like :func:`profiles.capture.graph_fingerprint` without the shapes: equal for
-    the same model at another batch size or sequence length when the graph keeps
-    its nodes (dtypes still count)."""
+def _fingerprint(gm: fx.GraphModule, num_fwd_outputs: int, *, shapes: bool) -> str:
     h = hashlib.sha256(f"fwd_outputs={num_fwd_outputs}".encode())
     for node in gm.graph.nodes:
-        h.update((_node_line(node, shapes=False) + "\n").encode())
+        h.update((_node_line(node, shapes=shapes) + "\n").encode())
     return h.hexdigest()[:16]
+
+
+def graph_fingerprint(gm: fx.GraphModule, num_fwd_outputs: int) -> str:
+    """A hash of the joint graph's structure: node names, ops, arguments, shapes and dtypes."""
+    return _fingerprint(gm, num_fwd_outputs, shapes=True)
+
+
+def structure_fingerprint(gm: fx.GraphModule, num_fwd_outputs: int) -> str:
+    """Like :func:`graph_fingerprint` without the shapes: equal for the same model at
+    another batch size or sequence length when the graph keeps its nodes (dtypes
+    still count)."""
+    return _fingerprint(gm, num_fwd_outputs, shapes=False)
 
 
 def node_digests(gm: fx.GraphModule) -> list[str]:
@@ -55,11 +65,9 @@ def node_digests(gm: fx.GraphModule) -> list[str]:
 
 
 def _where(node: fx.Node) -> str:
-    from .graph_profile import module_path
-
     mod = module_path(node)
     target = str(node.target) if node.op == "call_function" else node.op
-    shapes = [tuple(t.shape) for t in pytree.tree_leaves(node.meta.get("val")) if isinstance(t, torch.Tensor)]
+    shapes = [tuple(t.shape) for t in tree_leaves(node.meta.get("val")) if isinstance(t, torch.Tensor)]
     shape = f", shape {shapes[0] if len(shapes) == 1 else shapes}" if shapes else ""
     return f"{node.name!r} ({target}{' in ' + mod if mod else ''}{shape})"
 
@@ -135,7 +143,7 @@ def check_input_devices(model: torch.nn.Module, args: Iterable[Any], kwargs: dic
     device = param.device
     items = [(f"input #{i}", a) for i, a in enumerate(args)] + [(f"input {k!r}", a) for k, a in kwargs.items()]
     for name, a in items:
-        for t in pytree.tree_leaves(a):
+        for t in tree_leaves(a):
             if not isinstance(t, torch.Tensor) or t.device == device:
                 continue
             if allow_meta and "meta" in (t.device.type, device.type):
@@ -144,22 +152,3 @@ def check_input_devices(model: torch.nn.Module, args: Iterable[Any], kwargs: dic
                 f"{name} is on {t.device} but the model's parameters are on {device}; "
                 f"move the inputs with .to({str(device)!r}) (or the model with model.to(...)) first"
             )
-
-
-def target_device_type(target: str) -> str:
-    """``"cpu"`` or ``"cuda"``: the device type of a device profile named ``target``
-    (its ``device_type``; for a name that is not a shipped profile, "cpu*" means CPU)."""
-    from .device import available_targets, load_device_profile
-
-    if target.lower() in available_targets():
-        return getattr(load_device_profile(target), "device_type", "cuda")
-    return "cpu" if target.lower().startswith("cpu") else "cuda"
-
-
-def graph_device_type(gm: fx.GraphModule) -> str:
-    """Device type of the first tensor placeholder of a captured graph ("cpu" when none)."""
-    for node in gm.graph.find_nodes(op="placeholder"):
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            return val.device.type
-    return "cpu"

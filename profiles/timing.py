@@ -20,10 +20,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils import _pytree as pytree
+from torch.profiler import ProfilerActivity, profile
 
 from . import rng_ops  # noqa: F401  (the planner_rng ops)
-from .capture import JointGraph
+from ._torch_private import profiler_cpu_memory_events, record_function_ranges, tree_map
+from .allocator import graph_device
+from .joint import JointGraph
 
 __all__ = ["run_nodes", "synthetic_cpu_temps"]
 
@@ -34,18 +36,6 @@ def _materialize(val: Any, device: torch.device) -> Any:
             return torch.ones(val.shape, dtype=val.dtype, device=device)
         return torch.zeros(val.shape, dtype=val.dtype, device=device)
     return val
-
-
-def _new_bytes(out: Any, before: set) -> int:
-    total, seen = 0, set()
-    for t in pytree.tree_leaves(out):
-        if isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
-            key = st.data_ptr()
-            if key not in before and key not in seen:
-                seen.add(key)
-                total += st.nbytes()
-    return total
 
 
 def _execute(joint: JointGraph, device: torch.device, per_node) -> None:
@@ -68,8 +58,8 @@ def _execute(joint: JointGraph, device: torch.device, per_node) -> None:
             continue
         if n.op == "output":
             break
-        args = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.args)
-        kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.kwargs)
+        args = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.args)
+        kwargs = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.kwargs)
         env[n] = per_node(n, lambda: n.target(*args, **kwargs))
         for a in n.all_input_nodes:
             if last_use.get(a) == i and a.op != "placeholder":
@@ -82,7 +72,7 @@ def run_nodes(joint: JointGraph, *, measure_time: bool = True, measure_temps: bo
     """``{node name: (seconds, temporary bytes)}`` for every call_function node."""
     if not joint.primal_values:
         raise ValueError("the joint graph holds no real tensors (planned on the meta device?); use estimated times")
-    device = next((v.device for v in joint.primal_values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    device = graph_device(joint.gm)
     cuda = device.type == "cuda"
     times: dict[str, float] = {}
     temps: dict[str, int] = {}
@@ -109,17 +99,11 @@ def run_nodes(joint: JointGraph, *, measure_time: bool = True, measure_temps: bo
 
     def gpu_temp(n, call):
         torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         out = call()
         torch.cuda.synchronize(device)
         temps[n.name] = max(0, torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device))
-        _ = before
         return out
-
-    def marked(n, call):
-        with torch.profiler.record_function(f"planner_node::{n.name}"):
-            return call()
 
     try:
         with torch.no_grad():
@@ -128,7 +112,7 @@ def run_nodes(joint: JointGraph, *, measure_time: bool = True, measure_temps: bo
             if measure_temps and cuda:
                 _execute(joint, device, gpu_temp)
             elif measure_temps:
-                temps.update(_cpu_temps(joint, device, marked))  # synthetic inputs: rng restored below
+                temps.update(_cpu_temps(joint, device))  # synthetic inputs: rng restored below
     finally:
         torch.set_rng_state(rng)
         if cuda_rng is not None:
@@ -143,13 +127,16 @@ def synthetic_cpu_temps(joint: JointGraph) -> dict[str, int]:
     rng = torch.get_rng_state()
     try:
         with torch.no_grad():
-            return _cpu_temps(joint, torch.device("cpu"), _marked)
+            return _cpu_temps(joint, torch.device("cpu"))
     finally:
         torch.set_rng_state(rng)
 
 
+_RANGE_PREFIX = "planner_node::"
+
+
 def _marked(n: fx.Node, call):
-    with torch.profiler.record_function(f"planner_node::{n.name}"):
+    with torch.profiler.record_function(_RANGE_PREFIX + n.name):
         return call()
 
 
@@ -162,7 +149,7 @@ def _signature(n: fx.Node):
             return ("N", repr(v))
         return ("C", repr(a))
 
-    return (str(n.target), tuple(pytree.tree_map(sig, list(n.args))), tuple(sorted((k, repr(pytree.tree_map(sig, v))) for k, v in n.kwargs.items())))
+    return (str(n.target), tuple(tree_map(sig, list(n.args))), tuple(sorted((k, repr(tree_map(sig, v))) for k, v in n.kwargs.items())))
 
 
 def _synthetic(val: Any, device: torch.device) -> Any:
@@ -174,13 +161,11 @@ def _synthetic(val: Any, device: torch.device) -> Any:
     return val
 
 
-def _cpu_temps(joint: JointGraph, device, marked) -> dict[str, int]:
+def _cpu_temps(joint: JointGraph, device: torch.device) -> dict[str, int]:
     """Each distinct (op, argument layouts) runs once on synthetic inputs, inside
     one profiler session with a ``record_function`` range per run. Its temporaries:
     the peak of allocator events within the range above the start, less what is
     still allocated at its end (the outputs, freed after the range)."""
-    from torch.profiler import ProfilerActivity, profile
-
     gm = joint.gm
     by_sig: dict[Any, list[str]] = {}
     first: dict[Any, fx.Node] = {}
@@ -192,12 +177,12 @@ def _cpu_temps(joint: JointGraph, device, marked) -> dict[str, int]:
         first.setdefault(key, n)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for key, n in first.items():
-            args = pytree.tree_map(lambda a: _synthetic(a.meta.get("val"), device) if isinstance(a, fx.Node) else a, n.args)
-            kwargs = pytree.tree_map(lambda a: _synthetic(a.meta.get("val"), device) if isinstance(a, fx.Node) else a, n.kwargs)
+            args = tree_map(lambda a: _synthetic(a.meta.get("val"), device) if isinstance(a, fx.Node) else a, n.args)
+            kwargs = tree_map(lambda a: _synthetic(a.meta.get("val"), device) if isinstance(a, fx.Node) else a, n.kwargs)
             if n.target is torch.ops.planner_rng.replay_dropout_mask.default:
                 args = (torch.ops.planner_rng.state(torch.empty(0, device=device)), *args[1:])  # a valid state
             try:
-                out = marked(n, lambda: n.target(*args, **kwargs))
+                out = _marked(n, lambda: n.target(*args, **kwargs))
             except Exception as e:  # noqa: BLE001  any op error: that op's temporaries stay unknown
                 warnings.warn(
                     f"could not measure the temporaries of {n.name} ({n.target}) on synthetic inputs "
@@ -206,13 +191,8 @@ def _cpu_temps(joint: JointGraph, device, marked) -> dict[str, int]:
                 )
                 out = None
             del out, args, kwargs
-    events = sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
-    ranges = []
-    for e in events:
-        name = e.name()
-        if name.startswith("planner_node::"):
-            ranges.append((e.start_ns(), e.start_ns() + e.duration_ns(), name[len("planner_node::"):]))
-    memory = [(e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    ranges = record_function_ranges(prof, _RANGE_PREFIX)
+    memory = profiler_cpu_memory_events(prof)
     measured: dict[str, int] = {}
     i = 0
     running = 0

@@ -33,16 +33,17 @@ from profiles._torch_private import (
     profiler_active,
     real_tensors,
 )
-from profiles.capture import graph_fingerprint, prepare_joint
+from profiles.allocator import graph_device_type
+from profiles.capture import prepare_joint
 from profiles.capture_errors import explain_capture_failure
+from profiles.device import target_device_type
 from profiles.signature import (
     check_input_devices,
     describe_inputs,
     first_difference,
-    graph_device_type,
+    graph_fingerprint,
     parameter_mismatch,
     structure_fingerprint,
-    target_device_type,
 )
 
 from .distributed import check_wrapping
@@ -172,7 +173,7 @@ class PlannedModule(nn.Module):
         from planner.distributed import from_record
         from planner.schedule import schedule_of
         from planner.simulate import simulate
-        from profiles.capture import JointGraph
+        from profiles.joint import JointGraph
         from profiles.graph_profile import profile_graph
         from profiles.timing import synthetic_cpu_temps
 

@@ -68,7 +68,8 @@ def test_dropout_modes_are_exact_and_leave_rng_as_eager(gpt2, mode):
 def test_with_dropout_equals_capturing_again():
     """plan() captures once and rewrites a copy for RNG replay: that copy must be the
     graph a second capture would give."""
-    from profiles.capture import graph_fingerprint, with_dropout
+    from profiles.capture import with_dropout
+    from profiles.signature import graph_fingerprint
 
     ids = torch.randint(0, 128, (2, 32))
     model = tiny_gpt2(layers=1, d=32, heads=2, vocab=128, positions=32)

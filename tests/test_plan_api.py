@@ -122,7 +122,7 @@ def test_recompute_flops_are_what_runs():
 
     (FlopCounterMode cannot wrap the compiled module itself: dynamo refuses to run
     under a non-infra dispatch mode, so the runtime's graphs are counted instead.)"""
-    from profiles.graph_profile import _flops
+    from profiles.nodes import node_flops
 
     torch.manual_seed(0)
     model = TiedNet(vocab=100, d=32, layers=3)
@@ -140,7 +140,7 @@ def test_recompute_flops_are_what_runs():
     (fwd, bwd), = wrapped.compiled_graphs
     saved_names = {a.name for a in fwd.graph.find_nodes(op="output")[0].all_input_nodes}
     recomputed = [n for n in bwd.graph.nodes if n.op == "call_function" and n.name in set(p.recomputed)]
-    assert sum(_flops(n) for n in recomputed) == p.recompute_flops
+    assert sum(node_flops(n) for n in recomputed) == p.recompute_flops
     assert not any(n.name in saved_names for n in recomputed), "a recomputed value is also saved"
 
 

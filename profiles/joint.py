@@ -1,0 +1,72 @@
+"""The captured training step as data: :class:`JointGraph`, and :class:`CaptureError`
+for a step that could not be captured.
+
+Nothing here runs a model; :mod:`profiles.capture` builds these records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+
+__all__ = ["JointGraph", "CaptureError", "mutated_primals"]
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as one forward+backward graph."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JointGraph:
+    """A captured training step.
+
+    ``gm`` is the joint graph: placeholders ``primals_*`` (parameters, buffers and
+    inputs, in the order the compiled forward receives them) and ``tangents_*``
+    (gradients of the forward outputs); outputs are the forward outputs followed
+    by the gradients of the primals.
+    """
+
+    #: The joint forward+backward graph, after ``capture.prepare_joint``.
+    gm: fx.GraphModule
+    #: How many of ``gm``'s outputs are forward outputs (the rest are gradients).
+    num_fwd_outputs: int
+    #: One entry per ``primals_*`` placeholder: "param", "buffer" or "input".
+    primal_roles: list[str]
+    #: Fully qualified parameter/buffer name per primal ("" for inputs).
+    primal_names: list[str]
+    #: The real tensors the forward was called with (emptied by ``drop_tensors``).
+    primal_values: list[Any] = field(default_factory=list, repr=False)
+    #: Hash of the graph as captured, shapes included (``signature.graph_fingerprint``).
+    fingerprint: str = ""
+    #: The fingerprint without shapes (``signature.structure_fingerprint``).
+    structure: str = ""
+    #: A digest per node (``signature.node_digests``), to name the first node that differs.
+    node_digests: list[str] = field(default_factory=list, repr=False)
+    #: How dropout was rewritten ("mask" or "replay").
+    dropout: str = "mask"
+    #: How many dropout ops were rewritten.
+    num_dropouts: int = 0
+    #: The joint graph as captured, before ``prepare_joint`` (for ``capture.with_dropout``).
+    raw_gm: fx.GraphModule | None = field(default=None, repr=False)
+    #: True when captured from a meta-device model on fake tensors (:mod:`profiles.meta`):
+    #: shapes and dtypes only, no values to run.
+    fake: bool = False
+
+    def drop_tensors(self) -> None:
+        """Forget the real tensors so the graph no longer keeps them alive."""
+        self.primal_values.clear()
+
+
+def mutated_primals(gm: fx.GraphModule, num_fwd_outputs: int) -> set[str]:
+    """Names of the primal placeholders the step mutates (AOTAutograd returns their
+    new values as extra forward outputs, described as ``InputMutationAOTOutput``)."""
+    primals = [n for n in gm.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents")]
+    out = gm.graph.find_nodes(op="output")[0]
+    names = set()
+    for desc in (out.meta.get("desc") or [])[:num_fwd_outputs]:
+        idx = getattr(getattr(desc, "mutated_input", None), "idx", None)
+        if idx is not None and idx < len(primals):
+            names.add(primals[idx].name)
+    return names
