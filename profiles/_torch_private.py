@@ -49,6 +49,7 @@ __all__ = [
     "record_function_span",
     "fake_tensor_mode",
     "no_ddp_graph_split",
+    "is_nondeterministic_seeded",
 ]
 
 
@@ -217,3 +218,10 @@ def no_ddp_graph_split():
     compiled backward (no communication/computation overlap). Read when a frame is
     compiled, so it only has to be active around the compiled call."""
     return torch._dynamo.config.patch(optimize_ddp=False)
+
+
+def is_nondeterministic_seeded(target) -> bool:
+    """Whether an fx node's ``target`` is an ATen operator tagged
+    ``nondeterministic_seeded`` (a random op: it draws from the generator).
+    Private: ``torch._ops.OpOverload`` is the only type that carries ATen tags."""
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags

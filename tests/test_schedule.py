@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import ResidualNet, tiny_gpt2
-from planner.partition import split_joint
+from runtime.partition import split_joint
 from planner.problem import build_problem
 from planner.schedule import fast_schedule, schedule_of
 from planner.simulate import simulate
