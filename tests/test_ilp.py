@@ -7,8 +7,9 @@ import torch
 
 import planner.ilp as ilp
 from helpers import ResidualNet, tiny_gpt2
-from planner.api import _lowest, _search_ilp
+from planner.memory_model import refine
 from planner.problem import build_problem
+from planner.search import lowest_plan, search_ilp
 from planner.sqrt import solve_sqrt
 from profiles import capture, profile_graph
 
@@ -41,7 +42,6 @@ def test_linear_model_of_the_no_recompute_step_is_close_to_exact(prob):
 def test_dense_and_chained_memory_rows_give_the_same_optimum(prob, monkeypatch):
     """Small graphs use dense rows added lazily, big ones the sparse chained rows:
     the same model, so the same optimum (up to the solver's relative gap)."""
-    prob.reset_intervals()
     base = prob.evaluate(frozenset()).sim.peak_bytes
     low = ilp.solve_ilp(prob, None, minimize_memory=True).model_peak
     budget = (low + base) / 2  # between the model's minimum and no recomputation
@@ -58,16 +58,14 @@ def test_dense_and_chained_memory_rows_give_the_same_optimum(prob, monkeypatch):
 def test_search_returns_a_plan_that_fits_and_is_no_costlier_than_sqrt(prob):
     """Between the lowest peak the planner finds and the no-recompute peak, the ILP
     search finds a plan within the budget, no costlier than sqrt(L)'s there."""
-    prob.reset_intervals()
     base = prob.evaluate(frozenset()).sim.peak_bytes
-    lowest, _ = _lowest(prob, 30.0)
+    lowest, _ = lowest_plan(prob, 30.0)
     low = lowest.sim.peak_bytes
     assert low < base
     for frac in (0.6, 0.3):
         budget = int(low + frac * (base - low))
-        prob.reset_intervals()
         sq = solve_sqrt(prob, budget).evaluation
-        found = _search_ilp(prob, budget, 30.0, start=sq if sq is not None else lowest)
+        found = search_ilp(prob, budget, 30.0, start=sq if sq is not None else lowest)
         assert found is not None, f"no ILP plan at {budget} bytes (lowest {low}, no recompute {base})"
         ev, info = found
         assert ev.sim.peak_bytes <= budget
@@ -82,13 +80,12 @@ def test_flops_objective_recomputes_no_more_flops_than_time_objective():
     gp = prob_t.gp
     prob_f = build_problem(gp, objective="flops")
     base = prob_t.evaluate(frozenset()).sim.peak_bytes
-    low = _lowest(prob_t, 30.0)[0].sim.peak_bytes
+    low = lowest_plan(prob_t, 30.0)[0].sim.peak_bytes
     budget = int(low + 0.4 * (base - low))
     found = {}
     for name, prob in (("time", prob_t), ("flops", prob_f)):
-        prob.reset_intervals()
         sq = solve_sqrt(prob, budget).evaluation
-        res = _search_ilp(prob, budget, 30.0, start=sq if sq is not None else _lowest(prob, 30.0)[0])
+        res = search_ilp(prob, budget, 30.0, start=sq if sq is not None else lowest_plan(prob, 30.0)[0])
         assert res is not None
         found[name] = res[0]
         assert res[0].sim.peak_bytes <= budget
