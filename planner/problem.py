@@ -142,7 +142,7 @@ class Problem:
 
     def model_peak_of(self, ev: Evaluation, memory: MemoryModel | None = None) -> float:
         """Peak of the linear memory model (``memory``, default the first estimates) for an evaluated plan."""
-        return (memory or self.memory).peak_of(*self.decisions_of(ev))
+        return (memory if memory is not None else self.memory).peak_of(*self.decisions_of(ev))
 
 
 OBJECTIVES = ("time", "flops")

@@ -136,7 +136,7 @@ def _is_random(node: fx.Node) -> bool:
 
 
 def fast_schedule(joint: JointGraph, recompute) -> Schedule:
-    """The schedule :func:`split_joint` would produce for ``recompute``."""
+    """The schedule :func:`runtime.partition.split_joint` would produce for ``recompute``."""
     gm = joint.gm
     nodes = list(gm.graph.nodes)
     out_node = nodes[-1]
@@ -145,11 +145,19 @@ def fast_schedule(joint: JointGraph, recompute) -> Schedule:
     fwd_outputs = [a for a in out_args[:nfo] if isinstance(a, fx.Node)]
     bwd_outputs = [a for a in out_args[nfo:] if isinstance(a, fx.Node)]
     saved_nodes = required_saved(gm, recompute)
-    saved = [n.name for n in saved_nodes]
     fwd_names = forward_node_names(gm)
+    fwd_order = _forward_nodes(nodes, fwd_outputs + saved_nodes, fwd_names)
+    saved_kept, bwd_order = _backward_nodes(nodes, saved_nodes, bwd_outputs, fwd_names)
+    backward = GraphOrder(nodes=tuple(bwd_order), outputs=tuple(dict.fromkeys(a.name for a in bwd_outputs)))
+    outs = tuple(dict.fromkeys([a.name for a in fwd_outputs] + [n.name for n in saved_kept]))  # as fx lists them
+    forward = GraphOrder(nodes=tuple(fwd_order), outputs=outs)
+    return Schedule(forward=forward, backward=backward, saved=tuple(n.name for n in saved_kept))
 
-    # Forward: nodes computable from the primals that the outputs and saved values
-    # need; random ops always run (dead-code elimination keeps them).
+
+def _forward_nodes(nodes: list[fx.Node], outputs: list[fx.Node], fwd_names: set[str]) -> list:
+    """The forward graph's nodes: those computable from the primals that
+    ``outputs`` (the model's outputs and the saved values) need; random ops always
+    run (dead-code elimination keeps them)."""
     valid_f: set[fx.Node] = set()
     for n in nodes:
         if n.op == "placeholder":
@@ -158,7 +166,7 @@ def fast_schedule(joint: JointGraph, recompute) -> Schedule:
         elif n.op in ("call_function", "get_attr") and all(a in valid_f for a in n.all_input_nodes):
             valid_f.add(n)
     needed: set[fx.Node] = set()
-    stack = [a for a in fwd_outputs + saved_nodes]
+    stack = list(outputs)
     stack += [n for n in nodes if n in valid_f and n.op == "call_function" and _is_random(n) and n.name in fwd_names]
     while stack:
         n = stack.pop()
@@ -166,14 +174,18 @@ def fast_schedule(joint: JointGraph, recompute) -> Schedule:
             continue
         needed.add(n)
         stack.extend(n.all_input_nodes)
-    fwd_order = [
+    return [
         (n.name, n.op, tuple(a.name for a in n.all_input_nodes))
         for n in nodes
         if n in valid_f and (n.op == "placeholder" or n in needed)
     ]
 
-    # Backward: placeholders (saved, then tangents), then every node computable
-    # from them that the gradients need, recomputed values just in time.
+
+def _backward_nodes(nodes: list[fx.Node], saved_nodes: list[fx.Node], bwd_outputs: list[fx.Node],
+                    fwd_names: set[str]) -> tuple[list[fx.Node], list]:
+    """``(saved values kept, backward graph's nodes)``: placeholders (saved, then
+    tangents), then every node computable from them that the gradients need,
+    recomputed values just in time."""
     saved_set = set(saved_nodes)
     tangents = [n for n in nodes if n.op == "placeholder" and n.name.startswith("tangents")]
     valid_b: set[fx.Node] = set(saved_set) | set(tangents)
@@ -204,7 +216,4 @@ def fast_schedule(joint: JointGraph, recompute) -> Schedule:
     roots = [n for n in nodes if n in needed_b and n not in saved_set and n.op == "call_function" and n.name not in fwd_names]
     for n in emit_just_in_time(roots, set(saved_kept) | set(tangents), order):
         bwd_order.append((n.name, n.op, tuple(a.name for a in n.all_input_nodes)))
-    backward = GraphOrder(nodes=tuple(bwd_order), outputs=tuple(dict.fromkeys(a.name for a in bwd_outputs)))
-    outs = tuple(dict.fromkeys([a.name for a in fwd_outputs] + [n.name for n in saved_kept]))  # as fx lists them
-    forward = GraphOrder(nodes=tuple(fwd_order), outputs=outs)
-    return Schedule(forward=forward, backward=backward, saved=tuple(n.name for n in saved_kept))
+    return saved_kept, bwd_order
