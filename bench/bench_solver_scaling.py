@@ -54,7 +54,7 @@ def run(layers: int, fraction: float, apply: bool) -> dict:
     gp = profile_graph(joint)
     t2 = time.perf_counter()
     prob = build_problem(gp)
-    binaries = len(prob.can_recompute) + len(prob.cand)
+    binaries = len(prob.can_recompute) + len(prob.memory.candidates)
     info = {"fingerprint": joint.fingerprint, "class": type(model).__name__}
     try:
         p = plan_profile(gp, budget, model_info=info)

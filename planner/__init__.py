@@ -7,11 +7,13 @@ sqrt(L) heuristic, with peaks checked by exact liveness simulation.
 
 from .api import SOLVERS, BudgetTooSmall, minimum_budget_bytes, plan, plan_profile
 from .plan_type import GiB, SCHEMA_VERSION, NodeDecision, Plan, SolverInfo
+from .resimulation import resimulate
 
 __all__ = [
     "plan",
     "plan_profile",
     "minimum_budget_bytes",
+    "resimulate",
     "Plan",
     "NodeDecision",
     "SolverInfo",

@@ -378,7 +378,7 @@ def _raise_planning_error(e: Exception, model) -> None:
     """Turn what planning raises for bad models or inputs into a CliError; re-raise the rest."""
     from profiles import CaptureError
 
-    from .partition import PlanInfeasible  # a planner bug, not bad input
+    from runtime.partition import PlanInfeasible  # a planner bug, not bad input
 
     if isinstance(e, CaptureError):
         raise CliError(str(e)) from None

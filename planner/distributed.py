@@ -13,7 +13,6 @@ per-rank plan is solved and checked against the whole per-rank budget. Measured 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ SHARDINGS = ("none", "ddp", "fsdp")
 OPTIMIZERS = ("none", "adamw")
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Distributed:
     """How the planned module is trained: how many processes, which engine, which optimizer."""
 
@@ -58,7 +57,7 @@ class Distributed:
         return self.sharding != "none" or self.optimizer != "none"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class EngineBytes:
     """Bytes one rank holds beyond the plan's simulated step, per phase of the step."""
 

@@ -1,7 +1,7 @@
 """Run a model under a plan: an ``nn.Module`` whose backward recomputes what the plan did not keep.
 
 The wrapped module compiles the model with an AOTAutograd backend whose
-partitioner splits the joint graph by the plan (:func:`planner.partition.split_joint`),
+partitioner splits the joint graph by the plan (:func:`runtime.partition.split_joint`),
 and runs both graphs with the boxed calling convention so every value, inputs
 included, is freed after its last use. In ``eval()`` mode or under
 ``torch.no_grad()`` it calls the original model directly.
@@ -14,15 +14,16 @@ budget); otherwise the model is planned again for those shapes at the plan's bud
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import warnings
 
 import torch
 from torch import nn
 
-from planner.partition import split_joint
+from planner import plan as plan_model
+from planner import resimulate
 from planner.plan_type import GiB, Plan
+from profiles import available_targets
 from profiles._torch_private import (
     aot_autograd,
     allow_recompiles,
@@ -30,8 +31,6 @@ from profiles._torch_private import (
     graph_break_info,
     make_boxed,
     no_ddp_graph_split,
-    profiler_active,
-    real_tensors,
 )
 from profiles.allocator import graph_device_type
 from profiles.capture import prepare_joint
@@ -47,6 +46,7 @@ from profiles.signature import (
 )
 
 from .distributed import check_wrapping
+from .partition import split_joint
 
 __all__ = ["PlannedModule", "PlanMismatch", "ShapeWarning", "BudgetWarning", "apply"]
 
@@ -69,10 +69,6 @@ class _Replan(Exception):
 
 def _boxed_compiler(gm, example_inputs):
     return make_boxed(gm)
-
-
-def _device_kind(target: str) -> str:
-    return target_device_type(target)
 
 
 def _key(inputs: list) -> str:
@@ -99,10 +95,10 @@ class PlannedModule(nn.Module):
                 "plan again with planner.plan(model, budget_gb, inputs)"
             )
         param = next(iter(model.parameters()), None)
-        if param is not None and param.device.type not in ("meta", _device_kind(plan.target)):
+        if param is not None and param.device.type not in ("meta", target_device_type(plan.target)):
             raise PlanMismatch(
                 f"this plan was made for target {plan.target!r} but the model is on {param.device}; its memory "
-                f"predictions do not hold there: move the model to a {_device_kind(plan.target)} device, or plan "
+                f"predictions do not hold there: move the model to a {target_device_type(plan.target)} device, or plan "
                 f"again on {param.device} with planner.plan(model, budget_gb, inputs)"
             )
         self.module = model
@@ -121,7 +117,7 @@ class PlannedModule(nn.Module):
             fwd, bwd, _ = split_joint(joint, frozenset(use.recomputed), num_fwd_outputs=num_fwd_outputs)
             entry = self.shapes.get(self._call_key)
             if entry is not None and entry["how"] == "reused" and entry["predicted_peak_bytes"] is None:
-                entry["predicted_peak_bytes"] = peak = self._simulated_peak(joint, num_fwd_outputs, fwd, bwd)
+                entry["predicted_peak_bytes"] = peak = resimulate(use, joint, fwd, bwd, num_fwd_outputs=num_fwd_outputs)
                 if peak > use.budget_bytes:
                     warnings.warn(
                         f"inputs {self._call_key} differ from the planned {plan.model.get('inputs')}; the plan's "
@@ -166,34 +162,7 @@ class PlannedModule(nn.Module):
             return plan
         raise _Replan()
 
-    def _simulated_peak(self, joint, num_fwd_outputs: int, fwd, bwd) -> int:
-        """Peak of the split graphs at the new sizes. Op temporaries are measured on
-        CPU (on synthetic inputs) unless a profiler is running; on a GPU the 6% margin
-        of recomputing plans stands in for them."""
-        from planner.distributed import from_record
-        from planner.schedule import schedule_of
-        from planner.simulate import simulate
-        from profiles.joint import JointGraph
-        from profiles.graph_profile import profile_graph
-        from profiles.timing import synthetic_cpu_temps
-
-        jg = JointGraph(gm=joint, num_fwd_outputs=num_fwd_outputs, primal_roles=[], primal_names=[], dropout=self.plan.dropout)
-        gp = profile_graph(jg, measure_temps=False)  # times do not matter for the peak
-        device = graph_device_type(joint)
-        if device == "cpu" and not profiler_active():
-            # op temporaries, on synthetic inputs of the new sizes (not under the
-            # caller's profiler: a nested session would end it)
-            with real_tensors():
-                temps = synthetic_cpu_temps(jg)
-            for name, temp in temps.items():
-                gp.nodes[name] = dataclasses.replace(gp.nodes[name], temp_bytes=temp)
-        granularity = 512 if device == "cuda" else 1
-        engine = from_record(self.plan.distributed)  # a per-rank plan: the engine's bytes are the same at any shape
-        return simulate(gp, schedule_of(fwd, bwd), granularity=granularity, engine=engine).peak_bytes
-
     def _replan(self, args, kwargs) -> None:
-        import planner
-
         if args and kwargs:
             raise PlanMismatch(
                 f"inputs {self._call_key} change the graph's structure, and a call with both positional and keyword "
@@ -206,13 +175,11 @@ class PlannedModule(nn.Module):
             ShapeWarning,
             stacklevel=4,
         )
-        from profiles import available_targets
-
         # the plan's device profile when it is a shipped one (a profile given by path records only its name)
         target = self.plan.target if self.plan.target in available_targets() else None
         dist = self.plan.distributed  # a per-rank plan is planned again per rank, for the same engine
         per_rank = {k: dist[k] for k in ("world_size", "sharding", "optimizer")} if dist else {}
-        new = planner.plan(self.module, self.plan.budget_bytes / GiB, inputs, target=target,
+        new = plan_model(self.module, self.plan.budget_bytes / GiB, inputs, target=target,
                            objective=self.plan.solver.objective, **per_rank)
         self.shapes[self._call_key] = {"how": "replanned", "plan": new, "predicted_peak_bytes": new.predicted_peak_bytes}
 

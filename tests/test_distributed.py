@@ -26,6 +26,7 @@ import runtime
 from helpers import ResidualNet
 from planner.distributed import Distributed, engine_bytes
 from profiles import storage_bytes
+from profiles.allocator import SAFETY
 from profiles.memory import allocator_peak
 
 dist = pytest.importorskip("torch.distributed")
@@ -162,7 +163,7 @@ def test_budget_too_small_counts_the_engine(single):
     # per-rank peak is the engine's bytes higher, and the minimum keeps the CPU margin
     # (a fraction of the whole per-rank budget) on top.
     low, low_ranked = alone.value.min_budget_bytes, ranked.value.min_budget_bytes
-    margin = planner.api.SAFETY["cpu"]
+    margin = SAFETY["cpu"]
     assert low + engine.held < low_ranked <= (low + engine.held) / (1 - margin) + 2
     p = planner.plan(model, low_ranked / planner.GiB, _inputs(0), **kw)
     assert p.predicted_peak_bytes <= p.budget_bytes
