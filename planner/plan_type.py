@@ -12,16 +12,18 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import view
+from .units import GiB
+
 __all__ = ["Plan", "NodeDecision", "SolverInfo", "SCHEMA_VERSION", "READABLE_VERSIONS", "GiB"]
 
 SCHEMA_VERSION = 2
 #: Versions ``from_dict`` reads: 1 lacks ``NodeDecision.inputs`` (its consistency
 #: check is then skipped) and the ``model`` entries used to name mismatches.
 READABLE_VERSIONS = (1, 2)
-GiB = 2**30
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class NodeDecision:
     """One forward value that backward needs, and what the plan does with it."""
 
@@ -46,7 +48,7 @@ class NodeDecision:
     inputs: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SolverInfo:
     """Which solver produced the plan, and how it went."""
 
@@ -65,7 +67,7 @@ class SolverInfo:
     objective: str = "time"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Plan:
     """An activation-checkpointing plan for one model and input shape."""
 
@@ -138,7 +140,7 @@ class Plan:
         d["timeline"] = [list(p) for p in self.timeline]
         d["baseline_timeline"] = [list(p) for p in self.baseline_timeline]
         if not d["distributed"]:
-            del d["distributed"]  # one process: the JSON plans had before this field
+            del d["distributed"]  # one process: the key is left out
         return d
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 1) -> str:
@@ -232,22 +234,11 @@ class Plan:
             raise ValueError(f"plan JSON is truncated or invalid: {e}") from e
         return cls.from_dict(data)
 
-    # -- explaining --------------------------------------------------------
+    # -- explaining (rendered by planner.view) ------------------------------------
     def summary(self) -> str:
-        """A few lines: budget, peaks, overhead, solver."""
-        return (
-            f"budget {self.budget_bytes / GiB:.3f} GiB, predicted peak {self.predicted_peak_bytes / GiB:.3f} GiB "
-            f"(no checkpointing: {self.baseline_peak_bytes / GiB:.3f} GiB)\n"
-            f"recompute {self.recompute_flops / 1e9:.3f} GFLOP = {100 * self.overhead:.1f}% of the step's "
-            f"{self.total_flops / 1e9:.3f} GFLOP; {len(self.recomputed)} values recomputed, {len(self.saved)} saved\n"
-            f"solver {self.solver.name}: {self.solver.status} in {self.solver.seconds:.2f} s"
-            + (self._per_rank_note() if self.distributed else "")
-        )
-
-    def _per_rank_note(self) -> str:
-        d = self.distributed
-        return (f"\nper rank of {d['world_size']} ({d['sharding']}, optimizer {d['optimizer']}): engine and optimizer add "
-                f"{d['forward_bytes'] / GiB:.3f} GiB in forward, {d['backward_bytes'] / GiB:.3f} GiB in backward")
+        """The headline numbers, one per line: model, budget, peaks, recompute, solver
+        (:func:`planner.view.summary`; what ``planner plan`` prints)."""
+        return view.summary(self)
 
     def by_module(self, depth: int | None = None) -> list[dict]:
         """Per module (path cut to ``depth`` parts): bytes saved and recomputed, FLOPs recomputed."""
@@ -265,39 +256,22 @@ class Plan:
         return [{"module": k, **v} for k, v in rows.items()]
 
     def explain(self, *, depth: int | None = 3, top: int = 10) -> str:
-        """What is saved and recomputed, per module, and the largest recomputed values."""
-        lines = [self.summary(), "", f"{'module':<40} {'saved MiB':>10} {'recomp MiB':>10} {'recomp GFLOP':>12}"]
-        for r in self.by_module(depth):
-            lines.append(
-                f"{r['module'][:40]:<40} {r['saved_bytes'] / 2**20:>10.2f} {r['recomputed_bytes'] / 2**20:>10.2f} "
-                f"{r['recompute_flops'] / 1e9:>12.4f}"
-            )
-        rec = sorted((n for n in self.nodes if n.decision == "recompute"), key=lambda n: -n.bytes)[:top]
-        if rec:
-            lines += ["", "largest recomputed values:"]
-            for n in rec:
-                lines.append(f"  {n.name:<28} {n.op:<36} {n.module:<32} {n.bytes / 2**20:8.2f} MiB")
-        return "\n".join(lines)
+        """What is saved and recomputed, per module, and the largest recomputed values
+        (:func:`planner.view.explain`)."""
+        return view.explain(self, depth=depth, top=top)
 
     def __str__(self) -> str:
         return self.summary()
 
-    # -- notebooks (see planner.inspect) -------------------------------------
     def memory_timeline(self) -> list[dict]:
         """Predicted live bytes through forward and backward, eager beside the plan:
-        one dict per step (see :func:`planner.inspect.memory_timeline`)."""
-        from .inspect import memory_timeline
-
-        return memory_timeline(self)
+        one dict per step (see :func:`planner.view.memory_timeline`)."""
+        return view.memory_timeline(self)
 
     def plot(self, *, ax=None, title: str | None = None):
         """Draw the memory timeline with matplotlib: eager vs the plan, the budget,
         the forward/backward boundary. Returns the ``Axes``."""
-        from .inspect import plot
-
-        return plot(self, ax=ax, title=title)
+        return view.plot(self, ax=ax, title=title)
 
     def _repr_html_(self) -> str:
-        from .inspect import html
-
-        return html(self)
+        return view.html(self)

@@ -195,7 +195,7 @@ def test_wrappers_inside_the_plan_are_refused(single):
 
 
 def test_cli_plans_per_rank(tmp_path, capsys):
-    from planner.cli import main
+    from runtime.tools.cli import main
 
     factory = str(Path(__file__).parents[1] / "examples" / "tiny_models.py") + ":residual_mlp"
     out = tmp_path / "plan.json"

@@ -12,7 +12,7 @@ import planner
 import runtime
 from helpers import ResidualNet, assert_same_step, measured_step_peak
 from planner.api import plan_profile
-from planner.cli import main as cli_main
+from runtime.tools.cli import main as cli_main
 from profiles import available_targets, capture, load_device_profile, measure_peak, profile_graph
 from profiles.allocator import SAFETY
 
