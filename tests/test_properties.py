@@ -111,14 +111,14 @@ def _model(seed: int):
 def _profiled(model, inputs):
     joint = capture(model, inputs)
     gp = profile_graph(joint)
-    info = {
-        "fingerprint": joint.fingerprint,
-        "class": type(model).__name__,
-        "inputs": describe_inputs(inputs, {}),
-        "structure": joint.structure,
-        "graph": joint.node_digests,
-        "parameters": parameter_signature(model),
-    }
+    info = planner.ModelInfo(
+        fingerprint=joint.fingerprint,
+        class_name=type(model).__name__,
+        inputs=describe_inputs(inputs, {}),
+        structure=joint.structure,
+        graph=joint.node_digests,
+        parameters=parameter_signature(model),
+    )
     return gp, info
 
 
