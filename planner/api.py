@@ -19,9 +19,11 @@ from profiles.device import load_device_profile
 from profiles.graph_profile import GraphProfile, profile_graph
 from profiles.signature import check_input_devices, describe_inputs, parameter_signature
 
+from .block_ilp import block_solver
 from .build import build_plan
 from .distributed import Distributed, EngineBytes, engine_bytes, record
 from .evaluation import Evaluation
+from .ilp import backend_name, solve_ilp
 from .memory_model import refine
 from .plan_type import GiB, ModelInfo, Plan, SolverInfo
 from .problem import OBJECTIVES, Problem, build_problem, rank_key
@@ -39,7 +41,7 @@ __all__ = [
     "allocator_device_type",
 ]
 
-SOLVERS = ("auto", "ilp", "sqrt")
+SOLVERS = ("auto", "ilp", "blocks", "sqrt")
 
 
 class BudgetTooSmall(ValueError):
@@ -114,8 +116,10 @@ def plan(
     activations, temporaries and gradients (``torch.cuda.max_memory_allocated``'s
     measure). ``example_inputs`` is a tuple of positional arguments or a dict of
     keyword arguments (default: ``model.example_input_array``). ``solver`` is
-    ``"ilp"``, ``"sqrt"`` or ``"auto"`` (the cheaper of both; ``"ilp"`` falls back to
-    sqrt(L)'s plan only when the ILP finds none). ``objective``: what to minimise,
+    ``"ilp"``, ``"blocks"``, ``"sqrt"`` or ``"auto"`` (the cheaper of the ILP's and
+    sqrt(L)'s plans; the ILP solved block by block for a model of many repeated
+    blocks, :mod:`planner.block_ilp`; ``"ilp"``/``"blocks"`` fall back to sqrt(L)'s plan
+    only when the ILP finds none). ``objective``: what to minimise,
     ``"time"`` (estimated recompute seconds) or ``"flops"`` (recomputed FLOPs, then
     time: never a matmul where pointwise recomputation fits).
     With ``world_size``/``sharding`` (``"ddp"``, ``"fsdp"``) the budget is per rank and
@@ -288,20 +292,32 @@ def _solve(prob: Problem, budget_bytes: int, device_type: str, *, solver: str, t
     if sq.evaluation is not None:
         sq_info = SolverInfo(name="sqrt", status=f"{sq.status}, {sq.segments} segments", seconds=sq.seconds, calls=len(sq.tried))
         sq_found = (sq.evaluation, sq_info)
-    if solver in ("ilp", "auto"):
+    blocks = block_solver(prob, always=solver == "blocks") if solver in ("auto", "blocks") else None
+    solve = blocks if blocks is not None else solve_ilp
+    if solver in ("ilp", "auto", "blocks"):
         # the exact live intervals of a plan that fits: a good start
         memory = refine(prob.memory, sq.evaluation) if sq.evaluation is not None else prob.memory
-        _log(progress, "solving ILP")
-        best = search_ilp(prob, usable, time_limit_s, start=sq.evaluation, memory=memory)
+        _log(progress, "solving ILP" + (f" ({blocks.describe()})" if blocks is not None else ""))
+        best = _named(search_ilp(prob, usable, time_limit_s, start=sq.evaluation, memory=memory, solve=solve), blocks)
     if sq_found is not None and (solver == "sqrt" or best is None or (solver == "auto" and prob.rank(sq_found[0]) < prob.rank(best[0]))):
         best = sq_found
     if best is not None:
         return best
     _log(progress, "no plan fits; computing the minimum budget")
-    low_ev, low_info = lowest_plan(prob, time_limit_s)
+    low_ev, low_info = _named(lowest_plan(prob, time_limit_s, solve=solve), blocks)
     if low_ev.sim.peak_bytes <= usable:
         return low_ev, low_info
     raise BudgetTooSmall(budget_bytes, budget_for(low_ev.sim.peak_bytes, device_type))
+
+
+def _named(found: tuple[Evaluation, SolverInfo] | None, blocks) -> tuple[Evaluation, SolverInfo] | None:
+    """``found`` with the ILP's backend in its record, and the blocks when solved block by block."""
+    if found is None or found[1].name != "ilp":
+        return found
+    ev, info = found
+    if blocks is not None:
+        return ev, dataclasses.replace(info, status=f"{info.status}; {blocks.describe()}", backend="highs")
+    return ev, dataclasses.replace(info, backend=backend_name())
 
 
 def minimum_budget_bytes(gp_or_problem: GraphProfile | Problem, *, time_limit_s: float = 60.0) -> int:

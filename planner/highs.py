@@ -1,32 +1,24 @@
-"""A linear or mixed-integer program on HiGHS (``highspy``), built from numpy arrays
-and grown in place: columns and rows are added between solves, and the same
-model is solved as an LP (for its duals) or as a MILP.
+"""A mixed-integer program on HiGHS (``highspy``), built from numpy arrays and grown
+in place: rows are added between solves.
 
-The block solve (:mod:`planner.block_master`) re-solves one model many times; going
-through PuLP would rebuild it each time. Work is bounded by HiGHS's deterministic
-limits (simplex iterations, branch-and-bound nodes); the wall-clock limit is only a
-safety net, so a solve gives the same answer whatever the machine's load.
+The block ILP (:mod:`planner.block_ilp`) adds memory rows to one model between
+solves; going through PuLP would rebuild it each time. HiGHS's branch and bound
+is deterministic and its work is bounded here by a count of nodes; the
+wall-clock limit is only a safety net, so a solve gives the same answer whatever
+the machine's load. (The thread count is left to HiGHS: its scheduler is global
+to the process, and PuLP's HiGHS runs start it first.)
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["HighsModel", "swallow_banner", "available", "MIP_GAP", "MIP_MAX_NODES"]
+__all__ = ["HighsModel", "swallow_banner", "MIP_GAP", "MIP_MAX_NODES"]
 
 #: Relative MIP gap at which a solve stops.
 MIP_GAP = 5e-3
 #: Branch-and-bound nodes a MILP solve may explore: a work limit, the same on any machine.
 MIP_MAX_NODES = 20_000
-
-
-def available() -> bool:
-    """Whether ``highspy`` is installed."""
-    try:
-        import highspy  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class HighsModel:
@@ -42,7 +34,6 @@ class HighsModel:
         h.setOptionValue("mip_rel_gap", gap)
         h.setOptionValue("mip_max_nodes", MIP_MAX_NODES)
         h.setOptionValue("time_limit", float(time_limit_s))
-        h.setOptionValue("threads", 1)
         self.num_cols = 0
         self.num_rows = 0
         self.integer: list[int] = []
@@ -82,25 +73,16 @@ class HighsModel:
             kind = hs.HighsVarType.kInteger if integer else hs.HighsVarType.kContinuous
             cols = np.array(self.integer, dtype=np.int32)
             self.h.changeColsIntegrality(len(cols), cols, np.array([kind] * len(cols)))
-        self.h.run()
+        if self.h.run() == hs.HighsStatus.kError:
+            raise RuntimeError(f"HiGHS refused the model ({self.num_rows} rows, {self.num_cols} columns): "
+                               f"{self.h.modelStatusToString(self.h.getModelStatus())}; run with "
+                               "h.setOptionValue('output_flag', True) on HighsModel.h to see why")
         status = self.h.getModelStatus()
         found = self.h.getInfo().primal_solution_status == int(hs.SolutionStatus.kSolutionStatusFeasible)
         return self.h.modelStatusToString(status), found
 
     def values(self) -> np.ndarray:
         return np.array(self.h.getSolution().col_value)
-
-    def activities(self) -> np.ndarray:
-        """Each row's value ``A x`` at the last solution."""
-        return np.array(self.h.getSolution().row_value)
-
-    def start(self, x: np.ndarray) -> None:
-        """A feasible solution for the next MILP solve to start from."""
-        self.h.setSolution(self._hs.HighsSolution() if x is None else _solution(self._hs, x))
-
-    def duals(self) -> np.ndarray:
-        """Row duals of the last LP solve: a column's reduced cost is ``cost - A^T duals``."""
-        return np.array(self.h.getSolution().row_dual)
 
     def objective(self) -> float:
         return float(self.h.getInfo().objective_function_value)
@@ -111,13 +93,6 @@ class HighsModel:
     def bound(self) -> float:
         """The MILP's dual bound (the LP's objective after an LP solve)."""
         return float(self.h.getInfo().mip_dual_bound)
-
-
-def _solution(hs, x: np.ndarray):
-    sol = hs.HighsSolution()
-    sol.col_value = list(map(float, x))
-    sol.value_valid = True
-    return sol
 
 
 def _packed(vectors: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

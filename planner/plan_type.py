@@ -151,6 +151,9 @@ class SolverInfo:
     #: What the solvers minimised: ``"time"`` (estimated recompute seconds) or
     #: ``"flops"`` (recomputed FLOPs, then time).
     objective: str = "time"
+    #: The MILP solver of an ILP plan: ``"highs"`` or ``"cbc"`` (None for other plans;
+    #: left out of the JSON then).
+    backend: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -226,6 +229,8 @@ class Plan:
         d["baseline_timeline"] = [list(p) for p in self.baseline_timeline]
         if self.distributed is None:
             del d["distributed"]  # one process: the key is left out
+        if self.solver.backend is None:
+            del d["solver"]["backend"]  # not an ILP plan
         return d
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 1) -> str:

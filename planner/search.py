@@ -61,7 +61,7 @@ def search_ilp(
     ``start`` (sqrt(L)'s plan) fits, the rows overestimate: the internal budget is
     loosened once by their error on ``start``. Returns the cheapest fitting
     solution, or None. ``solve``: the ILP, :func:`planner.ilp.solve_ilp` or one with
-    its interface (:class:`planner.block_solve.BlockIlp`).
+    its interface (:class:`planner.block_ilp.BlockIlp`).
     """
     t0 = time.perf_counter()
     memory = memory if memory is not None else prob.memory

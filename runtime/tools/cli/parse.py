@@ -38,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
-    p.add_argument("--solver", choices=["auto", "ilp", "sqrt"], default="auto", help="default: auto (ILP, sqrt(L) if it fails)")
+    p.add_argument("--solver", choices=["auto", "ilp", "blocks", "sqrt"], default="auto", help="default: auto (ILP, block by block for deep models; sqrt(L) if it fails)")
     p.add_argument("--target", metavar="NAME",
                    help="device profile for op times: " + ", ".join(available_targets()) + ", or a JSON path")
     p.add_argument("--time-limit", type=float, default=60.0, metavar="S", help="solver time limit in seconds (default 60)")
