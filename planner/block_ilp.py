@@ -27,7 +27,7 @@ import numpy as np
 from .block_layout import KindLayout, kind_layout
 from .blocks import BlockSet, find_blocks
 from .highs import HighsModel
-from .ilp import IlpResult, initial_rows
+from .ilp import IlpResult, backend_name, initial_rows
 from .memory_model import MemoryModel
 from .problem import Problem
 
@@ -241,7 +241,10 @@ AUTO_COVERAGE = 0.5
 def block_solver(prob: Problem, *, always: bool, min_copies: int = AUTO_MIN_COPIES) -> BlockIlp | None:
     """The block ILP for ``prob``, or None when it has no repeated blocks (with
     ``always=False``: also when it is too shallow to need one, fewer than
-    ``min_copies`` copies of every kind, or too irregular, see :data:`AUTO_COVERAGE`)."""
+    ``min_copies`` copies of every kind, or too irregular, see :data:`AUTO_COVERAGE`),
+    and when ``highspy`` is missing."""
+    if backend_name() != "highs":
+        return None  # the block ILP runs on HiGHS directly; the flat ILP runs on CBC too
     blocks = find_blocks(prob.gp)
     layouts = block_layouts(prob, blocks)
     if not layouts:
