@@ -19,7 +19,7 @@ from profiles.device import load_device_profile
 from profiles.graph_profile import GraphProfile, profile_graph
 from profiles.signature import check_input_devices, describe_inputs, parameter_signature
 
-from .block_ilp import block_solver
+from .block_ilp import block_solver, peak_lower_bound
 from .build import build_plan
 from .distributed import Distributed, EngineBytes, engine_bytes, record
 from .evaluation import Evaluation
@@ -47,12 +47,17 @@ SOLVERS = ("auto", "ilp", "blocks", "sqrt")
 class BudgetTooSmall(ValueError):
     """The budget is below the lowest peak the planner can reach for this model and input."""
 
-    def __init__(self, budget_bytes: int, min_budget_bytes: int):
+    def __init__(self, budget_bytes: int, min_budget_bytes: int, lower_bound_bytes: int | None = None):
         self.budget_bytes = budget_bytes
         self.min_budget_bytes = min_budget_bytes
+        #: A budget no plan can go below by the ILP's memory model (its least-peak LP
+        #: relaxation, :func:`planner.block_ilp.peak_lower_bound`, at most the minimum); None: not computed.
+        self.lower_bound_bytes = None if lower_bound_bytes is None else min(lower_bound_bytes, min_budget_bytes)
+        bound = "" if self.lower_bound_bytes is None else (
+            f" (the memory model's LP relaxation bounds it from below at {self.lower_bound_bytes / GiB:.4f} GiB)")
         super().__init__(
             f"budget {budget_bytes / GiB:.4f} GiB is below the minimum of {min_budget_bytes / GiB:.4f} GiB "
-            f"({min_budget_bytes} bytes) that this planner can reach for this model and input; "
+            f"({min_budget_bytes} bytes) that this planner can reach for this model and input{bound}; "
             "raise the budget to at least that, or use a smaller batch"
         )
 
@@ -187,7 +192,9 @@ def _plan_dropout_modes(captured: JointGraph, request: _Request) -> Plan:
             _log(request.progress, "budget too small while keeping dropout masks; trying RNG replay")
             return _attempt(with_dropout(captured, "replay"), request)[0]
         except BudgetTooSmall as second:
-            raise BudgetTooSmall(request.budget_bytes, min(too_small.min_budget_bytes, second.min_budget_bytes)) from None
+            bounds = [e.lower_bound_bytes for e in (too_small, second) if e.lower_bound_bytes is not None]
+            raise BudgetTooSmall(request.budget_bytes, min(too_small.min_budget_bytes, second.min_budget_bytes),
+                                 min(bounds) if len(bounds) == 2 else None) from None
     if captured.num_dropouts == 0 or first.recompute_time_s == 0:
         return first
     # A plan that recomputes may be cheaper when masks need not be kept: plan
@@ -307,7 +314,9 @@ def _solve(prob: Problem, budget_bytes: int, device_type: str, *, solver: str, t
     low_ev, low_info = _named(lowest_plan(prob, time_limit_s, solve=solve), blocks)
     if low_ev.sim.peak_bytes <= usable:
         return low_ev, low_info
-    raise BudgetTooSmall(budget_bytes, budget_for(low_ev.sim.peak_bytes, device_type))
+    bound = peak_lower_bound(prob) if backend_name() == "highs" else None
+    raise BudgetTooSmall(budget_bytes, budget_for(low_ev.sim.peak_bytes, device_type),
+                         None if bound is None else budget_for(int(bound), device_type))
 
 
 def _named(found: tuple[Evaluation, SolverInfo] | None, blocks) -> tuple[Evaluation, SolverInfo] | None:

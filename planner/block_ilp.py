@@ -31,7 +31,7 @@ from .ilp import IlpResult, backend_name, initial_rows
 from .memory_model import MemoryModel
 from .problem import Problem
 
-__all__ = ["BlockIlp", "block_layouts", "block_solver", "group_of", "GROUPS", "TAIL", "AUTO_MIN_COPIES", "AUTO_COVERAGE"]
+__all__ = ["BlockIlp", "block_layouts", "block_solver", "peak_lower_bound", "group_of", "GROUPS", "TAIL", "AUTO_MIN_COPIES", "AUTO_COVERAGE"]
 
 #: Contiguous groups of copies per kind that share their decisions, besides the last ones.
 GROUPS = 2
@@ -157,7 +157,10 @@ class BlockIlp:
 
     def __call__(self, prob: Problem, budget_bytes: float | None, *, memory: MemoryModel | None = None,
                  rows: frozenset[int] = frozenset(), tie_break_seed: int | None = None, time_limit_s: float = 60.0,
-                 minimize_memory: bool = False, max_rounds: int = 12) -> IlpResult:
+                 minimize_memory: bool = False, max_rounds: int = 12, relax: bool = False) -> IlpResult:
+        """As :func:`planner.ilp.solve_ilp`. With ``relax=True`` and ``minimize_memory=True``
+        the LP relaxation is solved with no recompute cost: its peak, in
+        :attr:`IlpResult.bound`, bounds the memory model's lowest peak from below."""
         t0 = time.perf_counter()
         self.calls += 1
         memory = memory if memory is not None else prob.memory
@@ -173,7 +176,7 @@ class BlockIlp:
                 cost[j] += weight[node]
         nv = self.num_variables
         if minimize_memory:
-            cost = 1e-3 * cost
+            cost = 0.0 * cost if relax else 1e-3 * cost
         m.add_cols(cost, np.zeros(nv), np.ones(nv), [], integer=True)
         peak = None
         if minimize_memory:
@@ -199,11 +202,11 @@ class BlockIlp:
         add_memory_rows(sorted(set(initial_rows(memory, len(prob.fwd))) | set(rows)))
         status, x, vals = "Not Solved", None, None
         for rounds in range(1, max_rounds + 1):
-            status, found = m.solve(integer=True)
+            status, found = m.solve(integer=not relax)
             if not found:
                 x = None
                 break
-            x = np.round(m.values()[:nv])
+            x = m.values()[:nv] if relax else np.round(m.values()[:nv])
             vals = const + coef @ x
             bound = m.values()[peak] if peak is not None else budget
             over = np.nonzero(vals > bound * (1 + 1e-9) + 1 * scale)[0]
@@ -227,8 +230,13 @@ class BlockIlp:
             num_rows=m.num_rows,
             model_peak=float(vals.max()) / scale if x is not None else None,
             rows=frozenset(added) | rows,
-            bound=m.bound() if x is not None else None,
+            bound=_bound(m, peak, scale, relax) if x is not None else None,
         )
+
+
+def _bound(m: HighsModel, peak: int | None, scale: float, relax: bool) -> float:
+    """The LP relaxation's peak in bytes (``relax``), else HiGHS's dual bound on the objective."""
+    return float(m.values()[peak]) / scale if relax and peak is not None else m.bound()
 
 
 #: ``solver="auto"`` uses the block ILP when a kind of block has at least this many
@@ -252,3 +260,15 @@ def block_solver(prob: Problem, *, always: bool, min_copies: int = AUTO_MIN_COPI
     if not always and (max(len(lay.blocks) for lay in layouts) < min_copies or blocks.coverage < AUTO_COVERAGE):
         return None
     return BlockIlp(prob, layouts)
+
+
+def peak_lower_bound(prob: Problem, memory: MemoryModel | None = None) -> float:
+    """A lower bound on the lowest peak of the linear memory model (``memory``,
+    default ``prob.memory``) in bytes: the LP relaxation of the least-peak ILP, every
+    value with its own variables. The model estimates recomputed values' live
+    intervals, so this bounds the planner's minimum as the ILP sees it, not the
+    exact simulator's."""
+    res = BlockIlp(prob, [])(prob, None, memory=memory, minimize_memory=True, relax=True, max_rounds=40)
+    if res.bound is None:
+        raise RuntimeError(f"the least-peak LP relaxation has no solution ({res.status})")
+    return res.bound

@@ -117,3 +117,14 @@ def test_plan_records_the_backend_and_the_blocks(gpt2):
         else:
             assert p.solver.name == "ilp" and d["solver"]["backend"] == "highs"
             assert ("blocks:" in p.solver.status) == (solver == "blocks")
+
+
+def test_budget_too_small_reports_a_lower_bound(gpt2):
+    """Below the minimum, the error gives the minimum and the memory model's LP
+    bound under it, both above the bytes held whatever the plan (parameters, inputs)."""
+    gp, prob, _ = gpt2
+    static = prob.evaluate(frozenset()).sim.static_bytes
+    with pytest.raises(planner.BudgetTooSmall, match="LP relaxation bounds it") as err:
+        plan_profile(gp, static, solver="sqrt")
+    e = err.value
+    assert static < e.lower_bound_bytes <= e.min_budget_bytes
