@@ -98,16 +98,11 @@ class BlockIlp:
     def __init__(self, prob: Problem, layouts: list[KindLayout], *, groups: int = GROUPS, tail: int = TAIL):
         self.layouts = layouts
         self.var, self.names = _variables(prob, layouts, groups, tail)
-        nv = len(self.names)
         self.rules = self._rules(prob)
-        # candidates x variables: which variable each candidate's save / recompute is
+        # per candidate: the variable of its save / recompute (-1: none)
         cand = prob.memory.candidates
-        self.save_map = np.zeros((len(cand), nv))
-        self.rec_map = np.zeros((len(cand), nv))
-        for c, node in enumerate(cand):
-            self.save_map[c, self.var[(node, "s")]] = 1.0
-            if (node, "r") in self.var:
-                self.rec_map[c, self.var[(node, "r")]] = 1.0
+        self.save_var = np.array([self.var[(n, "s")] for n in cand], dtype=int)
+        self.rec_var = np.array([self.var.get((n, "r"), -1) for n in cand], dtype=int)
         #: Solves made so far.
         self.calls = 0
 
@@ -166,7 +161,8 @@ class BlockIlp:
         memory = memory if memory is not None else prob.memory
         scale = 1.0 / max(float(memory.const.max()), 1.0)
         # rows x variables: each memory row's coefficients over the shared variables
-        coef = (memory.save @ self.save_map + memory.recompute @ self.rec_map) * scale
+        coef = (_summed(memory.save, self.save_var, self.num_variables)
+                + _summed(memory.recompute, self.rec_var, self.num_variables)) * scale
         const = memory.const * scale
         m = HighsModel(time_limit_s=time_limit_s)
         weight = prob.weights(tie_break_seed)
@@ -232,6 +228,18 @@ class BlockIlp:
             rows=frozenset(added) | rows,
             bound=_bound(m, peak, scale, relax) if x is not None else None,
         )
+
+
+def _summed(matrix: np.ndarray, var: np.ndarray, num_variables: int) -> np.ndarray:
+    """Rows x variables: the columns of ``matrix`` (rows x candidates) summed by the
+    variable ``var`` gives each candidate (-1: left out)."""
+    out = np.zeros((matrix.shape[0], num_variables))
+    cols = np.nonzero(var >= 0)[0]
+    cols = cols[np.argsort(var[cols], kind="stable")]
+    if len(cols):
+        used, starts = np.unique(var[cols], return_index=True)
+        out[:, used] = np.add.reduceat(matrix[:, cols], starts, axis=1)
+    return out
 
 
 def _bound(m: HighsModel, peak: int | None, scale: float, relax: bool) -> float:
