@@ -311,7 +311,9 @@ def _solve(prob: Problem, budget_bytes: int, device_type: str, *, solver: str, t
     if best is not None:
         return best
     _log(progress, "no plan fits; computing the minimum budget")
-    low_ev, low_info = _named(lowest_plan(prob, time_limit_s, solve=solve), blocks)
+    # the flat ILP's lowest plan, as minimum_budget_bytes finds it: the block ILP's copies
+    # sharing decisions may not reach as low
+    low_ev, low_info = _named(lowest_plan(prob, time_limit_s), None)
     if low_ev.sim.peak_bytes <= usable:
         return low_ev, low_info
     bound = peak_lower_bound(prob) if backend_name() == "highs" else None
