@@ -1,4 +1,4 @@
-"""Keep the profiler library's start/stop notices off stderr, and everything else on it.
+"""Keep the profiler's notices about its own sessions off stderr, and everything else on it.
 
 Every ``torch.profiler`` session makes kineto (the profiler library inside
 ``libtorch_cpu``) log two lines at its ``USDT`` level, written by C++ straight to
@@ -6,6 +6,17 @@ file descriptor 2, so redirecting ``sys.stderr`` does not catch them::
 
     USDT:2026-12-01 16:46:28 14170:14170 SyncActivityProfilerHandler.cpp:52] profiler_start
     USDT:2026-12-01 16:46:28 14170:14170 SyncActivityProfilerHandler.cpp:59] profiler_stop
+
+The first time in a process that a memory-profiling session sees a block freed that
+was allocated before it started (a tensor the garbage collector frees meanwhile),
+the CPU allocator logs one more, the same way::
+
+    [W1201 20:54:16.991200582 CPUAllocator.cpp:245] Memory block of unknown size was allocated before the
+    profiling started, profiler results will not include the deallocation event
+
+(one line). It is about the session's own results, which :mod:`profiles.memory` and
+:mod:`profiles.timing` read as levels above the session's start: a free left out
+only overstates them.
 
 ``KINETO_LOG_LEVEL`` cannot hide them alone: kineto's levels are VERBOSE 0, INFO 1,
 WARNING 2, STAGE 3, ERROR 4, USDT 5, so a threshold above the notices (6) also hides
@@ -28,11 +39,16 @@ from typing import Iterator
 __all__ = ["quiet_profiler_notices", "is_profiler_notice"]
 
 _NOTICE = re.compile(rb"^USDT:\S+ \S+ \d+:\d+ \S+\.cpp:\d+\] profiler_(start|stop)\r?$")
+_UNKNOWN_BLOCK = re.compile(
+    rb"^\[W\d{4} \S+ CPUAllocator\.cpp:\d+\] Memory block of unknown size was allocated before the profiling "
+    rb"started, profiler results will not include the deallocation event\r?$"
+)
 
 
 def is_profiler_notice(line: bytes) -> bool:
-    """Whether ``line`` (without its newline) is kineto's ``profiler_start``/``profiler_stop`` notice."""
-    return _NOTICE.match(line) is not None
+    """Whether ``line`` (without its newline) is kineto's ``profiler_start``/``profiler_stop``
+    notice or the allocator's notice of a block allocated before the session."""
+    return _NOTICE.match(line) is not None or _UNKNOWN_BLOCK.match(line) is not None
 
 
 def _flush_stderr() -> None:
@@ -43,7 +59,7 @@ def _flush_stderr() -> None:
 @contextlib.contextmanager
 def quiet_profiler_notices() -> Iterator[None]:
     """Run the body with file descriptor 2 captured; on exit write what it got back
-    to stderr, less kineto's start/stop notices. Where there is no file descriptor 2
+    to stderr, less the profiler's notices (:func:`is_profiler_notice`). Where there is no file descriptor 2
     (some embedded interpreters) the body runs as is. Not for use while another
     thread redirects file descriptor 2."""
     _flush_stderr()

@@ -15,7 +15,6 @@ import runtime
 from helpers import static_bytes, tiny_gpt2
 from planner.api import plan_profile
 from profiles import capture, measure_peak, profile_graph
-from profiles.capture import with_dropout
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -37,8 +36,8 @@ def _replays(p: planner.Plan) -> bool:
 
 
 def _recomputing_plan(gp) -> planner.Plan:
-    """A plan for ``gp`` at 80% of its activation memory (it recomputes); in RNG
-    replay mode at the first of 70%, 60%, 50% where a mask is regenerated."""
+    """A plan for ``gp`` at 80% of its activation memory (it recomputes); with RNG
+    replay at the first of 70%, 60%, 50% where a mask is regenerated."""
     base = plan_profile(gp, 2**40)
     act = base.baseline_peak_bytes - base.static_bytes
     for fraction in (0.8,) if gp.joint.dropout == "mask" else (0.7, 0.6, 0.5):
@@ -64,13 +63,13 @@ def _step(module, inputs, amp, scaler):
     return out.logits.detach(), out.loss.detach()
 
 
-def _assert_step_bit_exact(model, p, inputs, amp, *, fp16: bool) -> None:
+def _assert_step_bit_exact(model, p, inputs, amp) -> None:
     """One step of ``model`` planned by ``p`` against eager's: logits, loss, every
     gradient and every weight after an AdamW step (through the scaler) bit for bit
     equal; then a second step of the planned module measured within the budget."""
     eager, planned = copy.deepcopy(model), copy.deepcopy(model)
     wrapped = runtime.apply(planned, p)
-    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=fp16) for _ in range(2)]
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=amp == torch.float16) for _ in range(2)]
     got = _step(wrapped, inputs, amp, scalers[1])
     want = _step(eager, inputs, amp, scalers[0])
     for name, a, b in zip(("logits", "loss"), got, want):
@@ -84,61 +83,53 @@ def _assert_step_bit_exact(model, p, inputs, amp, *, fp16: bool) -> None:
         scaler.step(torch.optim.AdamW(m.parameters()))
     for (name, pe), (_, pp) in params:
         assert torch.equal(_bits(pp.detach()), _bits(pe.detach())), f"{name} after the optimizer step"
+    assert not torch.equal(eager.lm_head.weight, model.lm_head.weight), "the optimizer step was skipped"
     planned.zero_grad(set_to_none=True)
     peak = static_bytes(planned, inputs) + measure_peak(lambda: _step(wrapped, inputs, amp, scalers[1]))[0]
     assert peak <= p.budget_bytes, (peak, p.budget_bytes, p.predicted_peak_bytes)
 
 
-@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
-def test_autocast_with_dropout_is_bit_exact_and_within_budget(amp):
-    """Under autocast (fp16 with a GradScaler), with dropout masks kept and with
-    them replayed, a recomputing plan's logits, loss, gradients and, after
-    ``scaler.step``, weights are eager's bit for bit (residual dropout runs in the
-    autocast dtype, attention dropout in fp32 inside the math attention kernel,
-    whose backward eager runs without autocast), and its measured peak is within
-    the budget."""
-    model, inputs = _gpt2()
-    with torch.autocast("cpu", dtype=amp):
-        joint = capture(model, inputs, dropout="mask")
-    for mode in ("mask", "replay"):
-        gp = profile_graph(with_dropout(joint, mode))
-        p = _recomputing_plan(gp)
-        assert p.dropout == mode
-        _assert_step_bit_exact(model, p, inputs, amp, fp16=amp == torch.float16)
-    joint.drop_tensors()
-
-
-def test_bf16_parameters_with_dropout_are_bit_exact_and_plan_writes_nothing(capfd):
-    """A model whose parameters are bf16 (no autocast): ``plan()`` with
-    ``progress=False`` writes nothing to file descriptors 1 and 2 (the profiler's
-    start/stop notices included), records no autocast, and its plan is exact and
-    within budget, and refused under autocast."""
-    model, inputs = _gpt2()
-    model.to(torch.bfloat16)
+def _plan(model, inputs, amp, capfd) -> planner.Plan:
+    """``plan()`` under autocast ``amp`` (None: none) at 80% of the eager step's
+    measured activation memory; it must write nothing to file descriptors 1 and 2."""
     probe = copy.deepcopy(model)
-    eager_peak = static_bytes(probe, inputs) + measure_peak(lambda: _step(probe, inputs, None, _NO_SCALER))[0]
-    budget = static_bytes(model, inputs) + 0.8 * (eager_peak - static_bytes(model, inputs))
+    static = static_bytes(model, inputs)
+    eager_peak = static + measure_peak(lambda: _step(probe, inputs, amp, _NO_SCALER))[0]
     capfd.readouterr()
-    p = planner.plan(model, budget / planner.GiB, inputs)
-    assert capfd.readouterr() == ("", "")
-    assert p.model.autocast == "off" and p.recomputed
-    assert planner.Plan.from_json(p.to_json()).model.autocast == "off"
-    _assert_step_bit_exact(model, p, inputs, None, fp16=False)
-    with pytest.raises(runtime.AutocastMismatch, match=r'made without autocast but this training step runs under '
-                       r'torch.autocast\("cpu", dtype=torch.bfloat16\).*plan again'):
-        _step(runtime.apply(model, p), inputs, torch.bfloat16, _NO_SCALER)
+    with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+        p = planner.plan(model, (static + 0.8 * (eager_peak - static)) / planner.GiB, inputs)
+    written = capfd.readouterr()
+    assert written == ("", ""), f"plan() wrote {written}"
+    assert p.recomputed
+    return p
 
 
-def test_plan_under_autocast_records_it_and_refuses_another(capfd):
-    """``plan()`` under autocast writes nothing and records the autocast; the plan
-    run without autocast, or under another dtype, raises AutocastMismatch saying
-    which, before anything is compiled."""
+def test_fp16_autocast_with_grad_scaler_and_replayed_dropout_is_bit_exact():
+    """Under fp16 autocast with a GradScaler, with dropout masks regenerated in
+    backward from the RNG state, a recomputing plan's logits, loss, gradients and,
+    after ``scaler.step``, weights are eager's bit for bit (residual dropout runs
+    in fp16, attention dropout in fp32 inside the math attention kernel, whose
+    backward eager runs without autocast), and its measured peak is within the
+    budget. (Kept masks under autocast: the bf16 test below.)"""
     model, inputs = _gpt2()
-    capfd.readouterr()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        p = planner.plan(model, 1.0, inputs)
-    assert capfd.readouterr() == ("", "")
+    with torch.autocast("cpu", dtype=torch.float16):
+        joint = capture(model, inputs, dropout="replay")
+    p = _recomputing_plan(profile_graph(joint))
+    joint.drop_tensors()
+    assert p.dropout == "replay"
+    _assert_step_bit_exact(model, p, inputs, torch.float16)
+
+
+def test_bf16_autocast_plan_is_exact_within_budget_and_refused_under_another_autocast(capfd):
+    """``plan()`` under bf16 autocast writes nothing and records the autocast; the
+    planned step is eager's bit for bit and within budget; the plan run without
+    autocast, or under fp16, raises AutocastMismatch saying which, before anything
+    is compiled."""
+    model, inputs = _gpt2()
+    p = _plan(model, inputs, torch.bfloat16, capfd)
     assert p.model.autocast == "cpu:bfloat16"
+    assert p.dropout == "mask", "this case covers kept dropout masks under autocast (fp16 covers RNG replay)"
+    _assert_step_bit_exact(model, p, inputs, torch.bfloat16)
     wrapped = runtime.apply(model, p)
     with pytest.raises(runtime.AutocastMismatch, match=r'made under torch.autocast\("cpu", dtype=torch.bfloat16\) '
                        r"but this training step runs without autocast.*plan again"):
@@ -146,3 +137,18 @@ def test_plan_under_autocast_records_it_and_refuses_another(capfd):
     with pytest.raises(runtime.AutocastMismatch, match=r'runs under torch.autocast\("cpu", dtype=torch.float16\)'):
         _step(wrapped, inputs, torch.float16, _NO_SCALER)
     assert not wrapped.compiled_graphs
+
+
+def test_bf16_parameters_with_dropout_are_exact_and_refused_under_autocast(capfd):
+    """A model whose parameters are bf16, without autocast: ``plan()`` writes
+    nothing and records no autocast (also through JSON); the planned step is
+    eager's bit for bit and within budget, and refused under autocast."""
+    model, inputs = _gpt2()
+    model.to(torch.bfloat16)
+    p = _plan(model, inputs, None, capfd)
+    assert p.model.autocast == "off"
+    assert planner.Plan.from_json(p.to_json()).model.autocast == "off"
+    _assert_step_bit_exact(model, p, inputs, None)
+    with pytest.raises(runtime.AutocastMismatch, match=r'made without autocast but this training step runs under '
+                       r'torch.autocast\("cpu", dtype=torch.bfloat16\).*plan again'):
+        _step(runtime.apply(model, p), inputs, torch.bfloat16, _NO_SCALER)

@@ -52,3 +52,16 @@ def test_the_notice_pattern():
     assert is_profiler_notice(line.replace(b"profiler_start", b"profiler_stop").replace(b":52]", b":59]"))
     assert not is_profiler_notice(line.replace(b"USDT", b"ERROR"))
     assert not is_profiler_notice(line + b" and more")
+
+
+def test_the_allocator_notice_pattern(capfd):
+    """The CPU allocator's notice (logged once per process, the first time a session sees
+    a block freed that was allocated before it) is dropped too; other allocator lines are not."""
+    line = (b"[W1201 20:54:16.991200582 CPUAllocator.cpp:245] Memory block of unknown size was allocated before the "
+            b"profiling started, profiler results will not include the deallocation event")
+    assert is_profiler_notice(line)
+    assert not is_profiler_notice(line.replace(b"CPUAllocator", b"Other"))
+    with quiet_profiler_notices():
+        os.write(2, line + b"\n")
+        os.write(2, line[:60] + b" something else\n")
+    assert capfd.readouterr().err == line[:60].decode() + " something else\n"
