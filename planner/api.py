@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from profiles.allocator import budget_for, granularity, graph_device_type, usable_bytes
+from profiles.autocast_state import step_autocast
 from profiles.capture import capture, normalize_inputs, with_dropout
 from profiles.joint import JointGraph
 from profiles.device import load_device_profile
@@ -174,6 +175,7 @@ def _model_info(model: torch.nn.Module, captured: JointGraph, args: tuple, kwarg
         structure=captured.structure,
         graph=captured.node_digests,
         parameters=parameter_signature(model),
+        autocast=step_autocast(model, args, kwargs),
     )
 
 

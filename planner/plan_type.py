@@ -58,6 +58,9 @@ class ModelInfo:
     #: ``(name, shape, dtype, requires_grad)`` per parameter, then ``(name, shape, dtype, None)``
     #: per buffer (``profiles.signature.parameter_signature``): names the first that differs.
     parameters: tuple[tuple[str, tuple[int, ...], str, bool | None], ...] | None = None
+    #: The ``torch.autocast`` the step was captured under (``profiles.autocast_state``):
+    #: ``"off"`` or ``"DEVICE_TYPE:DTYPE"`` (e.g. ``"cpu:bfloat16"``); the runtime refuses another.
+    autocast: str | None = None
 
     def __post_init__(self):
         for name in ("inputs", "graph", "parameters"):
@@ -82,7 +85,7 @@ class ModelInfo:
 
 #: ``ModelInfo`` field and JSON key, in the JSON's order.
 _MODEL_KEYS = (("fingerprint", "fingerprint"), ("class_name", "class"), ("inputs", "inputs"),
-               ("structure", "structure"), ("graph", "graph"), ("parameters", "parameters"))
+               ("structure", "structure"), ("graph", "graph"), ("parameters", "parameters"), ("autocast", "autocast"))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

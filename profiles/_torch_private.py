@@ -36,6 +36,7 @@ __all__ = [
     "backend_error_cause",
     "graph_break_info",
     "real_tensors",
+    "backward_without_autocast",
     "profiler_active",
     "allocator_events",
     "record_function_span",
@@ -269,3 +270,16 @@ def no_ddp_graph_split():
     compiled, so it only has to be active around the compiled call."""
     return torch._dynamo.config.patch(optimize_ddp=False)
 
+
+def backward_without_autocast():
+    """Context in which AOTAutograd traces the backward half of the joint graph with
+    autocast off, as eager runs ``loss.backward()`` called outside ``torch.autocast``
+    (the usage the AMP documentation prescribes). torch 2.13's default,
+    ``backward_pass_autocast="same_as_forward"``, traces it under the forward's
+    autocast: an fp32 matmul inside an autocast region (the math attention kernel
+    behind ``scaled_dot_product_attention`` with dropout, or code under
+    ``autocast(enabled=False)``) gets a bf16/fp16 backward that eager does not run
+    (pytorch/pytorch#179804). Private: ``torch._functorch.config`` is the only
+    switch. Read when the graph is traced, so it must be active around the first
+    call of the compiled module."""
+    return torch._functorch.config.patch(backward_pass_autocast="off")

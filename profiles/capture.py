@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
-from ._torch_private import aot_autograd, allow_recompiles, copy_graph_module, default_partition
+from ._torch_private import aot_autograd, allow_recompiles, backward_without_autocast, copy_graph_module, default_partition
 from .capture_errors import explain_capture_failure
 from .dropout_pass import rewrite_dropout
 from .joint import CaptureError, JointGraph, mutated_primals
@@ -108,7 +108,7 @@ def _record_step(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[fx.
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     with _state_kept(model):
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), backward_without_autocast():
                 compiled(*args, **kwargs)
         except Exception as e:  # torch.compile wraps every failure; say which step failed and why
             err = explain_capture_failure(model, args, kwargs, e)

@@ -30,11 +30,13 @@ from profiles._torch_private import (
     aot_autograd,
     allow_recompiles,
     backend_error_cause,
+    backward_without_autocast,
     graph_break_info,
     make_boxed,
     no_ddp_graph_split,
 )
 from profiles.allocator import graph_device_type
+from profiles.autocast_state import autocast_mismatch, step_autocast
 from profiles.capture import prepare_joint
 from profiles.capture_errors import explain_capture_failure
 from profiles.device import target_device_type
@@ -50,11 +52,15 @@ from profiles.signature import (
 from .distributed import check_wrapping
 from .partition import split_joint
 
-__all__ = ["PlannedModule", "ShapeEntry", "PlanMismatch", "ShapeWarning", "BudgetWarning", "apply"]
+__all__ = ["PlannedModule", "ShapeEntry", "PlanMismatch", "AutocastMismatch", "ShapeWarning", "BudgetWarning", "apply"]
 
 
 class PlanMismatch(ValueError):
     """The plan was made for another model, another device, or the model changed since."""
+
+
+class AutocastMismatch(PlanMismatch):
+    """The training step runs under another ``torch.autocast`` (or none) than the plan was made under."""
 
 
 class ShapeWarning(UserWarning):
@@ -205,10 +211,14 @@ class PlannedModule(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             return self.module(*args, **kwargs)
         check_input_devices(self.module, args, kwargs, allow_meta=False)
+        why = autocast_mismatch(self.plan.model.autocast, step_autocast(self.module, args, kwargs))
+        if why:
+            raise AutocastMismatch(why)
         self._call_key = _key(describe_inputs(args, kwargs))
         for attempt in range(2):
             try:
-                with no_ddp_graph_split():  # one graph even inside DistributedDataParallel's forward
+                # one graph even inside DistributedDataParallel's forward; backward traced as eager runs it
+                with no_ddp_graph_split(), backward_without_autocast():
                     return self._compiled(*args, **kwargs)
             except Exception as e:
                 inner = backend_error_cause(e)
