@@ -113,6 +113,10 @@ class Plan:
     #: beyond the model's step (``forward_bytes``, ``backward_bytes``, ``end_bytes``,
     #: ``optimizer_bytes``); the peaks and timelines above are then per rank and include them.
     distributed: dict = field(default_factory=dict)
+    #: What runs the planned graphs: ``"eager"`` (op by op) or ``"inductor"`` (compiled
+    #: by Inductor; node names are those of the joint graph Inductor partitions, and
+    #: ``recompute_time_s`` uses its cost model, see :mod:`planner.executor`).
+    executor: str = "eager"
 
     # -- derived -----------------------------------------------------------
     @property
@@ -141,6 +145,8 @@ class Plan:
         d["baseline_timeline"] = [list(p) for p in self.baseline_timeline]
         if not d["distributed"]:
             del d["distributed"]  # one process: the key is left out
+        if d["executor"] == "eager":
+            del d["executor"]  # op by op: the key is left out
         return d
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 1) -> str:
@@ -196,6 +202,8 @@ class Plan:
             raise ValueError(f"{bad}budget_bytes is 0")
         if self.dropout not in ("mask", "replay"):
             raise ValueError(f"{bad}dropout is {self.dropout!r}; expected 'mask' or 'replay'")
+        if self.executor not in ("eager", "inductor"):
+            raise ValueError(f"{bad}executor is {self.executor!r}; expected 'eager' or 'inductor'")
         if not isinstance(self.model, dict) or not isinstance(self.model.get("fingerprint", ""), str):
             raise ValueError(f"{bad}'model' must be an object with a string 'fingerprint'")
         decided: dict[str, str] = {}

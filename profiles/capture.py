@@ -13,14 +13,53 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
-from ._torch_private import aot_autograd, allow_recompiles, copy_graph_module, default_partition
+from ._torch_private import (
+    CustomPartitionerFn,
+    aot_autograd,
+    allow_recompiles,
+    copy_graph_module,
+    default_partition,
+    inductor_capture_backend,
+    inductor_options_of,
+    is_compiled_module,
+    no_aot_autograd_cache,
+)
 from .capture_errors import explain_capture_failure
 from .dropout_pass import rewrite_dropout
 from .joint import CaptureError, JointGraph, mutated_primals
 from .meta import capture_meta, uses_meta
 from .signature import check_input_devices, graph_fingerprint, node_digests, structure_fingerprint
 
-__all__ = ["capture", "normalize_inputs", "prepare_joint", "with_dropout"]
+__all__ = ["capture", "normalize_inputs", "prepare_joint", "with_dropout", "EXECUTORS", "check_executor",
+           "unwrap_compiled"]
+
+#: What can run a plan's graphs: ``"eager"`` runs them op by op (one kernel per aten
+#: op); ``"inductor"`` compiles them with Inductor, which sees the joint graph after
+#: its own decompositions and joint-graph passes (other node names and ops).
+EXECUTORS = ("eager", "inductor")
+
+
+def check_executor(executor: str) -> str:
+    """``executor`` when it is one of :data:`EXECUTORS`, else ``ValueError``."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}: choose one of {', '.join(map(repr, EXECUTORS))}")
+    return executor
+
+
+def unwrap_compiled(model: torch.nn.Module) -> tuple[torch.nn.Module, dict | None]:
+    """``(module, options)``: for a ``torch.compile``-d module, the module it wraps and
+    the Inductor options it was compiled with (``{}`` for the defaults); for any
+    other module, itself and ``None``. ``ValueError`` when it was compiled with a
+    backend other than Inductor: the planner compiles the model with its own."""
+    if not is_compiled_module(model):
+        return model, None
+    options = inductor_options_of(model)
+    if options is None:
+        raise ValueError(
+            f"{type(model._orig_mod).__name__} is compiled with a backend other than Inductor; the planner compiles "
+            "the model itself (op by op, or with Inductor): pass the module before torch.compile (compiled._orig_mod)"
+        )
+    return model._orig_mod, options
 
 
 def normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
@@ -86,29 +125,58 @@ def _state_kept(model: torch.nn.Module) -> Iterator[None]:
                     b.copy_(buffers[k])
 
 
-def _record_step(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, int, list]:
-    """Run one training step of ``model`` through ``torch.compile``; return the joint
-    graph AOTAutograd handed to the partitioner, its number of forward outputs and
-    the tensors the compiled forward was called with."""
-    recorded: dict[str, Any] = {}
+class _RecordingPartitioner(CustomPartitionerFn):
+    """Records the joint graph it is given, then splits it as AOTAutograd's default
+    partition does (the capture only runs forward)."""
 
-    def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
-        recorded["joint"] = joint
-        recorded["num_fwd_outputs"] = num_fwd_outputs
-        return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+    def __init__(self, recorded: dict):
+        self.recorded = recorded
 
-    def fw_compiler(gm, example):
+    def __call__(self, joint, joint_inputs, *, num_fwd_outputs, static_lifetime_input_indices=None, **kw):
+        self.recorded["joint"] = joint
+        self.recorded["num_fwd_outputs"] = num_fwd_outputs
+        return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs,
+                                 static_lifetime_input_indices=static_lifetime_input_indices)
+
+    def uuid(self):
+        return None  # captures are never served from a cache (no_aot_autograd_cache)
+
+
+def _backend(recorded: dict, executor: str, options: dict | None):
+    """The capture's backend: AOTAutograd alone (``"eager"``), or Inductor's graph
+    passes up to its partitioner (``"inductor"``); the forward graph runs op by op
+    and records the tensors it is called with."""
+    partition = _RecordingPartitioner(recorded)
+
+    def run_forward(gm):
         def run(*fw_args):
             recorded.setdefault("primals", list(fw_args))
             return gm(*fw_args)
 
         return run
 
-    backend = aot_autograd(fw_compiler=fw_compiler, bw_compiler=lambda gm, ex: gm, partition_fn=partition)
-    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    if executor == "inductor":
+        def run_graph(gm, example, is_backward):
+            run = run_forward(gm)
+            boxed = lambda args: run(*args)  # noqa: E731  Inductor calls graphs with one list
+            boxed._boxed_call = True
+            return boxed
+
+        return inductor_capture_backend(partition, run_graph, options)
+    return aot_autograd(fw_compiler=lambda gm, ex: run_forward(gm), bw_compiler=lambda gm, ex: gm, partition_fn=partition)
+
+
+def _record_step(model: torch.nn.Module, args: tuple, kwargs: dict, executor: str = "eager",
+                 options: dict | None = None) -> tuple[fx.GraphModule, int, list]:
+    """Run one training step of ``model`` through ``torch.compile``; return the joint
+    graph handed to the partitioner (by AOTAutograd, or by Inductor for
+    ``executor="inductor"``), its number of forward outputs and the tensors the
+    compiled forward was called with."""
+    recorded: dict[str, Any] = {}
+    compiled = torch.compile(model, backend=_backend(recorded, executor, options), fullgraph=True, dynamic=False)
     with _state_kept(model):
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), no_aot_autograd_cache():
                 compiled(*args, **kwargs)
         except Exception as e:  # torch.compile wraps every failure; say which step failed and why
             err = explain_capture_failure(model, args, kwargs, e)
@@ -139,18 +207,24 @@ def _primal_roles(model: torch.nn.Module, primals: list) -> tuple[list[str], lis
     return roles, names
 
 
-def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str = "mask") -> JointGraph:
+def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str = "mask", executor: str = "eager",
+            compile_options: dict | None = None) -> JointGraph:
     """Capture one training step of ``model`` on ``example_inputs`` as a joint graph.
 
     ``dropout`` picks how dropout outputs are made recomputable (see
-    :mod:`profiles.dropout_pass`). A model or inputs on the meta device are captured
-    on fake tensors, allocating nothing (see :mod:`profiles.meta`)."""
+    :mod:`profiles.dropout_pass`). ``executor="inductor"`` captures the joint graph
+    Inductor partitions (after its decompositions and joint-graph passes, with
+    Inductor options ``compile_options``), without generating code. A model or
+    inputs on the meta device are captured on fake tensors, allocating nothing
+    (see :mod:`profiles.meta`)."""
+    check_executor(executor)
     args, kwargs = normalize_inputs(model, example_inputs)
     if uses_meta(model, args, kwargs):
-        return capture_meta(model, args, kwargs, capture, dropout=dropout)
+        return capture_meta(model, args, kwargs, capture, dropout=dropout, executor=executor,
+                            compile_options=compile_options)
     check_input_devices(model, args, kwargs, allow_meta=True)
     allow_recompiles()
-    gm, num_fwd_outputs, primals = _record_step(model, args, kwargs)
+    gm, num_fwd_outputs, primals = _record_step(model, args, kwargs, executor, compile_options)
     roles, names = _primal_roles(model, primals)
     fingerprint = graph_fingerprint(gm, num_fwd_outputs)  # of the graph as captured, before prepare_joint
     structure = structure_fingerprint(gm, num_fwd_outputs)
@@ -169,6 +243,7 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
         dropout=dropout,
         num_dropouts=num_dropouts,
         raw_gm=raw_gm,
+        executor=executor,
     )
 
 
@@ -191,4 +266,5 @@ def with_dropout(joint: JointGraph, dropout: str) -> JointGraph:
         num_dropouts=prepare_joint(gm, dropout=dropout, num_fwd_outputs=joint.num_fwd_outputs),
         raw_gm=joint.raw_gm,
         fake=joint.fake,
+        executor=joint.executor,
     )

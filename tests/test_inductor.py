@@ -1,0 +1,158 @@
+"""Plans compiled by Inductor (``planner.plan(..., executor="inductor")``, ``runtime.apply``).
+
+Exact against ``torch.compile``'s default run of the same model (dropout included:
+Inductor's own RNG, seeded the same way), within the budget, and at another batch
+size. Inductor compiles take tens of seconds each on a CPU, so the compiled cases
+are few and small; what needs no compilation (an executor mismatch, an already
+compiled model, the cost model, the plan's JSON) is checked without one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import jsonschema
+import pytest
+import torch
+from torch import nn
+
+import planner
+import runtime
+from helpers import ResidualNet, grads_of, measured_step_peak, run_step, tiny_gpt2
+from planner.executor import is_extern, recompute_costs
+from profiles import capture, profile_graph
+from runtime.inductor import plans_key
+
+SCHEMA = json.loads((__import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "plan.schema.json").read_text())
+
+
+def _assert_same(wrapped_model, ref_model, loss_p, loss_r, *, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(loss_p, loss_r, rtol=rtol, atol=atol)
+    gr, gp = grads_of(ref_model), grads_of(wrapped_model)
+    for k in gr:
+        assert (gr[k] is None) == (gp[k] is None), k
+        if gr[k] is not None:
+            torch.testing.assert_close(gp[k], gr[k], rtol=rtol, atol=atol, msg=lambda m: f"grad of {k}: {m}")
+    for (k, br), (_, bp) in zip(ref_model.named_buffers(), wrapped_model.named_buffers()):
+        torch.testing.assert_close(bp, br, rtol=rtol, atol=atol, msg=lambda m: f"buffer {k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    """A one-layer GPT-2 with dropout, planned for Inductor at 60% of its activations."""
+    torch.manual_seed(0)
+    model = tiny_gpt2(layers=1, d=64, heads=4, vocab=64, positions=64).train()
+    ids = torch.randint(0, 64, (8, 64))
+    inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    probe = copy.deepcopy(model)
+    eager = measured_step_peak(probe, probe, inputs)
+    static = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers(), ids])
+    p = planner.plan(model, (static + 0.6 * (eager - static)) / planner.GiB, inputs, executor="inductor")
+    return model, inputs, p
+
+
+def test_planned_inductor_step_equals_torch_compile_and_stays_within_budget(gpt):
+    model, inputs, p = gpt
+    assert p.executor == "inductor" and p.recomputed
+    ref_model, planned_model, eager_model = (copy.deepcopy(model) for _ in range(3))
+    _, loss_r = run_step(torch.compile(ref_model), inputs)
+    wrapped = runtime.apply(planned_model, p)
+    assert wrapped.executor == "inductor"
+    _, loss_p = run_step(wrapped, inputs)
+    _assert_same(planned_model, ref_model, loss_p, loss_r)
+    _, loss_e = run_step(eager_model, inputs)
+    assert not torch.equal(loss_e, loss_r), "dropout draws Inductor's own masks: the check above compared them"
+    (fwd, bwd), = wrapped.compiled_graphs  # the split Inductor compiled is the plan's
+    saved = {n.name for n in bwd.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents")}
+    assert saved and not saved & set(p.recomputed)
+    assert set(p.recomputed) <= {n.name for n in bwd.graph.nodes} | {n.name for n in fwd.graph.nodes}
+    measured = measured_step_peak(wrapped, planned_model, inputs)
+    assert measured <= p.predicted_peak_bytes <= p.budget_bytes, (measured, p.predicted_peak_bytes, p.budget_bytes)
+
+
+def _batch(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(n, 32, generator=g), "target": torch.randint(0, 8, (n,), generator=g)}
+
+
+def test_other_batch_size_reuses_the_plan_exactly_and_no_grad_runs_compiled():
+    torch.manual_seed(0)
+    # BatchNorm, an in-place op, a frozen layer; no dropout, so eager is the reference
+    model = ResidualNet(d=32, blocks=2, hidden=128, p=0.0)
+    inputs, small = _batch(512), _batch(200, seed=1)
+    probe = copy.deepcopy(model)
+    eager = measured_step_peak(probe, probe, inputs)
+    p = planner.plan(model, 0.85 * eager / planner.GiB, inputs, executor="inductor")
+    assert p.recomputed
+    ref_model, planned_model = copy.deepcopy(model), copy.deepcopy(model)
+    wrapped = runtime.apply(planned_model, p)
+    for batch in (inputs, small):
+        for m in (ref_model, planned_model):
+            for q in m.parameters():
+                q.grad = None
+        _, loss_r = run_step(ref_model, batch)
+        _, loss_p = run_step(wrapped, batch)
+        _assert_same(planned_model, ref_model, loss_p, loss_r, rtol=1e-4, atol=1e-5)
+    entry = wrapped.shapes[json.dumps([[k, list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in small.items()])]
+    assert entry["how"] == "reused" and entry["plan"] is p and entry["predicted_peak_bytes"] <= p.budget_bytes
+    assert measured_step_peak(wrapped, planned_model, small) <= entry["predicted_peak_bytes"]
+    graphs = len(wrapped.compiled_graphs)
+    wrapped.eval()
+    with torch.no_grad():  # no backward: the model compiled by Inductor with its own partition, nothing planned
+        got, want = wrapped(**small)["logits"], planned_model(**small)["logits"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert len(wrapped.compiled_graphs) == graphs and wrapped._inference is not None
+
+
+def test_executor_mismatches_and_compiled_models_are_handled_before_compiling(gpt):
+    model, inputs, p = gpt
+    with pytest.raises(runtime.PlanMismatch, match="apply with compile='inductor'"):
+        runtime.apply(model, p, compile="eager")
+    small = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.randn(32, 8)
+    op_by_op = planner.plan(small, 1.0, (x,))
+    assert op_by_op.executor == "eager" and "executor" not in op_by_op.to_dict()
+    with pytest.raises(runtime.PlanMismatch, match=r"planner.plan\(.*executor='inductor'"):
+        runtime.apply(small, op_by_op, compile="inductor")
+    with pytest.raises(runtime.PlanMismatch, match="compiled by torch.compile"):
+        runtime.apply(torch.compile(small), op_by_op)
+    with pytest.raises(ValueError, match="backend other than Inductor"):
+        runtime.apply(torch.compile(small, backend="aot_eager"), op_by_op)
+    with pytest.raises(ValueError, match="compile must be one of"):
+        runtime.apply(small, op_by_op, compile="tvm")
+    # a torch.compile-d model: planned for Inductor with its options, applied to the module it wraps
+    compiled = torch.compile(small, options={"max_autotune": False, "epilogue_fusion": False})
+    p_small = planner.plan(compiled, 1.0, (x,))
+    assert p_small.executor == "inductor"
+    wrapped = runtime.apply(compiled, p_small)
+    assert wrapped.module is small and wrapped.executor == "inductor"
+    assert wrapped.compile_options == {"epilogue_fusion": False}
+
+
+def test_plan_json_records_the_executor_and_the_cache_key_covers_the_plan(gpt):
+    model, inputs, p = gpt
+    d = json.loads(p.to_json())
+    assert d["executor"] == "inductor"
+    jsonschema.validate(d, SCHEMA, cls=jsonschema.Draft202012Validator)
+    assert planner.Plan.from_json(p.to_json()) == p
+    edited = planner.Plan.from_dict({**d, "nodes": [{**n, "decision": "save"} for n in d["nodes"]]})
+    assert edited.fingerprint == p.fingerprint and plans_key([edited]) != plans_key([p])
+    with pytest.raises(ValueError, match="executor"):
+        planner.Plan.from_dict({**d, "executor": "tvm"})
+
+
+def test_inductor_cost_model_prices_fused_ops_at_their_arithmetic(gpt):
+    model, inputs, _ = gpt
+    joint = capture(model, inputs, executor="inductor")
+    try:
+        gp = profile_graph(joint)
+    finally:
+        joint.drop_tensors()
+    costs = recompute_costs(gp)
+    extern = [n for n in costs if is_extern(gp.nodes[n].op)]
+    fused = [n for n in costs if not is_extern(gp.nodes[n].op) and gp.nodes[n].bytes]
+    assert any(gp.nodes[n].op.startswith("aten.mm") or gp.nodes[n].op.startswith("aten.addmm") for n in extern)
+    assert all(costs[n] == gp.nodes[n].time_s for n in extern)
+    assert fused and all(costs[n] < gp.nodes[n].time_s for n in fused)
+    assert not is_extern("aten.mul.Tensor") and is_extern("aten.bmm.default") and is_extern("planner_rng.state.default")
