@@ -55,7 +55,7 @@ def run(layers: int, fraction: float, apply: bool) -> dict:
     t2 = time.perf_counter()
     prob = build_problem(gp)
     binaries = len(prob.can_recompute) + len(prob.memory.candidates)
-    info = {"fingerprint": joint.fingerprint, "class": type(model).__name__}
+    info = planner.ModelInfo(fingerprint=joint.fingerprint, class_name=type(model).__name__)
     try:
         p = plan_profile(gp, budget, model_info=info)
     except planner.BudgetTooSmall:  # as plan() does: regenerate dropout masks instead of keeping them

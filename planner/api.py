@@ -23,7 +23,7 @@ from .build import build_plan
 from .distributed import Distributed, EngineBytes, engine_bytes, record
 from .evaluation import Evaluation
 from .memory_model import refine
-from .plan_type import GiB, Plan, SolverInfo
+from .plan_type import GiB, ModelInfo, Plan, SolverInfo
 from .problem import OBJECTIVES, Problem, build_problem, rank_key
 from .search import lowest_plan, search_ilp
 from .sqrt import solve_sqrt
@@ -89,7 +89,7 @@ class _Request:
     distributed: Distributed
     engine: EngineBytes | None
     #: ``Plan.model`` of every plan made.
-    model_info: dict
+    model_info: ModelInfo
 
 
 def plan(
@@ -167,16 +167,16 @@ def _check_choices(solver: str, objective: str, time_limit_s: float) -> None:
         raise ValueError(f"time_limit_s must be a positive number of seconds, not {time_limit_s!r}")
 
 
-def _model_info(model: torch.nn.Module, captured: JointGraph, args: tuple, kwargs: dict) -> dict:
+def _model_info(model: torch.nn.Module, captured: JointGraph, args: tuple, kwargs: dict) -> ModelInfo:
     """``Plan.model``: what identifies the model and input the plan is for."""
-    return {
-        "fingerprint": captured.fingerprint,
-        "class": type(model).__name__,
-        "inputs": describe_inputs(args, kwargs),
-        "structure": captured.structure,
-        "graph": captured.node_digests,
-        "parameters": parameter_signature(model),
-    }
+    return ModelInfo(
+        fingerprint=captured.fingerprint,
+        class_name=type(model).__name__,
+        inputs=describe_inputs(args, kwargs),
+        structure=captured.structure,
+        graph=captured.node_digests,
+        parameters=parameter_signature(model),
+    )
 
 
 def _plan_dropout_modes(captured: JointGraph, request: _Request) -> Plan:
@@ -259,13 +259,19 @@ def plan_profile(
     *,
     solver: str = "auto",
     time_limit_s: float = 60.0,
-    model_info: dict | None = None,
+    model_info: ModelInfo | None = None,
     progress: bool = False,
     objective: str = "time",
     engine: EngineBytes | None = None,
 ) -> Plan:
-    """Plan from an already captured and profiled graph; ``engine``: the per-rank
+    """Plan from an already captured and profiled graph; ``model_info``: the plan's
+    ``Plan.model`` (default: only the graph's fingerprint); ``engine``: the per-rank
     bytes of a data-parallel engine and optimizer (:func:`planner.distributed.engine_bytes`)."""
+    if model_info is None:
+        model_info = ModelInfo(fingerprint=gp.joint.fingerprint)
+    elif not isinstance(model_info, ModelInfo):
+        raise TypeError(f"model_info must be a planner.ModelInfo (e.g. ModelInfo(fingerprint=..., class_name=...)), "
+                        f"not {type(model_info).__name__}")
     device_type = allocator_device_type(gp)
     prob = build_problem(gp, granularity=granularity(device_type), objective=objective, engine=engine)
     baseline = prob.evaluate(frozenset())
@@ -276,7 +282,7 @@ def plan_profile(
         ev, info = _solve(prob, budget_bytes, device_type, solver=solver, time_limit_s=time_limit_s, progress=progress)
     return build_plan(prob, ev, baseline=baseline, budget_bytes=budget_bytes,
                       solver=dataclasses.replace(info, objective=objective),
-                      model_info=model_info or {"fingerprint": gp.joint.fingerprint})
+                      model_info=model_info)
 
 
 def _solve(prob: Problem, budget_bytes: int, device_type: str, *, solver: str, time_limit_s: float,

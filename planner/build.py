@@ -4,7 +4,7 @@ its reason for every forward value backward needs, with the step's numbers."""
 from __future__ import annotations
 
 from .evaluation import Evaluation
-from .plan_type import NodeDecision, Plan, SolverInfo
+from .plan_type import ModelInfo, NodeDecision, Plan, SolverInfo
 from .problem import Problem
 
 __all__ = ["build_plan"]
@@ -17,7 +17,7 @@ def build_plan(
     baseline: Evaluation,
     budget_bytes: int,
     solver: SolverInfo,
-    model_info: dict,
+    model_info: ModelInfo,
 ) -> Plan:
     """The plan of ``ev`` (``baseline``: the same step without recomputation)."""
     gp = prob.gp
@@ -26,7 +26,7 @@ def build_plan(
     decisions = tuple(_decision(prob, name, name in recomputed) for name in prob.fwd if name in recomputed or name in saved)
     total_flops = sum(n.flops for n in gp.nodes.values() if n.phase in ("forward", "backward"))
     return Plan(
-        model=dict(model_info),
+        model=model_info,
         target=gp.target,
         time_source=gp.time_source,
         dropout=gp.joint.dropout,

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .plan_type import DistributedInfo
+
 __all__ = ["Distributed", "EngineBytes", "SHARDINGS", "OPTIMIZERS", "engine_bytes", "record", "from_record"]
 
 SHARDINGS = ("none", "ddp", "fsdp")
@@ -125,26 +127,26 @@ def engine_bytes(model: torch.nn.Module, cfg: Distributed) -> EngineBytes:
     return EngineBytes(forward=opt, backward=opt, end=opt, optimizer=opt)
 
 
-def record(cfg: Distributed, eb: EngineBytes) -> dict:
+def record(cfg: Distributed, eb: EngineBytes) -> DistributedInfo:
     """``Plan.distributed``: how the plan's step is trained and what the engine adds per rank."""
-    return {
-        "world_size": cfg.world_size,
-        "sharding": cfg.sharding,
-        "optimizer": cfg.optimizer,
-        "forward_bytes": eb.forward,
-        "backward_bytes": eb.backward,
-        "end_bytes": eb.end,
-        "optimizer_bytes": eb.optimizer,
-    }
+    return DistributedInfo(
+        world_size=cfg.world_size,
+        sharding=cfg.sharding,
+        optimizer=cfg.optimizer,
+        forward_bytes=eb.forward,
+        backward_bytes=eb.backward,
+        end_bytes=eb.end,
+        optimizer_bytes=eb.optimizer,
+    )
 
 
-def from_record(distributed: dict) -> EngineBytes | None:
+def from_record(distributed: DistributedInfo | None) -> EngineBytes | None:
     """The engine's bytes a plan was made with (None for a one-process plan)."""
-    if not distributed:
+    if distributed is None:
         return None
     return EngineBytes(
-        forward=int(distributed["forward_bytes"]),
-        backward=int(distributed["backward_bytes"]),
-        end=int(distributed["end_bytes"]),
-        optimizer=int(distributed["optimizer_bytes"]),
+        forward=int(distributed.forward_bytes),
+        backward=int(distributed.backward_bytes),
+        end=int(distributed.end_bytes),
+        optimizer=int(distributed.optimizer_bytes),
     )

@@ -67,8 +67,8 @@ def solver_backend(time_limit_s: float):
         cbc = pulp.COIN_CMD(msg=False, timeLimit=time_limit_s, gapRel=_GAP)
         if not cbc.available():
             raise NoMilpSolver(
-                "the ILP solver needs HiGHS or CBC: pip install highspy (the planner's 'highs' extra), "
-                "or pip install pulp[cbc]; or plan with solver='sqrt'"
+                "the ILP solver needs HiGHS or CBC: pip install highspy (a dependency of the planner), "
+                "or pip install 'checkpoint-planner[cbc]' for CBC"
             ) from None
         return cbc
     _swallow_banner(highspy)

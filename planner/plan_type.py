@@ -15,12 +15,98 @@ from pathlib import Path
 from . import view
 from .units import GiB
 
-__all__ = ["Plan", "NodeDecision", "SolverInfo", "SCHEMA_VERSION", "READABLE_VERSIONS", "GiB"]
+__all__ = ["Plan", "ModelInfo", "DistributedInfo", "NodeDecision", "SolverInfo", "SCHEMA_VERSION", "READABLE_VERSIONS", "GiB"]
 
 SCHEMA_VERSION = 2
 #: Versions ``from_dict`` reads: 1 lacks ``NodeDecision.inputs`` (its consistency
-#: check is then skipped) and the ``model`` entries used to name mismatches.
+#: check is then skipped) and the ``model`` entries that name mismatches
+#: (``ModelInfo.structure``, ``graph``, ``parameters``).
 READABLE_VERSIONS = (1, 2)
+
+
+def _tuples(value):
+    """``value`` with every list (at any depth) made a tuple: the records' immutable form of JSON arrays."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _lists(value):
+    """``value`` with every tuple (at any depth) made a list: the JSON form of :func:`_tuples`."""
+    return [_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelInfo:
+    """Which model and input a plan is for: the JSON ``model`` object.
+
+    A field left ``None`` was not recorded (``plan_profile`` given no model record,
+    or a schema version 1 file) and is left out of the JSON. JSON arrays are held
+    as tuples, at every depth (lists given are converted)."""
+
+    #: Hash of the captured joint graph, shapes included (``profiles.signature.graph_fingerprint``);
+    #: "" when unknown.
+    fingerprint: str = ""
+    #: The model's class name, e.g. ``GPT2LMHeadModel`` (JSON key ``class``).
+    class_name: str | None = None
+    #: ``(name, shape, dtype)`` per example input (``profiles.signature.describe_inputs``):
+    #: name is the keyword or the position; shape ``None`` for a non-tensor, whose type name stands in dtype.
+    inputs: tuple[tuple[str, tuple[int, ...] | None, str], ...] | None = None
+    #: The fingerprint without shapes (``profiles.signature.structure_fingerprint``):
+    #: equal at other input sizes when the graph keeps its nodes, so the runtime reuses the decisions.
+    structure: str | None = None
+    #: Six hex digits per joint-graph node (``profiles.signature.node_digests``): names the first node that differs.
+    graph: tuple[str, ...] | None = None
+    #: ``(name, shape, dtype, requires_grad)`` per parameter, then ``(name, shape, dtype, None)``
+    #: per buffer (``profiles.signature.parameter_signature``): names the first that differs.
+    parameters: tuple[tuple[str, tuple[int, ...], str, bool | None], ...] | None = None
+
+    def __post_init__(self):
+        for name in ("inputs", "graph", "parameters"):
+            object.__setattr__(self, name, _tuples(getattr(self, name)))
+
+    def to_dict(self) -> dict:
+        """The JSON ``model`` object: the recorded fields, arrays as lists."""
+        d = {"fingerprint": self.fingerprint}
+        for attr, key in _MODEL_KEYS[1:]:
+            value = getattr(self, attr)
+            if value is not None:
+                d[key] = _lists(value)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelInfo":
+        """Read the JSON ``model`` object; keys other than the documented ones are not kept."""
+        if not isinstance(d, dict) or not isinstance(d.get("fingerprint", ""), str):
+            raise ValueError("the plan is inconsistent (edited by hand?): 'model' must be an object with a string 'fingerprint'")
+        return cls(**{attr: d[key] for attr, key in _MODEL_KEYS if key in d})
+
+
+#: ``ModelInfo`` field and JSON key, in the JSON's order.
+_MODEL_KEYS = (("fingerprint", "fingerprint"), ("class_name", "class"), ("inputs", "inputs"),
+               ("structure", "structure"), ("graph", "graph"), ("parameters", "parameters"))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DistributedInfo:
+    """How a per-rank plan's step is trained, and the bytes one rank holds beyond the
+    model's step (the JSON ``distributed`` object; :func:`planner.distributed.record`)."""
+
+    #: Processes (ranks) training together.
+    world_size: int
+    #: The engine around the planned module: ``"ddp"``, ``"fsdp"`` (FSDP2, one parameter group)
+    #: or ``"none"`` (one process, optimizer state only).
+    sharding: str
+    #: Optimizer whose state is counted: ``"adamw"`` or ``"none"``.
+    optimizer: str
+    #: Bytes added to every forward point of the timelines (engine and optimizer state,
+    #: FSDP2's all-gather output).
+    forward_bytes: int
+    #: Bytes added to every backward point of the timelines.
+    backward_bytes: int
+    #: Bytes added to the level at the end of backward while gradients are reduced
+    #: (may be negative: FSDP2 frees the unsharded parameters first).
+    end_bytes: int
+    #: The optimizer's state, included in the three above.
+    optimizer_bytes: int
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -73,10 +159,9 @@ class Plan:
 
     #: Version of this structure's JSON form.
     schema_version: int = SCHEMA_VERSION
-    #: Model identity: ``fingerprint`` (hash of the captured graph), ``class``, ``inputs``,
-    #: and to name mismatches ``structure`` (the fingerprint without shapes),
-    #: ``graph`` (a digest per joint-graph node) and ``parameters``.
-    model: dict = field(default_factory=dict)
+    #: Which model and input the plan is for (fingerprint, class, inputs, and what
+    #: names a mismatch: structure, a digest per graph node, parameters).
+    model: ModelInfo = field(default_factory=ModelInfo)
     #: Device profile the costs refer to (``"cpu"``, ``"h100"``, ...).
     target: str = "cpu"
     #: How node times were obtained (``"roofline:h100"``, ``"measured:cuda:0"``).
@@ -108,20 +193,19 @@ class Plan:
     timeline: tuple[tuple[str, str, int], ...] = ()
     #: The same for the step without recomputation.
     baseline_timeline: tuple[tuple[str, str, int], ...] = ()
-    #: Empty for one process. Otherwise what ``plan(..., world_size=, sharding=, optimizer=)``
-    #: was told (``world_size``, ``sharding``, ``optimizer``) and the bytes one rank holds
-    #: beyond the model's step (``forward_bytes``, ``backward_bytes``, ``end_bytes``,
-    #: ``optimizer_bytes``); the peaks and timelines above are then per rank and include them.
-    distributed: dict = field(default_factory=dict)
     #: What runs the planned graphs: ``"eager"`` (op by op) or ``"inductor"`` (compiled
     #: by Inductor; node names are those of the joint graph Inductor partitions, and
     #: ``recompute_time_s`` uses its cost model, see :mod:`planner.executor`).
     executor: str = "eager"
+    #: ``None`` for one process. Otherwise what ``plan(..., world_size=, sharding=, optimizer=)``
+    #: was told and the bytes one rank holds beyond the model's step; the budget, peaks
+    #: and timelines above are then per rank and include them.
+    distributed: DistributedInfo | None = None
 
     # -- derived -----------------------------------------------------------
     @property
     def fingerprint(self) -> str:
-        return self.model.get("fingerprint", "")
+        return self.model.fingerprint
 
     @property
     def recomputed(self) -> list[str]:
@@ -140,10 +224,11 @@ class Plan:
     # -- JSON ------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["model"] = self.model.to_dict()
         d["nodes"] = [asdict(n) for n in self.nodes]
         d["timeline"] = [list(p) for p in self.timeline]
         d["baseline_timeline"] = [list(p) for p in self.baseline_timeline]
-        if not d["distributed"]:
+        if self.distributed is None:
             del d["distributed"]  # one process: the key is left out
         if d["executor"] == "eager":
             del d["executor"]  # op by op: the key is left out
@@ -169,6 +254,8 @@ class Plan:
             )
         try:
             d = dict(d)
+            d["model"] = ModelInfo.from_dict(d.get("model", {}))
+            d["distributed"] = DistributedInfo(**d["distributed"]) if d.get("distributed") else None
             d["solver"] = SolverInfo(**d["solver"])
             nodes = []
             for n in d["nodes"]:
@@ -204,8 +291,11 @@ class Plan:
             raise ValueError(f"{bad}dropout is {self.dropout!r}; expected 'mask' or 'replay'")
         if self.executor not in ("eager", "inductor"):
             raise ValueError(f"{bad}executor is {self.executor!r}; expected 'eager' or 'inductor'")
-        if not isinstance(self.model, dict) or not isinstance(self.model.get("fingerprint", ""), str):
-            raise ValueError(f"{bad}'model' must be an object with a string 'fingerprint'")
+        if not isinstance(self.model, ModelInfo) or not isinstance(self.model.fingerprint, str):
+            raise ValueError(f"{bad}'model' must be a ModelInfo with a string 'fingerprint'")
+        if self.distributed is not None and not isinstance(self.distributed, DistributedInfo):
+            raise ValueError(f"{bad}'distributed' must be None (one process) or a DistributedInfo, "
+                             f"not {type(self.distributed).__name__}")
         decided: dict[str, str] = {}
         for n in self.nodes:
             if not isinstance(n.name, str) or not n.name:

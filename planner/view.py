@@ -38,10 +38,10 @@ def _solver_text(plan) -> str:
 def _budget_text(plan) -> str:
     budget = format_bytes(plan.budget_bytes)
     d = plan.distributed
-    if d:
-        budget += (f" per rank of {d['world_size']} ({d['sharding']}, optimizer {d['optimizer']}; the engine adds "
-                   f"{format_bytes(d['forward_bytes'])} in forward, {format_bytes(d['backward_bytes'])} in backward, "
-                   f"{format_bytes(d['end_bytes'])} while gradients are reduced)")
+    if d is not None:
+        budget += (f" per rank of {d.world_size} ({d.sharding}, optimizer {d.optimizer}; the engine adds "
+                   f"{format_bytes(d.forward_bytes)} in forward, {format_bytes(d.backward_bytes)} in backward, "
+                   f"{format_bytes(d.end_bytes)} while gradients are reduced)")
     return budget
 
 
@@ -53,7 +53,7 @@ def headline(plan) -> list[tuple[str, str]]:
     recomputed = sum(n.bytes for n in plan.nodes if n.decision == "recompute")
     peak, eager = plan.predicted_peak_bytes, plan.baseline_peak_bytes
     return [
-        ("model", f"{plan.model.get('class', '?')} (fingerprint {plan.fingerprint or '?'}), target {plan.target}"),
+        ("model", f"{plan.model.class_name or '?'} (fingerprint {plan.fingerprint or '?'}), target {plan.target}"),
         ("budget", _budget_text(plan)),
         ("predicted peak", f"{format_bytes(peak)} ({percent(peak, plan.budget_bytes)} of the budget)"),
         ("no-checkpoint peak", f"{format_bytes(eager)} (the plan's peak is {format_bytes(eager - peak)} lower)"),
@@ -337,7 +337,7 @@ def plot(plan, *, ax=None, title: str | None = None):
     ax.set_xlim(0, max(len(rows) - 1, 1))
     ax.set_xlabel("op of the training step, in the order it runs (forward, then backward)")
     ax.set_ylabel(f"predicted live {unit}")
-    ax.set_title(title or f"{plan.model.get('class', 'model')}: predicted memory of one training step "
+    ax.set_title(title or f"{plan.model.class_name or 'model'}: predicted memory of one training step "
                  f"(plan recomputes {100 * plan.overhead:.1f}% of the FLOPs)", fontsize=10)
     if own_figure:
         ax.figure.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)

@@ -20,8 +20,10 @@ budget); otherwise the model is planned again for those shapes at the plan's bud
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -55,7 +57,7 @@ from .distributed import check_wrapping
 from .inductor import PlanPartitioner, compile_inference, compile_planned, compiling, plans_key
 from .partition import split_joint
 
-__all__ = ["PlannedModule", "PlanMismatch", "ShapeWarning", "BudgetWarning", "apply"]
+__all__ = ["PlannedModule", "ShapeEntry", "PlanMismatch", "ShapeWarning", "BudgetWarning", "apply"]
 
 
 class PlanMismatch(ValueError):
@@ -70,6 +72,21 @@ class BudgetWarning(ShapeWarning):
     """Inputs of other shapes than planned are predicted to need more than the plan's budget."""
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ShapeEntry:
+    """How a :class:`PlannedModule` runs inputs of one signature (its ``shapes`` values)."""
+
+    #: ``"planned"``: the plan's own input shapes; ``"reused"``: other sizes of the same
+    #: graph structure, run with the plan's decisions; ``"replanned"``: a graph of another
+    #: structure, planned again at the plan's budget.
+    how: str
+    #: The plan these inputs run under (the module's own plan unless ``how`` is ``"replanned"``).
+    plan: Plan
+    #: Predicted peak bytes of the step at these shapes; ``None`` for ``"reused"`` until its
+    #: first compilation re-simulates the step.
+    predicted_peak_bytes: int | None
+
+
 class _Replan(Exception):
     """Raised inside the compiler when new input shapes change the graph's structure."""
 
@@ -78,7 +95,8 @@ def _boxed_compiler(gm, example_inputs):
     return make_boxed(gm)
 
 
-def _key(inputs: list) -> str:
+def _key(inputs) -> str:
+    """The ``shapes`` key of an input signature (``describe_inputs``, or ``ModelInfo.inputs``)."""
     return json.dumps(inputs)
 
 
@@ -86,8 +104,7 @@ class PlannedModule(nn.Module):
     """``model`` trained under ``plan``; shares its parameters and buffers.
 
     ``shapes`` maps each input signature seen in training (JSON of
-    ``[name, shape, dtype]`` per input) to how it runs: ``{"how": "planned" |
-    "reused" | "replanned", "plan": Plan, "predicted_peak_bytes": int}``.
+    ``[name, shape, dtype]`` per input) to how it runs: a :class:`ShapeEntry`.
     ``executor`` is what runs the graphs (``"eager"``: op by op, or ``"inductor"``),
     ``compile_options`` the Inductor options."""
 
@@ -100,10 +117,10 @@ class PlannedModule(nn.Module):
         self.compile_options = dict(compile_options if compile_options is not None else compiled_options or {})
         check_wrapping(model)
         plan.check()  # a Plan built or edited in code gets the checks from_json makes
-        why = parameter_mismatch(model, plan.model.get("parameters"))
+        why = parameter_mismatch(model, plan.model.parameters)
         if why:
             raise PlanMismatch(
-                f"this plan was made for another model ({plan.model.get('class', '?')}): {why}; "
+                f"this plan was made for another model ({plan.model.class_name or '?'}): {why}; "
                 "plan again with planner.plan(model, budget_gb, inputs)"
             )
         param = next(iter(model.parameters()), None)
@@ -118,9 +135,9 @@ class PlannedModule(nn.Module):
         graphs: list = []
         #: (forward, backward) GraphModules of each compilation, for inspection.
         self.compiled_graphs = graphs
-        self.shapes: dict[str, dict] = {}
-        if plan.model.get("inputs"):
-            self.shapes[_key(plan.model["inputs"])] = {"how": "planned", "plan": plan, "predicted_peak_bytes": plan.predicted_peak_bytes}
+        self.shapes: dict[str, ShapeEntry] = {}
+        if plan.model.inputs:
+            self.shapes[_key(plan.model.inputs)] = ShapeEntry(how="planned", plan=plan, predicted_peak_bytes=plan.predicted_peak_bytes)
         self._call_key = ""
 
         def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
@@ -128,11 +145,12 @@ class PlannedModule(nn.Module):
             prepare_joint(joint, dropout=use.dropout, num_fwd_outputs=num_fwd_outputs)
             fwd, bwd, _ = split_joint(joint, frozenset(use.recomputed), num_fwd_outputs=num_fwd_outputs)
             entry = self.shapes.get(self._call_key)
-            if entry is not None and entry["how"] == "reused" and entry["predicted_peak_bytes"] is None:
-                entry["predicted_peak_bytes"] = peak = resimulate(use, joint, fwd, bwd, num_fwd_outputs=num_fwd_outputs)
+            if entry is not None and entry.how == "reused" and entry.predicted_peak_bytes is None:
+                peak = resimulate(use, joint, fwd, bwd, num_fwd_outputs=num_fwd_outputs)
+                self.shapes[self._call_key] = dataclasses.replace(entry, predicted_peak_bytes=peak)
                 if peak > use.budget_bytes:
                     warnings.warn(
-                        f"inputs {self._call_key} differ from the planned {plan.model.get('inputs')}; the plan's "
+                        f"inputs {self._call_key} differ from the planned {plan.model.to_dict().get('inputs')}; the plan's "
                         f"decisions still apply, but the step is predicted to peak at {peak / GiB:.4f} GiB, over the "
                         f"budget of {use.budget_bytes / GiB:.4f} GiB; plan for these shapes with planner.plan(...) "
                         "to stay within it",
@@ -156,33 +174,33 @@ class PlannedModule(nn.Module):
         """What the partition hook applies to the call being compiled: the plan, and
         the plan chosen for these inputs' shapes (Inductor's cache key)."""
         entry = self.shapes.get(self._call_key)
-        chosen = [entry["plan"]] if entry is not None and entry["plan"] is not self.plan else []
-        return plans_key([self.plan, *chosen]) + ("" if entry is None else ":" + entry["how"])
+        chosen = [entry.plan] if entry is not None and entry.plan is not self.plan else []
+        return plans_key([self.plan, *chosen]) + ("" if entry is None else ":" + entry.how)
 
     # -- which decisions a newly compiled graph gets ------------------------------
     def _choose(self, joint, num_fwd_outputs: int) -> Plan:
         plan = self.plan
         got = graph_fingerprint(joint, num_fwd_outputs)
         entry = self.shapes.get(self._call_key)
-        if entry is not None and entry["how"] == "replanned":
-            plan = entry["plan"]
+        if entry is not None and entry.how == "replanned":
+            plan = entry.plan
             if got == plan.fingerprint:
                 return plan
         elif not plan.fingerprint or got == plan.fingerprint:
             return plan
-        elif entry is not None and entry["how"] == "reused" and structure_fingerprint(joint, num_fwd_outputs) == plan.model.get("structure"):
+        elif entry is not None and entry.how == "reused" and structure_fingerprint(joint, num_fwd_outputs) == plan.model.structure:
             return plan  # compiled again (a guard failed) for shapes already handled
-        planned_inputs = plan.model.get("inputs")
+        planned_inputs = plan.model.inputs
         if entry is not None or not planned_inputs:
             # the planned input shapes (or unknown ones): the model itself differs
-            why = first_difference(joint, plan.model.get("graph")) or f"this model and input have fingerprint {got}"
+            why = first_difference(joint, plan.model.graph) or f"this model and input have fingerprint {got}"
             raise PlanMismatch(
                 f"this plan was made for another model or input shapes (plan fingerprint {plan.fingerprint}; {why}); "
                 "the model's forward or structure changed since it was planned: plan again with "
                 "planner.plan(model, budget_gb, inputs)"
             )
-        if plan.model.get("structure") and structure_fingerprint(joint, num_fwd_outputs) == plan.model["structure"]:
-            self.shapes[self._call_key] = {"how": "reused", "plan": plan, "predicted_peak_bytes": None}
+        if plan.model.structure and structure_fingerprint(joint, num_fwd_outputs) == plan.model.structure:
+            self.shapes[self._call_key] = ShapeEntry(how="reused", plan=plan, predicted_peak_bytes=None)
             return plan
         raise _Replan()
 
@@ -202,11 +220,11 @@ class PlannedModule(nn.Module):
         # the plan's device profile when it is a shipped one (a profile given by path records only its name)
         target = self.plan.target if self.plan.target in available_targets() else None
         dist = self.plan.distributed  # a per-rank plan is planned again per rank, for the same engine
-        per_rank = {k: dist[k] for k in ("world_size", "sharding", "optimizer")} if dist else {}
+        per_rank = {} if dist is None else {"world_size": dist.world_size, "sharding": dist.sharding, "optimizer": dist.optimizer}
         new = plan_model(self.module, self.plan.budget_bytes / GiB, inputs, target=target,
                            objective=self.plan.solver.objective, executor=self.executor,
                            compile_options=self.compile_options or None, **per_rank)
-        self.shapes[self._call_key] = {"how": "replanned", "plan": new, "predicted_peak_bytes": new.predicted_peak_bytes}
+        self.shapes[self._call_key] = ShapeEntry(how="replanned", plan=new, predicted_peak_bytes=new.predicted_peak_bytes)
 
     def _infer(self, *args, **kwargs):
         """An ``eval()`` or ``torch.no_grad()`` call: the model itself, or compiled by

@@ -61,7 +61,7 @@ def test_plan_writes_json_and_a_summary(capsys, tmp_path):
                   "solver:                ilp: Optimal"):
         assert words in err, (words, err)
     assert p.predicted_peak_bytes <= p.budget_bytes < p.baseline_peak_bytes
-    assert p.recomputed and p.model["class"] == "ResidualMLP"
+    assert p.recomputed and p.model.class_name == "ResidualMLP"
 
 
 def test_plan_json_matches_the_schema_and_round_trips(plan_file):
@@ -91,10 +91,13 @@ def test_every_plan_field_is_documented():
         (planner.Plan, SCHEMA["properties"]),
         (planner.NodeDecision, SCHEMA["properties"]["nodes"]["items"]["properties"]),
         (planner.SolverInfo, SCHEMA["properties"]["solver"]["properties"]),
+        (planner.ModelInfo, SCHEMA["properties"]["model"]["properties"]),
+        (planner.DistributedInfo, SCHEMA["properties"]["distributed"]["properties"]),
     ):
         for f in dataclasses.fields(cls):
-            assert f.name in props, f"{cls.__name__}.{f.name} is missing from docs/plan.schema.json"
-            assert f"| `{f.name}` |" in md, f"{cls.__name__}.{f.name} is missing from docs/plan-schema.md"
+            key = "class" if (cls, f.name) == (planner.ModelInfo, "class_name") else f.name  # its JSON key
+            assert key in props, f"{cls.__name__}.{f.name} is missing from docs/plan.schema.json"
+            assert f"| `{key}` |" in md, f"{cls.__name__}.{f.name} is missing from docs/plan-schema.md"
     for key in SCHEMA["required"]:
         assert key in {f.name for f in dataclasses.fields(planner.Plan)}
 

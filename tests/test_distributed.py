@@ -107,10 +107,10 @@ def test_planned_module_trains_under_engine_within_budget(single, sharding, frac
         with pytest.raises(planner.BudgetTooSmall):
             planner.plan(model, (budget - engine.held) / planner.GiB, _inputs(0))
     assert p.predicted_peak_bytes <= p.budget_bytes == budget
-    assert p.distributed == {
-        "world_size": WORLD, "sharding": sharding, "optimizer": "adamw", "forward_bytes": engine.forward,
-        "backward_bytes": engine.backward, "end_bytes": engine.end, "optimizer_bytes": engine.optimizer,
-    }
+    assert p.distributed == planner.DistributedInfo(
+        world_size=WORLD, sharding=sharding, optimizer="adamw", forward_bytes=engine.forward,
+        backward_bytes=engine.backward, end_bytes=engine.end, optimizer_bytes=engine.optimizer,
+    )
     spawn(_worker, p.to_json(), sharding, str(tmp_path))
     for rank in range(WORLD):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -202,7 +202,7 @@ def test_cli_plans_per_rank(tmp_path, capsys):
     assert main(["plan", factory, "--budget-gb", "0.01", "--world-size", "2", "--sharding", "fsdp", "--optimizer", "adamw",
                  "-q", "-o", str(out)]) == 0
     p = planner.Plan.from_json(out)
-    assert p.distributed["world_size"] == 2 and p.distributed["sharding"] == "fsdp" and p.distributed["optimizer"] == "adamw"
+    assert (p.distributed.world_size, p.distributed.sharding, p.distributed.optimizer) == (2, "fsdp", "adamw")
     assert p.predicted_peak_bytes <= p.budget_bytes
     capsys.readouterr()
     assert main(["show", str(out)]) == 0
