@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 import planner  # noqa: E402
 import runtime  # noqa: E402
 from profiles import measure_peak, storage_bytes  # noqa: E402
-from profiles._torch_private import allow_recompiles, no_aot_autograd_cache  # noqa: E402
+from profiles._torch_private import allow_recompiles, memory_budget_backend, no_aot_autograd_cache  # noqa: E402
 
 MiB, GiB = 2**20, 2**30
 FRACTIONS = (0.5, 0.3)
@@ -141,13 +141,7 @@ def _amb_module(wl: Workload, fraction: float):
     own backend function (not ``"inductor"``, whose wrappers compare equal, so dynamo
     would reuse another configuration's compiled code), the setting active while it
     compiles."""
-    from torch._inductor.compile_fx import compile_fx
-
-    def backend(gm, example_inputs):
-        with torch._functorch.config.patch(activation_memory_budget=fraction):
-            return compile_fx(gm, example_inputs)
-
-    compiled = torch.compile(wl.model, backend=backend)
+    compiled = torch.compile(wl.model, backend=memory_budget_backend(fraction))
 
     def warm():
         with no_aot_autograd_cache():

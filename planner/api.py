@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from profiles.allocator import budget_for, granularity, graph_device_type, usable_bytes
-from profiles.capture import capture, normalize_inputs, unwrap_compiled, with_dropout
+from profiles.capture import capture, normalize_inputs, with_dropout
+from profiles.executors import unwrap_compiled
 from profiles.joint import JointGraph
 from profiles.device import load_device_profile
 from profiles.graph_profile import GraphProfile, profile_graph

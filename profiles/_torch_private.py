@@ -63,6 +63,7 @@ __all__ = [
     "import_inductor_passes",
     "RECOMPUTED",
     "recompute_where_planned",
+    "memory_budget_backend",
 ]
 
 
@@ -283,7 +284,6 @@ def no_ddp_graph_split():
     return torch._dynamo.config.patch(optimize_ddp=False)
 
 
-
 def import_inductor_passes() -> None:
     """Import Inductor's graph passes ahead of its first compilation. Its pre-grad
     passes import ``torch.utils.mkldnn``, whose module body warns (a deprecated
@@ -398,3 +398,21 @@ def recompute_where_planned():
 def _entered(patch, make_handler):
     with patch, make_handler():
         yield
+
+
+def memory_budget_backend(fraction: float):
+    """A ``torch.compile`` backend: Inductor with its own min-cut partitioner under
+    ``activation_memory_budget=fraction`` (torch's budget partitioner, for
+    comparisons). A backend function of its own per call, so dynamo does not reuse
+    code compiled under another fraction. Private: the setting lives in
+    ``torch._functorch.config`` and Inductor's entry point in ``torch._inductor.compile_fx``."""
+    import torch._functorch.config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+
+    import_inductor_passes()
+
+    def backend(gm, example_inputs):
+        with functorch_config.patch(activation_memory_budget=fraction):
+            return compile_fx(gm, example_inputs)
+
+    return backend

@@ -13,53 +13,15 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
-from ._torch_private import (
-    CustomPartitionerFn,
-    aot_autograd,
-    allow_recompiles,
-    copy_graph_module,
-    default_partition,
-    inductor_capture_backend,
-    inductor_options_of,
-    is_compiled_module,
-    no_aot_autograd_cache,
-)
+from ._torch_private import allow_recompiles, copy_graph_module, no_aot_autograd_cache
 from .capture_errors import explain_capture_failure
 from .dropout_pass import rewrite_dropout
+from .executors import check_executor, recording_backend
 from .joint import CaptureError, JointGraph, mutated_primals
 from .meta import capture_meta, uses_meta
 from .signature import check_input_devices, graph_fingerprint, node_digests, structure_fingerprint
 
-__all__ = ["capture", "normalize_inputs", "prepare_joint", "with_dropout", "EXECUTORS", "check_executor",
-           "unwrap_compiled"]
-
-#: What can run a plan's graphs: ``"eager"`` runs them op by op (one kernel per aten
-#: op); ``"inductor"`` compiles them with Inductor, which sees the joint graph after
-#: its own decompositions and joint-graph passes (other node names and ops).
-EXECUTORS = ("eager", "inductor")
-
-
-def check_executor(executor: str) -> str:
-    """``executor`` when it is one of :data:`EXECUTORS`, else ``ValueError``."""
-    if executor not in EXECUTORS:
-        raise ValueError(f"unknown executor {executor!r}: choose one of {', '.join(map(repr, EXECUTORS))}")
-    return executor
-
-
-def unwrap_compiled(model: torch.nn.Module) -> tuple[torch.nn.Module, dict | None]:
-    """``(module, options)``: for a ``torch.compile``-d module, the module it wraps and
-    the Inductor options it was compiled with (``{}`` for the defaults); for any
-    other module, itself and ``None``. ``ValueError`` when it was compiled with a
-    backend other than Inductor: the planner compiles the model with its own."""
-    if not is_compiled_module(model):
-        return model, None
-    options = inductor_options_of(model)
-    if options is None:
-        raise ValueError(
-            f"{type(model._orig_mod).__name__} is compiled with a backend other than Inductor; the planner compiles "
-            "the model itself (op by op, or with Inductor): pass the module before torch.compile (compiled._orig_mod)"
-        )
-    return model._orig_mod, options
+__all__ = ["capture", "normalize_inputs", "prepare_joint", "with_dropout"]
 
 
 def normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
@@ -125,47 +87,6 @@ def _state_kept(model: torch.nn.Module) -> Iterator[None]:
                     b.copy_(buffers[k])
 
 
-class _RecordingPartitioner(CustomPartitionerFn):
-    """Records the joint graph it is given, then splits it as AOTAutograd's default
-    partition does (the capture only runs forward)."""
-
-    def __init__(self, recorded: dict):
-        self.recorded = recorded
-
-    def __call__(self, joint, joint_inputs, *, num_fwd_outputs, static_lifetime_input_indices=None, **kw):
-        self.recorded["joint"] = joint
-        self.recorded["num_fwd_outputs"] = num_fwd_outputs
-        return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs,
-                                 static_lifetime_input_indices=static_lifetime_input_indices)
-
-    def uuid(self):
-        return None  # captures are never served from a cache (no_aot_autograd_cache)
-
-
-def _backend(recorded: dict, executor: str, options: dict | None):
-    """The capture's backend: AOTAutograd alone (``"eager"``), or Inductor's graph
-    passes up to its partitioner (``"inductor"``); the forward graph runs op by op
-    and records the tensors it is called with."""
-    partition = _RecordingPartitioner(recorded)
-
-    def run_forward(gm):
-        def run(*fw_args):
-            recorded.setdefault("primals", list(fw_args))
-            return gm(*fw_args)
-
-        return run
-
-    if executor == "inductor":
-        def run_graph(gm, example, is_backward):
-            run = run_forward(gm)
-            boxed = lambda args: run(*args)  # noqa: E731  Inductor calls graphs with one list
-            boxed._boxed_call = True
-            return boxed
-
-        return inductor_capture_backend(partition, run_graph, options)
-    return aot_autograd(fw_compiler=lambda gm, ex: run_forward(gm), bw_compiler=lambda gm, ex: gm, partition_fn=partition)
-
-
 def _record_step(model: torch.nn.Module, args: tuple, kwargs: dict, executor: str = "eager",
                  options: dict | None = None) -> tuple[fx.GraphModule, int, list]:
     """Run one training step of ``model`` through ``torch.compile``; return the joint
@@ -173,7 +94,7 @@ def _record_step(model: torch.nn.Module, args: tuple, kwargs: dict, executor: st
     ``executor="inductor"``), its number of forward outputs and the tensors the
     compiled forward was called with."""
     recorded: dict[str, Any] = {}
-    compiled = torch.compile(model, backend=_backend(recorded, executor, options), fullgraph=True, dynamic=False)
+    compiled = torch.compile(model, backend=recording_backend(recorded, executor, options), fullgraph=True, dynamic=False)
     with _state_kept(model):
         try:
             with torch.enable_grad(), no_aot_autograd_cache():

@@ -41,7 +41,8 @@ from profiles._torch_private import (
     no_ddp_graph_split,
 )
 from profiles.allocator import graph_device_type
-from profiles.capture import EXECUTORS, prepare_joint, unwrap_compiled
+from profiles.capture import prepare_joint
+from profiles.executors import EXECUTORS, unwrap_compiled
 from profiles.capture_errors import explain_capture_failure
 from profiles.device import target_device_type
 from profiles.signature import (

@@ -95,8 +95,8 @@ def test_other_batch_size_reuses_the_plan_exactly_and_no_grad_runs_compiled():
         _, loss_p = run_step(wrapped, batch)
         _assert_same(planned_model, ref_model, loss_p, loss_r, rtol=1e-4, atol=1e-5)
     entry = wrapped.shapes[json.dumps([[k, list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in small.items()])]
-    assert entry["how"] == "reused" and entry["plan"] is p and entry["predicted_peak_bytes"] <= p.budget_bytes
-    assert measured_step_peak(wrapped, planned_model, small) <= entry["predicted_peak_bytes"]
+    assert entry.how == "reused" and entry.plan is p and entry.predicted_peak_bytes <= p.budget_bytes
+    assert measured_step_peak(wrapped, planned_model, small) <= entry.predicted_peak_bytes
     graphs = len(wrapped.compiled_graphs)
     wrapped.eval()
     with torch.no_grad():  # no backward: the model compiled by Inductor with its own partition, nothing planned
