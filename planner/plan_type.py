@@ -169,6 +169,10 @@ class Plan:
     #: How dropout outputs are rebuilt: ``"mask"`` (from the saved 1-byte mask) or
     #: ``"replay"`` (mask regenerated in backward from the saved RNG state).
     dropout: str = "mask"
+    #: What runs the planned graphs: ``"eager"`` (op by op) or ``"inductor"`` (compiled
+    #: by Inductor; node names are those of the joint graph Inductor partitions, and
+    #: ``recompute_time_s`` uses its cost model, see :mod:`planner.executor`).
+    executor: str = "eager"
     #: The budget: bytes for the whole training step (parameters, buffers, inputs,
     #: activations, temporaries and gradients).
     budget_bytes: int
@@ -193,10 +197,6 @@ class Plan:
     timeline: tuple[tuple[str, str, int], ...] = ()
     #: The same for the step without recomputation.
     baseline_timeline: tuple[tuple[str, str, int], ...] = ()
-    #: What runs the planned graphs: ``"eager"`` (op by op) or ``"inductor"`` (compiled
-    #: by Inductor; node names are those of the joint graph Inductor partitions, and
-    #: ``recompute_time_s`` uses its cost model, see :mod:`planner.executor`).
-    executor: str = "eager"
     #: ``None`` for one process. Otherwise what ``plan(..., world_size=, sharding=, optimizer=)``
     #: was told and the bytes one rank holds beyond the model's step; the budget, peaks
     #: and timelines above are then per rank and include them.

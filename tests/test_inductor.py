@@ -79,7 +79,7 @@ def _batch(n: int, seed: int = 0):
 def test_other_batch_size_reuses_the_plan_exactly_and_no_grad_runs_compiled():
     torch.manual_seed(0)
     # BatchNorm, an in-place op, a frozen layer; no dropout, so eager is the reference
-    model = ResidualNet(d=32, blocks=2, hidden=128, p=0.0)
+    model = ResidualNet(d=32, blocks=3, hidden=256, p=0.0)
     inputs, small = _batch(512), _batch(200, seed=1)
     probe = copy.deepcopy(model)
     eager = measured_step_peak(probe, probe, inputs)
