@@ -98,7 +98,8 @@ def test_dropout_and_another_batch_size_equal_torch_compile_and_no_grad_runs_com
         _, loss_p = run_step(wrapped, batch)
         _assert_same(planned_model, ref_model, loss_p, loss_r, rtol=1e-4, atol=1e-5)
     _, loss_e = run_step(eager_model, inputs)
-    assert (loss_e - run_step(ref, inputs)[1]).abs() > 1e-3, "eager's masks differ: the checks above compared Inductor's"
+    loss_r = run_step(ref, inputs)[1]  # eager's masks differ: the checks above compared Inductor's
+    assert not torch.allclose(loss_e, loss_r, rtol=1e-4, atol=1e-5), (loss_e, loss_r)
     assert measured_step_peak(wrapped, planned_model, inputs) <= p.predicted_peak_bytes <= p.budget_bytes
     reused = [e for e in wrapped.shapes.values() if e.how == "reused"]
     assert len(reused) == 1 and reused[0].plan is p and reused[0].predicted_peak_bytes <= p.budget_bytes
