@@ -15,6 +15,7 @@ import torch
 from profiles.allocator import budget_for, granularity, graph_device_type, usable_bytes
 from profiles.autocast_state import step_autocast
 from profiles.capture import capture, normalize_inputs, with_dropout
+from profiles.executors import unwrap_compiled
 from profiles.joint import JointGraph
 from profiles.device import load_device_profile
 from profiles.graph_profile import GraphProfile, profile_graph
@@ -114,6 +115,8 @@ def plan(
     world_size: int = 1,
     sharding: str = "none",
     optimizer: str = "none",
+    executor: str | None = None,
+    compile_options: dict | None = None,
 ) -> Plan:
     """Plan activation checkpointing for one training step of ``model``.
 
@@ -131,8 +134,17 @@ def plan(
     With ``world_size``/``sharding`` (``"ddp"``, ``"fsdp"``) the budget is per rank and
     also holds what the engine keeps on one rank; ``optimizer="adamw"`` adds AdamW's
     state, so the budget can be the device's whole memory (see :mod:`planner.distributed`).
+    ``executor="inductor"`` plans the graph Inductor compiles (after its decompositions,
+    with Inductor options ``compile_options``) with Inductor's cost model, for
+    ``runtime.apply(model, plan)`` to compile; a ``torch.compile``-d model is planned
+    that way by default, with its options (see :mod:`planner.executor`).
     Raises :class:`BudgetTooSmall` when no plan fits.
     """
+    model, compiled_options = unwrap_compiled(model)
+    if executor is None:
+        executor = "inductor" if compiled_options is not None else "eager"
+    if compile_options is None:
+        compile_options = compiled_options
     budget_bytes = check_budget(budget_gb)
     dist_cfg = Distributed(world_size=world_size, sharding=sharding, optimizer=optimizer)
     engine = engine_bytes(model, dist_cfg) if dist_cfg.active else None
@@ -144,7 +156,7 @@ def plan(
 
     t0 = time.perf_counter()
     _log(progress, f"capturing {type(model).__name__} forward+backward")
-    captured = capture(model, inputs, dropout="mask")
+    captured = capture(model, inputs, dropout="mask", executor=executor, compile_options=compile_options)
     _log(progress, f"captured {len(captured.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s")
     request = _Request(
         budget_bytes=budget_bytes, solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time,

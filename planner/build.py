@@ -30,6 +30,7 @@ def build_plan(
         target=gp.target,
         time_source=gp.time_source,
         dropout=gp.joint.dropout,
+        executor=gp.joint.executor,
         budget_bytes=int(budget_bytes),
         predicted_peak_bytes=int(ev.sim.peak_bytes),
         baseline_peak_bytes=int(baseline.sim.peak_bytes),

@@ -175,6 +175,10 @@ class Plan:
     #: How dropout outputs are rebuilt: ``"mask"`` (from the saved 1-byte mask) or
     #: ``"replay"`` (mask regenerated in backward from the saved RNG state).
     dropout: str = "mask"
+    #: What runs the planned graphs: ``"eager"`` (op by op) or ``"inductor"`` (compiled
+    #: by Inductor; node names are those of the joint graph Inductor partitions, and
+    #: ``recompute_time_s`` uses its cost model, see :mod:`planner.executor`).
+    executor: str = "eager"
     #: The budget: bytes for the whole training step (parameters, buffers, inputs,
     #: activations, temporaries and gradients).
     budget_bytes: int
@@ -234,6 +238,8 @@ class Plan:
             del d["distributed"]  # one process: the key is left out
         if self.solver.backend is None:
             del d["solver"]["backend"]  # not an ILP plan
+        if d["executor"] == "eager":
+            del d["executor"]  # op by op: the key is left out
         return d
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 1) -> str:
@@ -291,6 +297,8 @@ class Plan:
             raise ValueError(f"{bad}budget_bytes is 0")
         if self.dropout not in ("mask", "replay"):
             raise ValueError(f"{bad}dropout is {self.dropout!r}; expected 'mask' or 'replay'")
+        if self.executor not in ("eager", "inductor"):
+            raise ValueError(f"{bad}executor is {self.executor!r}; expected 'eager' or 'inductor'")
         if not isinstance(self.model, ModelInfo) or not isinstance(self.model.fingerprint, str):
             raise ValueError(f"{bad}'model' must be a ModelInfo with a string 'fingerprint'")
         if self.distributed is not None and not isinstance(self.distributed, DistributedInfo):

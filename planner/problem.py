@@ -26,6 +26,7 @@ from profiles.graph_profile import GraphProfile
 
 from .distributed import EngineBytes
 from .evaluation import Evaluation
+from .executor import recompute_costs
 from .memory_model import MemoryModel, build_memory_model
 from .schedule import fast_schedule
 from .simulate import simulate
@@ -182,8 +183,9 @@ def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "t
         fwd=fwd,
         bwd=bwd,
         own_bytes=own,
-        # A multi-output op carries the cost, its getitems none; views cost nothing.
-        cost={n: 0.0 if n in parent else info[n].time_s for n in fwd},
+        # A multi-output op carries the cost, its getitems none; views cost nothing;
+        # the executor's cost model (op by op, or fused by Inductor) prices the rest.
+        cost=_costs(gp, fwd, parent),
         flops={n: info[n].flops for n in fwd},
         can_recompute=frozenset(n for n in fwd if info[n].recomputable),
         can_save=can_save,
@@ -196,6 +198,11 @@ def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "t
         objective=objective,
         engine=engine,
     )
+
+
+def _costs(gp: GraphProfile, fwd, parent) -> dict[str, float]:
+    costs = recompute_costs(gp)
+    return {n: 0.0 if n in parent else costs[n] for n in fwd}
 
 
 def _ownership(gp: GraphProfile, fwd, by_name, creator) -> tuple[dict[str, str], dict[str, int]]:
