@@ -7,8 +7,7 @@ MLP: each rank runs the engine without a plan (the reference) and around
 second step from ``torch.profiler`` allocator events. The budget per rank is what
 the engine holds plus a fraction of the single-process step's no-checkpoint peak.
 Also shown: the plan the solver would make if the engine's larger phase were taken
-off the whole step (how per-rank plans were made before the engine's bytes went
-into the memory model per phase).
+off the whole step, instead of adding each phase's engine bytes to that phase.
 
     python bench/bench_distributed.py [--layers 2] [--fraction 0.6]
 """

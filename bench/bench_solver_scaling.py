@@ -54,8 +54,8 @@ def run(layers: int, fraction: float, apply: bool) -> dict:
     gp = profile_graph(joint)
     t2 = time.perf_counter()
     prob = build_problem(gp)
-    binaries = len(prob.can_recompute) + len(prob.cand)
-    info = {"fingerprint": joint.fingerprint, "class": type(model).__name__}
+    binaries = len(prob.can_recompute) + len(prob.memory.candidates)
+    info = planner.ModelInfo(fingerprint=joint.fingerprint, class_name=type(model).__name__)
     try:
         p = plan_profile(gp, budget, model_info=info)
     except planner.BudgetTooSmall:  # as plan() does: regenerate dropout masks instead of keeping them

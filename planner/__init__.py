@@ -6,13 +6,17 @@ sqrt(L) heuristic, with peaks checked by exact liveness simulation.
 """
 
 from .api import SOLVERS, BudgetTooSmall, minimum_budget_bytes, plan, plan_profile
-from .plan_type import GiB, SCHEMA_VERSION, NodeDecision, Plan, SolverInfo
+from .plan_type import GiB, SCHEMA_VERSION, DistributedInfo, ModelInfo, NodeDecision, Plan, SolverInfo
+from .resimulation import resimulate
 
 __all__ = [
     "plan",
     "plan_profile",
     "minimum_budget_bytes",
+    "resimulate",
     "Plan",
+    "ModelInfo",
+    "DistributedInfo",
     "NodeDecision",
     "SolverInfo",
     "BudgetTooSmall",

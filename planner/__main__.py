@@ -1,7 +1,10 @@
-"""``python -m planner``: the same as the ``planner`` command (see :mod:`planner.cli`)."""
+"""``python -m planner``: only the entry point of the ``planner`` command, which lives in the tool layer
+(:mod:`runtime.tools.cli`, above the runtime). Nothing imports this module; it runs that package as ``__main__``,
+so the planner itself imports nothing above it.
+"""
 
-from .cli import main
+import runpy
 
 __all__: list[str] = []
 
-raise SystemExit(main())
+runpy.run_module("runtime.tools.cli", run_name="__main__", alter_sys=True)

@@ -13,11 +13,12 @@ per-rank plan is solved and checked against the whole per-rank budget. Measured 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
+
+from .plan_type import DistributedInfo
 
 __all__ = ["Distributed", "EngineBytes", "SHARDINGS", "OPTIMIZERS", "engine_bytes", "record", "from_record"]
 
@@ -25,7 +26,7 @@ SHARDINGS = ("none", "ddp", "fsdp")
 OPTIMIZERS = ("none", "adamw")
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Distributed:
     """How the planned module is trained: how many processes, which engine, which optimizer."""
 
@@ -58,7 +59,7 @@ class Distributed:
         return self.sharding != "none" or self.optimizer != "none"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class EngineBytes:
     """Bytes one rank holds beyond the plan's simulated step, per phase of the step."""
 
@@ -126,26 +127,26 @@ def engine_bytes(model: torch.nn.Module, cfg: Distributed) -> EngineBytes:
     return EngineBytes(forward=opt, backward=opt, end=opt, optimizer=opt)
 
 
-def record(cfg: Distributed, eb: EngineBytes) -> dict:
+def record(cfg: Distributed, eb: EngineBytes) -> DistributedInfo:
     """``Plan.distributed``: how the plan's step is trained and what the engine adds per rank."""
-    return {
-        "world_size": cfg.world_size,
-        "sharding": cfg.sharding,
-        "optimizer": cfg.optimizer,
-        "forward_bytes": eb.forward,
-        "backward_bytes": eb.backward,
-        "end_bytes": eb.end,
-        "optimizer_bytes": eb.optimizer,
-    }
+    return DistributedInfo(
+        world_size=cfg.world_size,
+        sharding=cfg.sharding,
+        optimizer=cfg.optimizer,
+        forward_bytes=eb.forward,
+        backward_bytes=eb.backward,
+        end_bytes=eb.end,
+        optimizer_bytes=eb.optimizer,
+    )
 
 
-def from_record(distributed: dict) -> EngineBytes | None:
+def from_record(distributed: DistributedInfo | None) -> EngineBytes | None:
     """The engine's bytes a plan was made with (None for a one-process plan)."""
-    if not distributed:
+    if distributed is None:
         return None
     return EngineBytes(
-        forward=int(distributed["forward_bytes"]),
-        backward=int(distributed["backward_bytes"]),
-        end=int(distributed["end_bytes"]),
-        optimizer=int(distributed["optimizer_bytes"]),
+        forward=int(distributed.forward_bytes),
+        backward=int(distributed.backward_bytes),
+        end=int(distributed.end_bytes),
+        optimizer=int(distributed.optimizer_bytes),
     )

@@ -12,16 +12,104 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["Plan", "NodeDecision", "SolverInfo", "SCHEMA_VERSION", "READABLE_VERSIONS", "GiB"]
+from . import view
+from .units import GiB
+
+__all__ = ["Plan", "ModelInfo", "DistributedInfo", "NodeDecision", "SolverInfo", "SCHEMA_VERSION", "READABLE_VERSIONS", "GiB"]
 
 SCHEMA_VERSION = 2
 #: Versions ``from_dict`` reads: 1 lacks ``NodeDecision.inputs`` (its consistency
-#: check is then skipped) and the ``model`` entries used to name mismatches.
+#: check is then skipped) and the ``model`` entries that name mismatches
+#: (``ModelInfo.structure``, ``graph``, ``parameters``).
 READABLE_VERSIONS = (1, 2)
-GiB = 2**30
 
 
-@dataclass(frozen=True, kw_only=True)
+def _tuples(value):
+    """``value`` with every list (at any depth) made a tuple: the records' immutable form of JSON arrays."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _lists(value):
+    """``value`` with every tuple (at any depth) made a list: the JSON form of :func:`_tuples`."""
+    return [_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelInfo:
+    """Which model and input a plan is for: the JSON ``model`` object.
+
+    A field left ``None`` was not recorded (``plan_profile`` given no model record,
+    or a schema version 1 file) and is left out of the JSON. JSON arrays are held
+    as tuples, at every depth (lists given are converted)."""
+
+    #: Hash of the captured joint graph, shapes included (``profiles.signature.graph_fingerprint``);
+    #: "" when unknown.
+    fingerprint: str = ""
+    #: The model's class name, e.g. ``GPT2LMHeadModel`` (JSON key ``class``).
+    class_name: str | None = None
+    #: ``(name, shape, dtype)`` per example input (``profiles.signature.describe_inputs``):
+    #: name is the keyword or the position; shape ``None`` for a non-tensor, whose type name stands in dtype.
+    inputs: tuple[tuple[str, tuple[int, ...] | None, str], ...] | None = None
+    #: The fingerprint without shapes (``profiles.signature.structure_fingerprint``):
+    #: equal at other input sizes when the graph keeps its nodes, so the runtime reuses the decisions.
+    structure: str | None = None
+    #: Six hex digits per joint-graph node (``profiles.signature.node_digests``): names the first node that differs.
+    graph: tuple[str, ...] | None = None
+    #: ``(name, shape, dtype, requires_grad)`` per parameter, then ``(name, shape, dtype, None)``
+    #: per buffer (``profiles.signature.parameter_signature``): names the first that differs.
+    parameters: tuple[tuple[str, tuple[int, ...], str, bool | None], ...] | None = None
+
+    def __post_init__(self):
+        for name in ("inputs", "graph", "parameters"):
+            object.__setattr__(self, name, _tuples(getattr(self, name)))
+
+    def to_dict(self) -> dict:
+        """The JSON ``model`` object: the recorded fields, arrays as lists."""
+        d = {"fingerprint": self.fingerprint}
+        for attr, key in _MODEL_KEYS[1:]:
+            value = getattr(self, attr)
+            if value is not None:
+                d[key] = _lists(value)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelInfo":
+        """Read the JSON ``model`` object; keys other than the documented ones are not kept."""
+        if not isinstance(d, dict) or not isinstance(d.get("fingerprint", ""), str):
+            raise ValueError("the plan is inconsistent (edited by hand?): 'model' must be an object with a string 'fingerprint'")
+        return cls(**{attr: d[key] for attr, key in _MODEL_KEYS if key in d})
+
+
+#: ``ModelInfo`` field and JSON key, in the JSON's order.
+_MODEL_KEYS = (("fingerprint", "fingerprint"), ("class_name", "class"), ("inputs", "inputs"),
+               ("structure", "structure"), ("graph", "graph"), ("parameters", "parameters"))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DistributedInfo:
+    """How a per-rank plan's step is trained, and the bytes one rank holds beyond the
+    model's step (the JSON ``distributed`` object; :func:`planner.distributed.record`)."""
+
+    #: Processes (ranks) training together.
+    world_size: int
+    #: The engine around the planned module: ``"ddp"``, ``"fsdp"`` (FSDP2, one parameter group)
+    #: or ``"none"`` (one process, optimizer state only).
+    sharding: str
+    #: Optimizer whose state is counted: ``"adamw"`` or ``"none"``.
+    optimizer: str
+    #: Bytes added to every forward point of the timelines (engine and optimizer state,
+    #: FSDP2's all-gather output).
+    forward_bytes: int
+    #: Bytes added to every backward point of the timelines.
+    backward_bytes: int
+    #: Bytes added to the level at the end of backward while gradients are reduced
+    #: (may be negative: FSDP2 frees the unsharded parameters first).
+    end_bytes: int
+    #: The optimizer's state, included in the three above.
+    optimizer_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class NodeDecision:
     """One forward value that backward needs, and what the plan does with it."""
 
@@ -46,7 +134,7 @@ class NodeDecision:
     inputs: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SolverInfo:
     """Which solver produced the plan, and how it went."""
 
@@ -65,16 +153,15 @@ class SolverInfo:
     objective: str = "time"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Plan:
     """An activation-checkpointing plan for one model and input shape."""
 
     #: Version of this structure's JSON form.
     schema_version: int = SCHEMA_VERSION
-    #: Model identity: ``fingerprint`` (hash of the captured graph), ``class``, ``inputs``,
-    #: and to name mismatches ``structure`` (the fingerprint without shapes),
-    #: ``graph`` (a digest per joint-graph node) and ``parameters``.
-    model: dict = field(default_factory=dict)
+    #: Which model and input the plan is for (fingerprint, class, inputs, and what
+    #: names a mismatch: structure, a digest per graph node, parameters).
+    model: ModelInfo = field(default_factory=ModelInfo)
     #: Device profile the costs refer to (``"cpu"``, ``"h100"``, ...).
     target: str = "cpu"
     #: How node times were obtained (``"roofline:h100"``, ``"measured:cuda:0"``).
@@ -106,16 +193,15 @@ class Plan:
     timeline: tuple[tuple[str, str, int], ...] = ()
     #: The same for the step without recomputation.
     baseline_timeline: tuple[tuple[str, str, int], ...] = ()
-    #: Empty for one process. Otherwise what ``plan(..., world_size=, sharding=, optimizer=)``
-    #: was told (``world_size``, ``sharding``, ``optimizer``) and the bytes one rank holds
-    #: beyond the model's step (``forward_bytes``, ``backward_bytes``, ``end_bytes``,
-    #: ``optimizer_bytes``); the peaks and timelines above are then per rank and include them.
-    distributed: dict = field(default_factory=dict)
+    #: ``None`` for one process. Otherwise what ``plan(..., world_size=, sharding=, optimizer=)``
+    #: was told and the bytes one rank holds beyond the model's step; the budget, peaks
+    #: and timelines above are then per rank and include them.
+    distributed: DistributedInfo | None = None
 
     # -- derived -----------------------------------------------------------
     @property
     def fingerprint(self) -> str:
-        return self.model.get("fingerprint", "")
+        return self.model.fingerprint
 
     @property
     def recomputed(self) -> list[str]:
@@ -134,11 +220,12 @@ class Plan:
     # -- JSON ------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["model"] = self.model.to_dict()
         d["nodes"] = [asdict(n) for n in self.nodes]
         d["timeline"] = [list(p) for p in self.timeline]
         d["baseline_timeline"] = [list(p) for p in self.baseline_timeline]
-        if not d["distributed"]:
-            del d["distributed"]  # one process: the JSON plans had before this field
+        if self.distributed is None:
+            del d["distributed"]  # one process: the key is left out
         return d
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 1) -> str:
@@ -161,6 +248,8 @@ class Plan:
             )
         try:
             d = dict(d)
+            d["model"] = ModelInfo.from_dict(d.get("model", {}))
+            d["distributed"] = DistributedInfo(**d["distributed"]) if d.get("distributed") else None
             d["solver"] = SolverInfo(**d["solver"])
             nodes = []
             for n in d["nodes"]:
@@ -194,8 +283,11 @@ class Plan:
             raise ValueError(f"{bad}budget_bytes is 0")
         if self.dropout not in ("mask", "replay"):
             raise ValueError(f"{bad}dropout is {self.dropout!r}; expected 'mask' or 'replay'")
-        if not isinstance(self.model, dict) or not isinstance(self.model.get("fingerprint", ""), str):
-            raise ValueError(f"{bad}'model' must be an object with a string 'fingerprint'")
+        if not isinstance(self.model, ModelInfo) or not isinstance(self.model.fingerprint, str):
+            raise ValueError(f"{bad}'model' must be a ModelInfo with a string 'fingerprint'")
+        if self.distributed is not None and not isinstance(self.distributed, DistributedInfo):
+            raise ValueError(f"{bad}'distributed' must be None (one process) or a DistributedInfo, "
+                             f"not {type(self.distributed).__name__}")
         decided: dict[str, str] = {}
         for n in self.nodes:
             if not isinstance(n.name, str) or not n.name:
@@ -232,22 +324,11 @@ class Plan:
             raise ValueError(f"plan JSON is truncated or invalid: {e}") from e
         return cls.from_dict(data)
 
-    # -- explaining --------------------------------------------------------
+    # -- explaining (rendered by planner.view) ------------------------------------
     def summary(self) -> str:
-        """A few lines: budget, peaks, overhead, solver."""
-        return (
-            f"budget {self.budget_bytes / GiB:.3f} GiB, predicted peak {self.predicted_peak_bytes / GiB:.3f} GiB "
-            f"(no checkpointing: {self.baseline_peak_bytes / GiB:.3f} GiB)\n"
-            f"recompute {self.recompute_flops / 1e9:.3f} GFLOP = {100 * self.overhead:.1f}% of the step's "
-            f"{self.total_flops / 1e9:.3f} GFLOP; {len(self.recomputed)} values recomputed, {len(self.saved)} saved\n"
-            f"solver {self.solver.name}: {self.solver.status} in {self.solver.seconds:.2f} s"
-            + (self._per_rank_note() if self.distributed else "")
-        )
-
-    def _per_rank_note(self) -> str:
-        d = self.distributed
-        return (f"\nper rank of {d['world_size']} ({d['sharding']}, optimizer {d['optimizer']}): engine and optimizer add "
-                f"{d['forward_bytes'] / GiB:.3f} GiB in forward, {d['backward_bytes'] / GiB:.3f} GiB in backward")
+        """The headline numbers, one per line: model, budget, peaks, recompute, solver
+        (:func:`planner.view.summary`; what ``planner plan`` prints)."""
+        return view.summary(self)
 
     def by_module(self, depth: int | None = None) -> list[dict]:
         """Per module (path cut to ``depth`` parts): bytes saved and recomputed, FLOPs recomputed."""
@@ -265,39 +346,22 @@ class Plan:
         return [{"module": k, **v} for k, v in rows.items()]
 
     def explain(self, *, depth: int | None = 3, top: int = 10) -> str:
-        """What is saved and recomputed, per module, and the largest recomputed values."""
-        lines = [self.summary(), "", f"{'module':<40} {'saved MiB':>10} {'recomp MiB':>10} {'recomp GFLOP':>12}"]
-        for r in self.by_module(depth):
-            lines.append(
-                f"{r['module'][:40]:<40} {r['saved_bytes'] / 2**20:>10.2f} {r['recomputed_bytes'] / 2**20:>10.2f} "
-                f"{r['recompute_flops'] / 1e9:>12.4f}"
-            )
-        rec = sorted((n for n in self.nodes if n.decision == "recompute"), key=lambda n: -n.bytes)[:top]
-        if rec:
-            lines += ["", "largest recomputed values:"]
-            for n in rec:
-                lines.append(f"  {n.name:<28} {n.op:<36} {n.module:<32} {n.bytes / 2**20:8.2f} MiB")
-        return "\n".join(lines)
+        """What is saved and recomputed, per module, and the largest recomputed values
+        (:func:`planner.view.explain`)."""
+        return view.explain(self, depth=depth, top=top)
 
     def __str__(self) -> str:
         return self.summary()
 
-    # -- notebooks (see planner.inspect) -------------------------------------
     def memory_timeline(self) -> list[dict]:
         """Predicted live bytes through forward and backward, eager beside the plan:
-        one dict per step (see :func:`planner.inspect.memory_timeline`)."""
-        from .inspect import memory_timeline
-
-        return memory_timeline(self)
+        one dict per step (see :func:`planner.view.memory_timeline`)."""
+        return view.memory_timeline(self)
 
     def plot(self, *, ax=None, title: str | None = None):
         """Draw the memory timeline with matplotlib: eager vs the plan, the budget,
         the forward/backward boundary. Returns the ``Axes``."""
-        from .inspect import plot
-
-        return plot(self, ax=ax, title=title)
+        return view.plot(self, ax=ax, title=title)
 
     def _repr_html_(self) -> str:
-        from .inspect import html
-
-        return html(self)
+        return view.html(self)

@@ -1,6 +1,6 @@
 """The order in which a split step runs its nodes, without building GraphModules.
 
-:func:`planner.partition.split_joint` builds the real forward and backward graphs
+:func:`runtime.partition.split_joint` builds the real forward and backward graphs
 (what the runtime runs); building them takes most of a second on a transformer.
 The solvers evaluate dozens of candidate plans, so :func:`fast_schedule` derives
 the same node orders directly from the joint graph: the forward graph is every
@@ -8,36 +8,111 @@ forward value the outputs or the saved values need (random ops always run), the
 backward graph is every node the gradients need that can be computed from the
 saved values and the tangents, each recomputed value emitted just before its first
 user. ``tests/test_schedule.py`` checks it against :func:`schedule_of` the real split.
+The rules both follow (:func:`required_saved`, :func:`emit_just_in_time`) are here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
-import torch
 import torch.fx as fx
 
+from profiles._torch_private import is_random_op
 from profiles.joint import JointGraph
 
-from .partition import emit_just_in_time, forward_node_names, required_saved
+__all__ = [
+    "GraphOrder",
+    "Schedule",
+    "fast_schedule",
+    "schedule_of",
+    "required_saved",
+    "forward_node_names",
+    "emit_just_in_time",
+]
 
-__all__ = ["GraphOrder", "Schedule", "fast_schedule", "schedule_of"]
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class GraphOrder:
-    """One graph: ``(name, op, input names)`` per node in run order, and its outputs."""
+    """One graph in run order."""
 
+    #: ``(name, op, input names)`` per node, in run order (the output node left out).
     nodes: tuple[tuple[str, str, tuple[str, ...]], ...]
+    #: Names of the values the graph returns.
     outputs: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Schedule:
+    """The two graphs of a split step."""
+
+    #: The forward graph.
     forward: GraphOrder
+    #: The backward graph, recomputation included.
     backward: GraphOrder
     #: Values forward hands to backward.
     saved: tuple[str, ...]
+
+
+def forward_node_names(gm: fx.GraphModule) -> set[str]:
+    """Names of the joint graph's forward computations (not placeholders)."""
+    return {
+        n.name
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.meta.get("partitioner_tag") != "is_backward"
+    }
+
+
+def required_saved(gm: fx.GraphModule, recompute: Iterable[str]) -> list[fx.Node]:
+    """The values forward must hand to backward when ``recompute`` are recomputed.
+
+    Backward needs every forward value its nodes read. A needed value that is in
+    ``recompute`` is rebuilt from its own inputs, which are needed in turn; any
+    other needed value (parameters and inputs included) is saved.
+    """
+    recompute = set(recompute)
+    fwd = forward_node_names(gm)
+    saved: dict[str, fx.Node] = {}
+    visited: set[str] = set()
+    stack: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.name not in fwd:  # a backward node
+            for a in node.all_input_nodes:
+                if a.name in fwd or (a.op == "placeholder" and not a.name.startswith("tangents")):
+                    stack.append(a)
+    while stack:
+        node = stack.pop()
+        if node.name in visited:
+            continue
+        visited.add(node.name)
+        if node.name in recompute and node.name in fwd:
+            stack.extend(a for a in node.all_input_nodes)
+        else:
+            if node.op == "placeholder" and node.name.startswith("tangents"):
+                continue
+            saved[node.name] = node
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(saved.values(), key=order.__getitem__)
+
+
+def emit_just_in_time(roots, done: set, order: dict) -> list:
+    """Each of ``roots`` in turn, preceded by those of its ancestors not yet in
+    ``done`` (in ``order``): the order in which backward reaches recomputed values.
+    ``done`` is updated; returns the newly emitted nodes in order."""
+    out = []
+    for root in roots:
+        pending, stack, seen = [], [root], set()
+        while stack:
+            n = stack.pop()
+            if n in done or n in seen:
+                continue
+            seen.add(n)
+            pending.append(n)
+            stack.extend(n.all_input_nodes)
+        for n in sorted(pending, key=order.__getitem__):
+            done.add(n)
+            out.append(n)
+    return out
 
 
 def _order_of(gm: fx.GraphModule) -> GraphOrder:
@@ -47,22 +122,21 @@ def _order_of(gm: fx.GraphModule) -> GraphOrder:
             outputs = tuple(a.name for a in n.all_input_nodes)
             break
         nodes.append((n.name, n.op, tuple(a.name for a in n.all_input_nodes)))
-    return GraphOrder(tuple(nodes), outputs)
+    return GraphOrder(nodes=tuple(nodes), outputs=outputs)
 
 
 def schedule_of(fwd: fx.GraphModule, bwd: fx.GraphModule) -> Schedule:
     """The schedule of real forward and backward graphs."""
     saved = tuple(n.name for n in bwd.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents"))
-    return Schedule(_order_of(fwd), _order_of(bwd), saved)
+    return Schedule(forward=_order_of(fwd), backward=_order_of(bwd), saved=saved)
 
 
 def _is_random(node: fx.Node) -> bool:
-    t = node.target
-    return isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags
+    return is_random_op(node.target)
 
 
 def fast_schedule(joint: JointGraph, recompute) -> Schedule:
-    """The schedule :func:`split_joint` would produce for ``recompute``."""
+    """The schedule :func:`runtime.partition.split_joint` would produce for ``recompute``."""
     gm = joint.gm
     nodes = list(gm.graph.nodes)
     out_node = nodes[-1]
@@ -71,11 +145,19 @@ def fast_schedule(joint: JointGraph, recompute) -> Schedule:
     fwd_outputs = [a for a in out_args[:nfo] if isinstance(a, fx.Node)]
     bwd_outputs = [a for a in out_args[nfo:] if isinstance(a, fx.Node)]
     saved_nodes = required_saved(gm, recompute)
-    saved = [n.name for n in saved_nodes]
     fwd_names = forward_node_names(gm)
+    fwd_order = _forward_nodes(nodes, fwd_outputs + saved_nodes, fwd_names)
+    saved_kept, bwd_order = _backward_nodes(nodes, saved_nodes, bwd_outputs, fwd_names)
+    backward = GraphOrder(nodes=tuple(bwd_order), outputs=tuple(dict.fromkeys(a.name for a in bwd_outputs)))
+    outs = tuple(dict.fromkeys([a.name for a in fwd_outputs] + [n.name for n in saved_kept]))  # as fx lists them
+    forward = GraphOrder(nodes=tuple(fwd_order), outputs=outs)
+    return Schedule(forward=forward, backward=backward, saved=tuple(n.name for n in saved_kept))
 
-    # Forward: nodes computable from the primals that the outputs and saved values
-    # need; random ops always run (dead-code elimination keeps them).
+
+def _forward_nodes(nodes: list[fx.Node], outputs: list[fx.Node], fwd_names: set[str]) -> list:
+    """The forward graph's nodes: those computable from the primals that
+    ``outputs`` (the model's outputs and the saved values) need; random ops always
+    run (dead-code elimination keeps them)."""
     valid_f: set[fx.Node] = set()
     for n in nodes:
         if n.op == "placeholder":
@@ -84,7 +166,7 @@ def fast_schedule(joint: JointGraph, recompute) -> Schedule:
         elif n.op in ("call_function", "get_attr") and all(a in valid_f for a in n.all_input_nodes):
             valid_f.add(n)
     needed: set[fx.Node] = set()
-    stack = [a for a in fwd_outputs + saved_nodes]
+    stack = list(outputs)
     stack += [n for n in nodes if n in valid_f and n.op == "call_function" and _is_random(n) and n.name in fwd_names]
     while stack:
         n = stack.pop()
@@ -92,15 +174,18 @@ def fast_schedule(joint: JointGraph, recompute) -> Schedule:
             continue
         needed.add(n)
         stack.extend(n.all_input_nodes)
-    fwd_order = [
+    return [
         (n.name, n.op, tuple(a.name for a in n.all_input_nodes))
         for n in nodes
         if n in valid_f and (n.op == "placeholder" or n in needed)
     ]
-    forward = GraphOrder(tuple(fwd_order), tuple(a.name for a in fwd_outputs + saved_nodes))
 
-    # Backward: placeholders (saved, then tangents), then every node computable
-    # from them that the gradients need, recomputed values just in time.
+
+def _backward_nodes(nodes: list[fx.Node], saved_nodes: list[fx.Node], bwd_outputs: list[fx.Node],
+                    fwd_names: set[str]) -> tuple[list[fx.Node], list]:
+    """``(saved values kept, backward graph's nodes)``: placeholders (saved, then
+    tangents), then every node computable from them that the gradients need,
+    recomputed values just in time."""
     saved_set = set(saved_nodes)
     tangents = [n for n in nodes if n.op == "placeholder" and n.name.startswith("tangents")]
     valid_b: set[fx.Node] = set(saved_set) | set(tangents)
@@ -131,7 +216,4 @@ def fast_schedule(joint: JointGraph, recompute) -> Schedule:
     roots = [n for n in nodes if n in needed_b and n not in saved_set and n.op == "call_function" and n.name not in fwd_names]
     for n in emit_just_in_time(roots, set(saved_kept) | set(tangents), order):
         bwd_order.append((n.name, n.op, tuple(a.name for a in n.all_input_nodes)))
-    backward = GraphOrder(tuple(bwd_order), tuple(dict.fromkeys(a.name for a in bwd_outputs)))
-    outs = tuple(dict.fromkeys([a.name for a in fwd_outputs] + [n.name for n in saved_kept]))  # as fx lists them
-    forward = GraphOrder(forward.nodes, outs)
-    return Schedule(forward, backward, tuple(n.name for n in saved_kept))
+    return saved_kept, bwd_order

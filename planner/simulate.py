@@ -12,8 +12,9 @@ of backward while gradients are reduced.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from profiles.allocator import round_bytes
 from profiles.graph_profile import GraphProfile
 
 from .distributed import EngineBytes
@@ -22,26 +23,32 @@ from .schedule import GraphOrder, Schedule
 __all__ = ["SimResult", "simulate", "TimelinePoint", "held_tangents", "END_OF_BACKWARD"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TimelinePoint:
     """Live bytes just after ``node`` ran (its inputs not yet freed)."""
 
+    #: ``"forward"`` or ``"backward"``.
     phase: str
+    #: The node that ran.
     node: str
+    #: Bytes live then, its temporaries included.
     live_bytes: int
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SimResult:
+    """The peak of a simulated step."""
+
+    #: The most bytes live at any point of the step.
     peak_bytes: int
-    #: Node at which the peak is reached, and its phase.
+    #: Node at which the peak is reached (:data:`END_OF_BACKWARD` for the gradient reduction).
     peak_node: str
+    #: Phase of ``peak_node``: ``"forward"`` or ``"backward"``.
     peak_phase: str
     #: Bytes of parameters, buffers and inputs (live for the whole step).
     static_bytes: int
-    timeline: list[TimelinePoint] = field(default_factory=list)
-    #: Storage ids live at the peak (besides parameters, buffers and inputs).
-    peak_storages: tuple[int, ...] = ()
+    #: Live bytes after each node, when asked for (``simulate(..., timeline=True)``).
+    timeline: tuple[TimelinePoint, ...] = ()
 
 
 #: ``SimResult.peak_node`` when the peak is the gradient reduction after backward.
@@ -64,10 +71,68 @@ def held_tangents(gp: GraphProfile) -> frozenset[str]:
     return frozenset(held)
 
 
-def _round(nbytes: int, granularity: int) -> int:
-    if granularity <= 1:
-        return nbytes
-    return (nbytes + granularity - 1) // granularity * granularity
+class _Liveness:
+    """The simulation's state: reference counts of live storages, the live bytes,
+    and the peak so far."""
+
+    def __init__(self, gp: GraphProfile, granularity: int, engine: EngineBytes | None, timeline: bool):
+        self.info = gp.nodes
+        self.sizes = [round_bytes(b, granularity) for b in gp.storage_bytes]
+        self.static = set(gp.static_storages)
+        self.static_bytes = sum(self.sizes[s] for s in self.static)
+        self.refs: dict[int, int] = {}
+        self.live = 0
+        #: The single model's live bytes at the last node run, its temporaries included.
+        self.level = 0
+        self.extra = {"forward": engine.forward if engine else 0, "backward": engine.backward if engine else 0}
+        self.peak, self.peak_node, self.peak_phase = 0, "", ""
+        self.points: list[TimelinePoint] | None = [] if timeline else None
+
+    def acquire(self, storages) -> None:
+        for s in storages:
+            if s in self.static:
+                continue
+            if self.refs.get(s, 0) == 0:
+                self.live += self.sizes[s]
+            self.refs[s] = self.refs.get(s, 0) + 1
+
+    def release(self, storages) -> None:
+        for s in storages:
+            if s in self.static:
+                continue
+            self.refs[s] -= 1
+            if self.refs[s] == 0:
+                self.live -= self.sizes[s]
+
+    def record(self, name: str, phase: str, temp_bytes: int) -> None:
+        """The level just after ``name`` ran; a new peak when above the last."""
+        self.level = self.static_bytes + self.live + temp_bytes
+        total = self.level + self.extra[phase]
+        if self.points is not None:
+            self.points.append(TimelinePoint(phase=phase, node=name, live_bytes=total))
+        if total > self.peak:
+            self.peak, self.peak_node, self.peak_phase = total, name, phase
+
+    def run(self, order: GraphOrder, phase: str) -> list[str]:
+        """Run one graph: allocate each node's storages, free each value after its
+        last use (graph inputs too in backward). Returns the graph's outputs."""
+        info = self.info
+        last_use: dict[str, int] = {}
+        for i, (_, _, inputs) in enumerate(order.nodes):
+            for a in inputs:
+                last_use[a] = i
+        outputs = set(order.outputs)
+        for i, (name, op, inputs) in enumerate(order.nodes):
+            if op == "call_function":
+                self.acquire(info[name].storages)
+            self.record(name, phase, info[name].temp_bytes if op == "call_function" else 0)
+            for a in set(inputs):
+                if last_use.get(a) == i and a not in outputs:
+                    self.release(info[a].storages)
+            if name not in last_use and name not in outputs:
+                if op == "call_function" or phase == "backward":
+                    self.release(info[name].storages)
+        return list(order.outputs)
 
 
 def simulate(
@@ -79,84 +144,36 @@ def simulate(
     engine: EngineBytes | None = None,
 ) -> SimResult:
     """Simulate the step and return its peak of live bytes (per rank with ``engine``)."""
-    sizes = [_round(b, granularity) for b in gp.storage_bytes]
+    state = _Liveness(gp, granularity, engine, timeline)
+    fwd_out = state.run(schedule.forward, "forward")
+    _hand_over(state, gp, schedule, fwd_out)
+    state.run(schedule.backward, "backward")
+    if engine is not None and state.level + engine.end > state.peak:
+        state.peak, state.peak_node, state.peak_phase = state.level + engine.end, END_OF_BACKWARD, "backward"
+    return SimResult(
+        peak_bytes=state.peak,
+        peak_node=state.peak_node,
+        peak_phase=state.peak_phase,
+        static_bytes=state.static_bytes,
+        timeline=tuple(state.points or ()),
+    )
+
+
+def _hand_over(state: _Liveness, gp: GraphProfile, schedule: Schedule, fwd_out: list[str]) -> None:
+    """Between the graphs: the caller holds the model's outputs until the step
+    ends; autograd's context holds the saved values until backward's last use
+    frees them; the tangents (gradients of the outputs) are allocated before
+    backward runs, the loss's seed gradient held by the caller until backward returns."""
     info = gp.nodes
-    refs: dict[int, int] = {}
-    live = 0
-    static = set(gp.static_storages)
-    static_bytes = sum(sizes[s] for s in static)
-    peak, peak_node, peak_phase = 0, "", ""
-    points: list[TimelinePoint] = []
-    peak_live: list[int] = []
-    extra = {"forward": engine.forward if engine else 0, "backward": engine.backward if engine else 0}
-    level = 0  # the single model's live bytes at the last node run, its temporaries included
-
-    def acquire(storages):
-        nonlocal live
-        for s in storages:
-            if s in static:
-                continue
-            if refs.get(s, 0) == 0:
-                live += sizes[s]
-            refs[s] = refs.get(s, 0) + 1
-
-    def release(storages):
-        nonlocal live
-        for s in storages:
-            if s in static:
-                continue
-            refs[s] -= 1
-            if refs[s] == 0:
-                live -= sizes[s]
-
-    def run(order: GraphOrder, phase: str):
-        nonlocal peak, peak_node, peak_phase, level
-        last_use: dict[str, int] = {}
-        for i, (_, _, inputs) in enumerate(order.nodes):
-            for a in inputs:
-                last_use[a] = i
-        outputs = set(order.outputs)
-        for i, (name, op, inputs) in enumerate(order.nodes):
-            if op == "call_function":
-                acquire(info[name].storages)
-            level = static_bytes + live + (info[name].temp_bytes if op == "call_function" else 0)
-            total = level + extra[phase]
-            if timeline:
-                points.append(TimelinePoint(phase, name, total))
-            if total > peak:
-                peak, peak_node, peak_phase = total, name, phase
-                peak_live[:] = [k for k, c in refs.items() if c > 0]
-            # free what is dead after this node
-            for a in set(inputs):
-                if last_use.get(a) == i and a not in outputs:
-                    release(info[a].storages)
-            if name not in last_use and name not in outputs:
-                if op == "call_function" or phase == "backward":
-                    release(info[name].storages)
-        return list(order.outputs)
-
-    # Forward: placeholders are primals (static).
-    fwd_out = run(schedule.forward, "forward")
-    user_outputs = fwd_out[: gp.joint.num_fwd_outputs]
-    saved = list(schedule.saved)
-    # The caller holds the model's outputs until the step ends; autograd's
-    # context holds the saved values until backward's last use frees them.
-    for name in set(user_outputs):
-        acquire(info[name].storages)
-    for name in saved:
-        acquire(info[name].storages)
+    for name in set(fwd_out[: gp.joint.num_fwd_outputs]):
+        state.acquire(info[name].storages)
+    for name in schedule.saved:
+        state.acquire(info[name].storages)
     for name in set(fwd_out):
-        release(info[name].storages)
-    # Tangents (gradients of the outputs) are allocated before backward runs; the
-    # loss's seed gradient is held by the caller until backward returns.
+        state.release(info[name].storages)
     seeds = held_tangents(gp)
     for name, op, _ in schedule.backward.nodes:
         if op == "placeholder" and name.startswith("tangents"):
-            acquire(info[name].storages)
+            state.acquire(info[name].storages)
             if name in seeds:
-                acquire(info[name].storages)
-    run(schedule.backward, "backward")
-    if engine is not None and level + engine.end > peak:
-        peak, peak_node, peak_phase = level + engine.end, END_OF_BACKWARD, "backward"
-        peak_live[:] = [k for k, c in refs.items() if c > 0]
-    return SimResult(peak, peak_node, peak_phase, static_bytes, points, tuple(sorted(peak_live)))
+                state.acquire(info[name].storages)

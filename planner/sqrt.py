@@ -21,11 +21,17 @@ from .problem import Evaluation, Problem
 __all__ = ["SqrtResult", "articulation_points", "solve_sqrt", "sqrt_plan"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SqrtResult:
+    """The best segmentation found, and every one tried."""
+
+    #: The chosen plan, None when none fits the budget.
     evaluation: Evaluation | None
+    #: Number of segment boundaries of the chosen plan.
     segments: int
+    #: ``"feasible"``, ``"infeasible"`` or ``"lowest peak"`` (no budget given).
     status: str
+    #: Wall-clock seconds of the search.
     seconds: float
     #: Every plan tried: (segments, peak bytes, cost seconds).
     tried: tuple[tuple[int, int, float], ...] = ()
@@ -136,7 +142,7 @@ def solve_sqrt(prob: Problem, budget_bytes: float | None) -> SqrtResult:
     secs = time.perf_counter() - start
     if budget_bytes is None:
         assert lowest is not None
-        return SqrtResult(lowest[1], lowest[2], "lowest peak", secs, tuple(tried))
+        return SqrtResult(evaluation=lowest[1], segments=lowest[2], status="lowest peak", seconds=secs, tried=tuple(tried))
     if best_fit is None:
-        return SqrtResult(None, 0, "infeasible", secs, tuple(tried))
-    return SqrtResult(best_fit[1], best_fit[2], "feasible", secs, tuple(tried))
+        return SqrtResult(evaluation=None, segments=0, status="infeasible", seconds=secs, tried=tuple(tried))
+    return SqrtResult(evaluation=best_fit[1], segments=best_fit[2], status="feasible", seconds=secs, tried=tuple(tried))

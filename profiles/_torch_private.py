@@ -268,3 +268,4 @@ def no_ddp_graph_split():
     compiled backward (no communication/computation overlap). Read when a frame is
     compiled, so it only has to be active around the compiled call."""
     return torch._dynamo.config.patch(optimize_ddp=False)
+

@@ -11,7 +11,7 @@ a model and its inputs against these before and while compiling.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -98,14 +98,15 @@ def parameter_signature(model: torch.nn.Module) -> list[list]:
     return out
 
 
-def parameter_mismatch(model: torch.nn.Module, planned: list | None) -> str:
+def parameter_mismatch(model: torch.nn.Module, planned: Sequence | None) -> str:
     """Words naming the first parameter or buffer of ``model`` that differs from
-    ``planned`` (a :func:`parameter_signature`); "" when they agree or none was recorded."""
+    ``planned`` (a :func:`parameter_signature`, its lists or tuples); "" when they agree
+    or none was recorded."""
     if not planned:
         return ""
     got = parameter_signature(model)
     for i, (g, w) in enumerate(zip(got, planned)):
-        g, w = list(g), list(w)
+        g, w = list(g), [list(v) if isinstance(v, tuple) else v for v in w]  # shapes as lists, like ``g``'s
         if g != w:
             if g[0] != w[0]:
                 return f"parameter #{i} is {g[0]!r}, the planned model's is {w[0]!r}"

@@ -1,7 +1,7 @@
 """Run a model under a plan: an ``nn.Module`` whose backward recomputes what the plan did not keep.
 
 The wrapped module compiles the model with an AOTAutograd backend whose
-partitioner splits the joint graph by the plan (:func:`planner.partition.split_joint`),
+partitioner splits the joint graph by the plan (:func:`runtime.partition.split_joint`),
 and runs both graphs with the boxed calling convention so every value, inputs
 included, is freed after its last use. In ``eval()`` mode or under
 ``torch.no_grad()`` it calls the original model directly.
@@ -17,12 +17,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from planner.partition import split_joint
+from planner import plan as plan_model
+from planner import resimulate
 from planner.plan_type import GiB, Plan
+from profiles import available_targets
 from profiles._torch_private import (
     aot_autograd,
     allow_recompiles,
@@ -30,8 +33,6 @@ from profiles._torch_private import (
     graph_break_info,
     make_boxed,
     no_ddp_graph_split,
-    profiler_active,
-    real_tensors,
 )
 from profiles.allocator import graph_device_type
 from profiles.capture import prepare_joint
@@ -47,8 +48,9 @@ from profiles.signature import (
 )
 
 from .distributed import check_wrapping
+from .partition import split_joint
 
-__all__ = ["PlannedModule", "PlanMismatch", "ShapeWarning", "BudgetWarning", "apply"]
+__all__ = ["PlannedModule", "ShapeEntry", "PlanMismatch", "ShapeWarning", "BudgetWarning", "apply"]
 
 
 class PlanMismatch(ValueError):
@@ -63,6 +65,21 @@ class BudgetWarning(ShapeWarning):
     """Inputs of other shapes than planned are predicted to need more than the plan's budget."""
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ShapeEntry:
+    """How a :class:`PlannedModule` runs inputs of one signature (its ``shapes`` values)."""
+
+    #: ``"planned"``: the plan's own input shapes; ``"reused"``: other sizes of the same
+    #: graph structure, run with the plan's decisions; ``"replanned"``: a graph of another
+    #: structure, planned again at the plan's budget.
+    how: str
+    #: The plan these inputs run under (the module's own plan unless ``how`` is ``"replanned"``).
+    plan: Plan
+    #: Predicted peak bytes of the step at these shapes; ``None`` for ``"reused"`` until its
+    #: first compilation re-simulates the step.
+    predicted_peak_bytes: int | None
+
+
 class _Replan(Exception):
     """Raised inside the compiler when new input shapes change the graph's structure."""
 
@@ -71,11 +88,8 @@ def _boxed_compiler(gm, example_inputs):
     return make_boxed(gm)
 
 
-def _device_kind(target: str) -> str:
-    return target_device_type(target)
-
-
-def _key(inputs: list) -> str:
+def _key(inputs) -> str:
+    """The ``shapes`` key of an input signature (``describe_inputs``, or ``ModelInfo.inputs``)."""
     return json.dumps(inputs)
 
 
@@ -83,8 +97,7 @@ class PlannedModule(nn.Module):
     """``model`` trained under ``plan``; shares its parameters and buffers.
 
     ``shapes`` maps each input signature seen in training (JSON of
-    ``[name, shape, dtype]`` per input) to how it runs: ``{"how": "planned" |
-    "reused" | "replanned", "plan": Plan, "predicted_peak_bytes": int}``."""
+    ``[name, shape, dtype]`` per input) to how it runs: a :class:`ShapeEntry`."""
 
     def __init__(self, model: nn.Module, plan: Plan):
         super().__init__()
@@ -92,17 +105,17 @@ class PlannedModule(nn.Module):
             raise TypeError(f"plan must be a planner.Plan, not {type(plan).__name__}")
         check_wrapping(model)
         plan.check()  # a Plan built or edited in code gets the checks from_json makes
-        why = parameter_mismatch(model, plan.model.get("parameters"))
+        why = parameter_mismatch(model, plan.model.parameters)
         if why:
             raise PlanMismatch(
-                f"this plan was made for another model ({plan.model.get('class', '?')}): {why}; "
+                f"this plan was made for another model ({plan.model.class_name or '?'}): {why}; "
                 "plan again with planner.plan(model, budget_gb, inputs)"
             )
         param = next(iter(model.parameters()), None)
-        if param is not None and param.device.type not in ("meta", _device_kind(plan.target)):
+        if param is not None and param.device.type not in ("meta", target_device_type(plan.target)):
             raise PlanMismatch(
                 f"this plan was made for target {plan.target!r} but the model is on {param.device}; its memory "
-                f"predictions do not hold there: move the model to a {_device_kind(plan.target)} device, or plan "
+                f"predictions do not hold there: move the model to a {target_device_type(plan.target)} device, or plan "
                 f"again on {param.device} with planner.plan(model, budget_gb, inputs)"
             )
         self.module = model
@@ -110,9 +123,9 @@ class PlannedModule(nn.Module):
         graphs: list = []
         #: (forward, backward) GraphModules of each compilation, for inspection.
         self.compiled_graphs = graphs
-        self.shapes: dict[str, dict] = {}
-        if plan.model.get("inputs"):
-            self.shapes[_key(plan.model["inputs"])] = {"how": "planned", "plan": plan, "predicted_peak_bytes": plan.predicted_peak_bytes}
+        self.shapes: dict[str, ShapeEntry] = {}
+        if plan.model.inputs:
+            self.shapes[_key(plan.model.inputs)] = ShapeEntry(how="planned", plan=plan, predicted_peak_bytes=plan.predicted_peak_bytes)
         self._call_key = ""
 
         def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
@@ -120,11 +133,12 @@ class PlannedModule(nn.Module):
             prepare_joint(joint, dropout=use.dropout, num_fwd_outputs=num_fwd_outputs)
             fwd, bwd, _ = split_joint(joint, frozenset(use.recomputed), num_fwd_outputs=num_fwd_outputs)
             entry = self.shapes.get(self._call_key)
-            if entry is not None and entry["how"] == "reused" and entry["predicted_peak_bytes"] is None:
-                entry["predicted_peak_bytes"] = peak = self._simulated_peak(joint, num_fwd_outputs, fwd, bwd)
+            if entry is not None and entry.how == "reused" and entry.predicted_peak_bytes is None:
+                peak = resimulate(use, joint, fwd, bwd, num_fwd_outputs=num_fwd_outputs)
+                self.shapes[self._call_key] = dataclasses.replace(entry, predicted_peak_bytes=peak)
                 if peak > use.budget_bytes:
                     warnings.warn(
-                        f"inputs {self._call_key} differ from the planned {plan.model.get('inputs')}; the plan's "
+                        f"inputs {self._call_key} differ from the planned {plan.model.to_dict().get('inputs')}; the plan's "
                         f"decisions still apply, but the step is predicted to peak at {peak / GiB:.4f} GiB, over the "
                         f"budget of {use.budget_bytes / GiB:.4f} GiB; plan for these shapes with planner.plan(...) "
                         "to stay within it",
@@ -144,56 +158,29 @@ class PlannedModule(nn.Module):
         plan = self.plan
         got = graph_fingerprint(joint, num_fwd_outputs)
         entry = self.shapes.get(self._call_key)
-        if entry is not None and entry["how"] == "replanned":
-            plan = entry["plan"]
+        if entry is not None and entry.how == "replanned":
+            plan = entry.plan
             if got == plan.fingerprint:
                 return plan
         elif not plan.fingerprint or got == plan.fingerprint:
             return plan
-        elif entry is not None and entry["how"] == "reused" and structure_fingerprint(joint, num_fwd_outputs) == plan.model.get("structure"):
+        elif entry is not None and entry.how == "reused" and structure_fingerprint(joint, num_fwd_outputs) == plan.model.structure:
             return plan  # compiled again (a guard failed) for shapes already handled
-        planned_inputs = plan.model.get("inputs")
+        planned_inputs = plan.model.inputs
         if entry is not None or not planned_inputs:
             # the planned input shapes (or unknown ones): the model itself differs
-            why = first_difference(joint, plan.model.get("graph")) or f"this model and input have fingerprint {got}"
+            why = first_difference(joint, plan.model.graph) or f"this model and input have fingerprint {got}"
             raise PlanMismatch(
                 f"this plan was made for another model or input shapes (plan fingerprint {plan.fingerprint}; {why}); "
                 "the model's forward or structure changed since it was planned: plan again with "
                 "planner.plan(model, budget_gb, inputs)"
             )
-        if plan.model.get("structure") and structure_fingerprint(joint, num_fwd_outputs) == plan.model["structure"]:
-            self.shapes[self._call_key] = {"how": "reused", "plan": plan, "predicted_peak_bytes": None}
+        if plan.model.structure and structure_fingerprint(joint, num_fwd_outputs) == plan.model.structure:
+            self.shapes[self._call_key] = ShapeEntry(how="reused", plan=plan, predicted_peak_bytes=None)
             return plan
         raise _Replan()
 
-    def _simulated_peak(self, joint, num_fwd_outputs: int, fwd, bwd) -> int:
-        """Peak of the split graphs at the new sizes. Op temporaries are measured on
-        CPU (on synthetic inputs) unless a profiler is running; on a GPU the 6% margin
-        of recomputing plans stands in for them."""
-        from planner.distributed import from_record
-        from planner.schedule import schedule_of
-        from planner.simulate import simulate
-        from profiles.joint import JointGraph
-        from profiles.graph_profile import profile_graph
-        from profiles.timing import synthetic_cpu_temps
-
-        jg = JointGraph(gm=joint, num_fwd_outputs=num_fwd_outputs, primal_roles=[], primal_names=[], dropout=self.plan.dropout)
-        gp = profile_graph(jg, measure_temps=False)  # times do not matter for the peak
-        device = graph_device_type(joint)
-        if device == "cpu" and not profiler_active():
-            # op temporaries, on synthetic inputs of the new sizes (not under the
-            # caller's profiler: a nested session would end it)
-            with real_tensors():
-                temps = synthetic_cpu_temps(jg)
-            for name, temp in temps.items():
-                gp.nodes[name] = dataclasses.replace(gp.nodes[name], temp_bytes=temp)
-        granularity = 512 if device == "cuda" else 1
-        engine = from_record(self.plan.distributed)  # a per-rank plan: the engine's bytes are the same at any shape
-        return simulate(gp, schedule_of(fwd, bwd), granularity=granularity, engine=engine).peak_bytes
-
     def _replan(self, args, kwargs) -> None:
-        import planner
-
         if args and kwargs:
             raise PlanMismatch(
                 f"inputs {self._call_key} change the graph's structure, and a call with both positional and keyword "
@@ -206,15 +193,13 @@ class PlannedModule(nn.Module):
             ShapeWarning,
             stacklevel=4,
         )
-        from profiles import available_targets
-
         # the plan's device profile when it is a shipped one (a profile given by path records only its name)
         target = self.plan.target if self.plan.target in available_targets() else None
         dist = self.plan.distributed  # a per-rank plan is planned again per rank, for the same engine
-        per_rank = {k: dist[k] for k in ("world_size", "sharding", "optimizer")} if dist else {}
-        new = planner.plan(self.module, self.plan.budget_bytes / GiB, inputs, target=target,
+        per_rank = {} if dist is None else {"world_size": dist.world_size, "sharding": dist.sharding, "optimizer": dist.optimizer}
+        new = plan_model(self.module, self.plan.budget_bytes / GiB, inputs, target=target,
                            objective=self.plan.solver.objective, **per_rank)
-        self.shapes[self._call_key] = {"how": "replanned", "plan": new, "predicted_peak_bytes": new.predicted_peak_bytes}
+        self.shapes[self._call_key] = ShapeEntry(how="replanned", plan=new, predicted_peak_bytes=new.predicted_peak_bytes)
 
     def forward(self, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled()):

@@ -1,8 +1,9 @@
 """The ``planner`` CLI and the plan JSON it writes: schema, round trip, determinism,
 one-line errors with exit status 2, progress only on a terminal, show/sweep/verify.
 
-Most cases call ``planner.cli.main([...])`` in-process; a few run ``python -m
-planner`` to check what a user sees (pure JSON on stdout, progress on a terminal).
+Most cases call ``runtime.tools.cli.main([...])`` in-process; a few run ``python -m
+planner`` and the ``planner`` console script to check what a user sees (pure JSON on
+stdout, progress on a terminal).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import planner
-from planner.cli import main
+from runtime.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTORY = f"{ROOT / 'examples' / 'tiny_models.py'}:residual_mlp"
@@ -54,12 +55,13 @@ def test_plan_writes_json_and_a_summary(capsys, tmp_path):
     out_path = tmp_path / "p.json"
     rc, out, err = _run(capsys, "plan", FACTORY, "--budget-gb", BUDGET, "-o", out_path)
     assert rc == 0 and out == ""
-    for words in ("budget 5.12 MiB", "predicted peak", "no-checkpoint peak", "recompute overhead", "solver ilp", f"wrote {out_path}"):
-        assert words in err, (words, err)
-    assert "[planner]" not in err  # no progress when stderr is not a terminal
     p = planner.Plan.from_json(out_path)
+    assert err == f"{p.summary()}\nwrote {out_path}\n"  # no progress when stderr is not a terminal
+    for words in ("budget:                5.12 MiB", "predicted peak:", "no-checkpoint peak:", "recompute:",
+                  "solver:                ilp: Optimal"):
+        assert words in err, (words, err)
     assert p.predicted_peak_bytes <= p.budget_bytes < p.baseline_peak_bytes
-    assert p.recomputed and p.model["class"] == "ResidualMLP"
+    assert p.recomputed and p.model.class_name == "ResidualMLP"
 
 
 def test_plan_json_matches_the_schema_and_round_trips(plan_file):
@@ -89,10 +91,13 @@ def test_every_plan_field_is_documented():
         (planner.Plan, SCHEMA["properties"]),
         (planner.NodeDecision, SCHEMA["properties"]["nodes"]["items"]["properties"]),
         (planner.SolverInfo, SCHEMA["properties"]["solver"]["properties"]),
+        (planner.ModelInfo, SCHEMA["properties"]["model"]["properties"]),
+        (planner.DistributedInfo, SCHEMA["properties"]["distributed"]["properties"]),
     ):
         for f in dataclasses.fields(cls):
-            assert f.name in props, f"{cls.__name__}.{f.name} is missing from docs/plan.schema.json"
-            assert f"| `{f.name}` |" in md, f"{cls.__name__}.{f.name} is missing from docs/plan-schema.md"
+            key = "class" if (cls, f.name) == (planner.ModelInfo, "class_name") else f.name  # its JSON key
+            assert key in props, f"{cls.__name__}.{f.name} is missing from docs/plan.schema.json"
+            assert f"| `{key}` |" in md, f"{cls.__name__}.{f.name} is missing from docs/plan-schema.md"
     for key in SCHEMA["required"]:
         assert key in {f.name for f in dataclasses.fields(planner.Plan)}
 
@@ -140,6 +145,15 @@ def test_console_script_quiet_when_not_a_terminal(plan_file):
     r = subprocess.run([*cmd, "show", str(plan_file), "--depth", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stderr == ""
     assert "per module (depth 1)" in r.stdout
+
+
+def test_tool_package_runs_as_a_module(capsys, plan_file):
+    """`python -m runtime.tools.cli` is the same command as `planner` and `python -m planner`."""
+    r = subprocess.run([sys.executable, "-m", "runtime.tools.cli", "show", str(plan_file), "--depth", "1"], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    rc, out, err = _run(capsys, "show", plan_file, "--depth", "1")
+    assert r.returncode == rc == 0 and r.stderr == err == ""
+    assert r.stdout == out and "per module (depth 1)" in out
 
 
 def test_progress_shows_on_a_terminal_and_quiet_silences_everything(capsys, monkeypatch):

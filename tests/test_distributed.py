@@ -26,6 +26,7 @@ import runtime
 from helpers import ResidualNet
 from planner.distributed import Distributed, engine_bytes
 from profiles import storage_bytes
+from profiles.allocator import SAFETY
 from profiles.memory import allocator_peak
 
 dist = pytest.importorskip("torch.distributed")
@@ -106,10 +107,10 @@ def test_planned_module_trains_under_engine_within_budget(single, sharding, frac
         with pytest.raises(planner.BudgetTooSmall):
             planner.plan(model, (budget - engine.held) / planner.GiB, _inputs(0))
     assert p.predicted_peak_bytes <= p.budget_bytes == budget
-    assert p.distributed == {
-        "world_size": WORLD, "sharding": sharding, "optimizer": "adamw", "forward_bytes": engine.forward,
-        "backward_bytes": engine.backward, "end_bytes": engine.end, "optimizer_bytes": engine.optimizer,
-    }
+    assert p.distributed == planner.DistributedInfo(
+        world_size=WORLD, sharding=sharding, optimizer="adamw", forward_bytes=engine.forward,
+        backward_bytes=engine.backward, end_bytes=engine.end, optimizer_bytes=engine.optimizer,
+    )
     spawn(_worker, p.to_json(), sharding, str(tmp_path))
     for rank in range(WORLD):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -162,7 +163,7 @@ def test_budget_too_small_counts_the_engine(single):
     # per-rank peak is the engine's bytes higher, and the minimum keeps the CPU margin
     # (a fraction of the whole per-rank budget) on top.
     low, low_ranked = alone.value.min_budget_bytes, ranked.value.min_budget_bytes
-    margin = planner.api.SAFETY["cpu"]
+    margin = SAFETY["cpu"]
     assert low + engine.held < low_ranked <= (low + engine.held) / (1 - margin) + 2
     p = planner.plan(model, low_ranked / planner.GiB, _inputs(0), **kw)
     assert p.predicted_peak_bytes <= p.budget_bytes
@@ -194,14 +195,14 @@ def test_wrappers_inside_the_plan_are_refused(single):
 
 
 def test_cli_plans_per_rank(tmp_path, capsys):
-    from planner.cli import main
+    from runtime.tools.cli import main
 
     factory = str(Path(__file__).parents[1] / "examples" / "tiny_models.py") + ":residual_mlp"
     out = tmp_path / "plan.json"
     assert main(["plan", factory, "--budget-gb", "0.01", "--world-size", "2", "--sharding", "fsdp", "--optimizer", "adamw",
                  "-q", "-o", str(out)]) == 0
     p = planner.Plan.from_json(out)
-    assert p.distributed["world_size"] == 2 and p.distributed["sharding"] == "fsdp" and p.distributed["optimizer"] == "adamw"
+    assert (p.distributed.world_size, p.distributed.sharding, p.distributed.optimizer) == (2, "fsdp", "adamw")
     assert p.predicted_peak_bytes <= p.budget_bytes
     capsys.readouterr()
     assert main(["show", str(out)]) == 0

@@ -191,6 +191,10 @@ def test_version_1_plans_are_still_read(small_plan):
         del d["model"][k]
     old = planner.Plan.from_json(json.dumps(d))
     assert old.recomputed == p.recomputed and all(n.inputs == () for n in old.nodes)
+    # the model entries it lacks are not recorded, and are not written back
+    assert (old.model.structure, old.model.graph, old.model.parameters) == (None, None, None)
+    assert old.model.class_name == "Small" and old.to_dict()["model"] == d["model"]
+    runtime.apply(Small(), old)  # no parameters recorded: nothing to refuse
     with pytest.raises(ValueError, match="schema version 0 is not supported"):
         planner.Plan.from_json(json.dumps({**d, "schema_version": 0}))
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+
+import pulp
 import pytest
 import torch
 
 import planner.ilp as ilp
 from helpers import ResidualNet, tiny_gpt2
-from planner.api import _lowest, _search_ilp
+from planner.memory_model import refine
 from planner.problem import build_problem
+from planner.search import lowest_plan, search_ilp
 from planner.sqrt import solve_sqrt
 from profiles import capture, profile_graph
 
@@ -41,7 +46,6 @@ def test_linear_model_of_the_no_recompute_step_is_close_to_exact(prob):
 def test_dense_and_chained_memory_rows_give_the_same_optimum(prob, monkeypatch):
     """Small graphs use dense rows added lazily, big ones the sparse chained rows:
     the same model, so the same optimum (up to the solver's relative gap)."""
-    prob.reset_intervals()
     base = prob.evaluate(frozenset()).sim.peak_bytes
     low = ilp.solve_ilp(prob, None, minimize_memory=True).model_peak
     budget = (low + base) / 2  # between the model's minimum and no recomputation
@@ -58,21 +62,77 @@ def test_dense_and_chained_memory_rows_give_the_same_optimum(prob, monkeypatch):
 def test_search_returns_a_plan_that_fits_and_is_no_costlier_than_sqrt(prob):
     """Between the lowest peak the planner finds and the no-recompute peak, the ILP
     search finds a plan within the budget, no costlier than sqrt(L)'s there."""
-    prob.reset_intervals()
     base = prob.evaluate(frozenset()).sim.peak_bytes
-    lowest, _ = _lowest(prob, 30.0)
+    lowest, _ = lowest_plan(prob, 30.0)
     low = lowest.sim.peak_bytes
     assert low < base
     for frac in (0.6, 0.3):
         budget = int(low + frac * (base - low))
-        prob.reset_intervals()
         sq = solve_sqrt(prob, budget).evaluation
-        found = _search_ilp(prob, budget, 30.0, start=sq if sq is not None else lowest)
+        found = search_ilp(prob, budget, 30.0, start=sq if sq is not None else lowest)
         assert found is not None, f"no ILP plan at {budget} bytes (lowest {low}, no recompute {base})"
         ev, info = found
         assert ev.sim.peak_bytes <= budget
         if sq is not None:
             assert ev.cost_s <= sq.cost_s * (1 + 1e-9)
+
+
+def _memory_state(prob):
+    m = prob.memory
+    return m, m.save.copy(), m.recompute.copy(), dict(m.need), dict(m.end)
+
+
+def _assert_memory_state(prob, state):
+    m, save, recompute, need, end = state
+    assert prob.memory is m
+    assert (m.save == save).all() and (m.recompute == recompute).all()
+    assert dict(m.need) == need and dict(m.end) == end
+
+
+def test_searches_leave_the_problem_as_given():
+    """search_ilp and lowest_plan refine memory models of their own: the problem
+    keeps its first estimates and objective, and a search gives the same plan
+    whatever ran on the problem before."""
+    prob = _problem("residual")
+    flops = dataclasses.replace(prob, objective="flops")
+    state = _memory_state(prob)
+    lowest, _ = lowest_plan(flops, 30.0)  # minimises memory under the time objective internally
+    assert flops.objective == "flops" and prob.objective == "time"
+    _assert_memory_state(prob, state)
+    base = prob.evaluate(frozenset()).sim.peak_bytes
+    budget = int(lowest.sim.peak_bytes + 0.5 * (base - lowest.sim.peak_bytes))
+    sq = solve_sqrt(prob, budget).evaluation
+    assert sq is not None
+    refined = refine(prob.memory, sq)
+    assert refined is not prob.memory  # sqrt(L)'s exact intervals differ from the first estimates
+    first = search_ilp(prob, budget, 30.0, start=sq, memory=refined)
+    _assert_memory_state(prob, state)
+    assert first is not None and first[0].sim.peak_bytes <= budget
+    # the same searches again, after all the solves above, give the same plans
+    assert search_ilp(prob, budget, 30.0, start=sq, memory=refined)[0].recompute == first[0].recompute
+    assert lowest_plan(flops, 30.0)[0].recompute == lowest.recompute
+    _assert_memory_state(prob, state)
+
+
+def test_problem_and_memory_model_are_read_only(prob):
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        prob.objective = "flops"
+    with pytest.raises(ValueError, match="read-only"):
+        prob.memory.save[0, 0] = 1.0
+    with pytest.raises(TypeError):
+        prob.memory.need[prob.memory.candidates[0]] = 0
+
+
+def test_without_highs_the_ilp_uses_cbc_or_says_what_to_install(monkeypatch):
+    """Without highspy the ILP runs on an installed CBC program (PuLP's
+    ``COIN_CMD``, not the deprecated bundled ``PULP_CBC_CMD``: under ``-W error`` a
+    DeprecationWarning would fail here), or the error names what to install."""
+    monkeypatch.setitem(sys.modules, "highspy", None)  # ``import highspy`` raises ImportError
+    if pulp.COIN_CMD().available():
+        assert isinstance(ilp.solver_backend(5.0), pulp.COIN_CMD)
+    else:
+        with pytest.raises(ilp.NoMilpSolver, match="pip install highspy"):
+            ilp.solver_backend(5.0)
 
 
 def test_flops_objective_recomputes_no_more_flops_than_time_objective():
@@ -82,13 +142,12 @@ def test_flops_objective_recomputes_no_more_flops_than_time_objective():
     gp = prob_t.gp
     prob_f = build_problem(gp, objective="flops")
     base = prob_t.evaluate(frozenset()).sim.peak_bytes
-    low = _lowest(prob_t, 30.0)[0].sim.peak_bytes
+    low = lowest_plan(prob_t, 30.0)[0].sim.peak_bytes
     budget = int(low + 0.4 * (base - low))
     found = {}
     for name, prob in (("time", prob_t), ("flops", prob_f)):
-        prob.reset_intervals()
         sq = solve_sqrt(prob, budget).evaluation
-        res = _search_ilp(prob, budget, 30.0, start=sq if sq is not None else _lowest(prob, 30.0)[0])
+        res = search_ilp(prob, budget, 30.0, start=sq if sq is not None else lowest_plan(prob, 30.0)[0])
         assert res is not None
         found[name] = res[0]
         assert res[0].sim.peak_bytes <= budget

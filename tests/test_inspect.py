@@ -1,8 +1,11 @@
-"""planner.inspect: the memory timeline and its plot, tables and HTML, sweeps, verify."""
+"""planner.inspect (planner.view, planner.sweep, planner.units): the memory timeline and its plot, tables and HTML,
+the summary, sweeps; runtime.tools.verify."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import html as html_lib
 import sys
 from collections import Counter
 from pathlib import Path
@@ -12,6 +15,8 @@ import torch
 
 import planner
 from planner import inspect as pi
+from planner import units, view
+from runtime.tools.verify import verify
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
@@ -104,12 +109,41 @@ def test_table_and_html(setup):
     assert "&lt;b&gt;&amp;x" in weird._repr_html_()
 
 
+def test_one_summary_for_the_plan_the_command_and_the_tables(setup):
+    """Plan.summary(), str(plan), what `planner plan` prints, and the head of the table,
+    the HTML and explain() are the same headline."""
+    _, _, _, p = setup
+    text = p.summary()
+    assert str(p) == text == view.summary(p) == pi.summary(p)
+    rows = view.headline(p)
+    assert [line.split(":")[0] for line in text.splitlines()] == [k for k, _ in rows]
+    assert [k for k, _ in rows] == ["model", "budget", "predicted peak", "no-checkpoint peak", "params+buffers+inputs",
+                                    "recompute", "values for backward", "solver"]
+    assert dict(rows)["budget"] == units.format_bytes(p.budget_bytes)
+    assert pi.table(p).startswith(text + "\n\nper module (depth 2):\n")
+    assert p.explain().startswith(text + "\n\nmodule ")
+    html = p._repr_html_()
+    for k, v in rows:
+        assert f"<th style='text-align:left'>{html_lib.escape(k)}</th><td style='text-align:left'>{html_lib.escape(v)}</td>" in html
+
+
+def test_inspect_reexports_view_sweep_and_units():
+    assert pi.table is view.table and pi.plot is view.plot and pi.memory_timeline is view.memory_timeline
+    assert pi.format_bytes is units.format_bytes and pi.sweep is planner.sweep.sweep
+    assert set(pi.__all__) <= set(dir(pi)) and "verify" not in pi.__all__
+
+
 def test_units():
     assert pi.format_bytes(1536) == "1.50 KiB"
     assert pi.format_bytes(3 * 2**30) == "3.00 GiB"
     assert pi.format_bytes(12) == "12 B"
+    assert pi.format_bytes(-2048) == "-2.00 KiB"
     assert pi.format_flops(2.5e9) == "2.50 GFLOP"
-    assert pi.format_bytes(None) == "-"
+    assert pi.format_flops(999) == "999 FLOP"
+    assert pi.format_bytes(None) == "-" and pi.format_flops(None) == "-"
+    assert units.byte_unit(4 * units.GiB) == ("GiB", units.GiB) and units.byte_unit(4 * units.GiB - 1) == ("MiB", units.MiB)
+    assert units.percent(1, 8) == "12.5%" and units.percent(1, 0) == "-"
+    assert planner.GiB == units.GiB == 2**30
 
 
 def test_sweep_curve(setup, tmp_path):
@@ -140,7 +174,7 @@ def test_sweep_curve(setup, tmp_path):
 def test_verify_matches_eager_and_leaves_the_model_alone(setup):
     model, inputs, _, p = setup
     before = copy.deepcopy(model.state_dict())
-    v = pi.verify(model, inputs, p)
+    v = verify(model, inputs, p)
     assert v.ok and v.within_budget and v.grads_equal, v.summary()
     assert v.measured_recompute_flops == p.recompute_flops
     assert v.measured_step_flops == pytest.approx(p.total_flops, rel=0.02)
@@ -150,7 +184,7 @@ def test_verify_matches_eager_and_leaves_the_model_alone(setup):
     assert all(p_.grad is None for p_ in model.parameters())
     for k, t in model.state_dict().items():
         torch.testing.assert_close(t, before[k])
-    bad = type(v)(**{**v.__dict__, "mismatched": ("head.weight",), "max_grad_diff": 0.5})
+    bad = dataclasses.replace(v, mismatched=("head.weight",), max_grad_diff=0.5)
     assert not bad.ok and "DIFFER" in bad.summary() and "verdict:   FAILED" in bad.summary()
 
 
@@ -164,10 +198,10 @@ def test_verify_a_per_rank_plan_compares_the_one_process_step(setup):
     engine = engine_bytes(model, Distributed(**kw))
     p = planner.plan(model, (engine.held + 0.65 * full.baseline_peak_bytes) / planner.GiB, inputs, **kw)
     assert p.recomputed
-    v = pi.verify(model, inputs, p)
+    v = verify(model, inputs, p)
     assert v.per_rank and v.predicted_step_bytes < v.predicted_peak_bytes
     assert abs(v.measured_peak_bytes - v.predicted_step_bytes) <= 0.05 * v.measured_peak_bytes, v.summary()
     assert v.ok and v.predicted_peak_bytes <= v.checked_peak_bytes <= p.budget_bytes, v.summary()
     assert "without the engine" in v.summary() and "per rank:" in v.summary()
-    over = type(v)(**{**v.__dict__, "measured_peak_bytes": v.predicted_step_bytes + p.budget_bytes})
+    over = dataclasses.replace(v, measured_peak_bytes=v.predicted_step_bytes + p.budget_bytes)
     assert not over.within_budget and "OVER budget" in over.summary()

@@ -12,8 +12,9 @@ import planner
 import runtime
 from helpers import ResidualNet, assert_same_step, measured_step_peak
 from planner.api import plan_profile
-from planner.cli import main as cli_main
+from runtime.tools.cli import main as cli_main
 from profiles import available_targets, capture, load_device_profile, measure_peak, profile_graph
+from profiles.allocator import SAFETY
 
 
 def _residual(device: str):
@@ -35,7 +36,7 @@ def test_meta_model_plans_without_allocating():
     # planning call allocated less than a tenth of the parameters' bytes.
     assert allocated < param_bytes / 10, f"planning a meta model allocated {allocated} bytes"
     assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])  # given back as it was
-    assert p.recomputed and p.predicted_peak_bytes <= 0.09 * 2**30 * (1 - planner.api.SAFETY["cuda"])
+    assert p.recomputed and p.predicted_peak_bytes <= 0.09 * 2**30 * (1 - SAFETY["cuda"])
     assert p.static_bytes > param_bytes and p.target == "h100"
     assert p.time_source.startswith("roofline:h100") and "temporaries not measured" in p.time_source
 
@@ -93,7 +94,7 @@ def test_hf_llama_on_meta_for_h100():
     assert p.target == "h100" and p.time_source.startswith("roofline:h100")
     assert p.baseline_peak_bytes > p.budget_bytes and p.recomputed
     # Planned for the H100's allocator: a recomputing plan keeps the CUDA margin free.
-    assert p.predicted_peak_bytes <= p.budget_bytes * (1 - planner.api.SAFETY["cuda"])
+    assert p.predicted_peak_bytes <= p.budget_bytes * (1 - SAFETY["cuda"])
     # Static: parameters, the buffers forward reads (rotary inv_freq, not its unused
     # copy original_inv_freq) and the ids (input_ids is labels: one tensor), each
     # block rounded up to 512 bytes as the H100's caching allocator does; the peak

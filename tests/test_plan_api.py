@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -58,7 +59,33 @@ def test_example_input_array_is_used():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     model.example_input_array = torch.randn(4, 8)
     p = planner.plan(model, 1.0)
-    assert p.model["inputs"] == [["0", [4, 8], "float32"]]
+    assert p.model.inputs == (("0", (4, 8), "float32"),)
+    assert p.to_dict()["model"]["inputs"] == [["0", [4, 8], "float32"]]
+
+
+def test_model_and_distributed_are_records(setup):
+    """``Plan.model`` is a ModelInfo (JSON arrays as tuples, ``class`` as ``class_name``),
+    ``Plan.distributed`` None for one process; plan_profile without a model record
+    writes only the fingerprint, and refuses a dict."""
+    model, inputs, _ = setup
+    info = planner.ModelInfo(fingerprint="ab", class_name="M", inputs=[["x", [2, 3], "float32"], ["k", None, "int"]],
+                             graph=["0a1b2c"], parameters=[["w", [3], "float32", True]])
+    assert info.inputs == (("x", (2, 3), "float32"), ("k", None, "int")) and info.graph == ("0a1b2c",)
+    assert info.to_dict() == {"fingerprint": "ab", "class": "M", "inputs": [["x", [2, 3], "float32"], ["k", None, "int"]],
+                              "graph": ["0a1b2c"], "parameters": [["w", [3], "float32", True]]}
+    assert planner.ModelInfo.from_dict(info.to_dict()) == info
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.fingerprint = "cd"
+    p = planner.plan(model, 1.0, inputs)
+    assert isinstance(p.model, planner.ModelInfo) and p.distributed is None and "distributed" not in p.to_dict()
+    assert p.model.class_name == "ResidualNet" and p.model.structure and len(p.model.graph) > 0
+    gp = profile_graph(capture(model, inputs))
+    bare = planner.plan_profile(gp, 2**40)
+    assert bare.to_dict()["model"] == {"fingerprint": gp.joint.fingerprint} == {"fingerprint": p.fingerprint}
+    with pytest.raises(TypeError, match="model_info must be a planner.ModelInfo"):
+        planner.plan_profile(gp, 2**40, model_info={"fingerprint": p.fingerprint})
+    with pytest.raises(ValueError, match="'distributed' must be None"):
+        dataclasses.replace(p, distributed={}).check()
 
 
 def test_budget_too_small_names_the_minimum(setup):

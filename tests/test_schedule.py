@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.fx as fx
 
 from helpers import ResidualNet, tiny_gpt2
-from planner.partition import split_joint
 from planner.problem import build_problem
 from planner.schedule import fast_schedule, schedule_of
 from planner.simulate import simulate
 from planner.sqrt import solve_sqrt
 from profiles import capture, profile_graph
+from runtime.partition import PlanInfeasible, split_joint
 
 
 def _cases():
@@ -38,3 +39,16 @@ def test_fast_schedule_matches_split(case, mode):
         real, fast = schedule_of(fwd, bwd), fast_schedule(joint, recompute)
         assert fast == real, f"{case}/{mode}/{label}: schedules differ"
         assert simulate(gp, fast).peak_bytes == simulate(gp, real).peak_bytes
+
+
+def test_split_names_a_gradient_the_saved_values_cannot_produce():
+    """A gradient that needs a forward value nobody saves or recomputes is refused
+    before the graphs are built, with the gradient's name."""
+    g = fx.Graph()
+    x = g.placeholder("primals_1")
+    g.placeholder("tangents_1")
+    out = g.call_function(torch.ops.aten.sin.default, (x,))
+    grad = g.call_function(torch.ops.aten.cos.default, (x,))  # read by no backward node: never saved
+    g.output([out, grad])
+    with pytest.raises(PlanInfeasible, match="gradient cos"):
+        split_joint(fx.GraphModule(torch.nn.Module(), g), frozenset(), num_fwd_outputs=1)

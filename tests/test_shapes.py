@@ -49,13 +49,13 @@ def test_last_smaller_batch_reuses_the_decisions_exactly_and_within_budget(resid
         warnings.simplefilter("error")  # within budget: no warning
         wrapped, planned_model = assert_same_step(model, lambda m: runtime.apply(m, p), small)
     entry = wrapped.shapes[_key(small)]
-    assert entry["how"] == "reused" and entry["plan"] is p
+    assert isinstance(entry, runtime.ShapeEntry) and entry.how == "reused" and entry.plan is p
     (fwd, bwd), = wrapped.compiled_graphs
     assert {n.name for n in bwd.graph.nodes} >= set(p.recomputed) - {n.name for n in fwd.graph.nodes}
     measured = measured_step_peak(wrapped, planned_model, small)
     assert measured <= p.budget_bytes
     # re-simulated at the new sizes (without op temporaries): within 5% of what runs
-    assert abs(entry["predicted_peak_bytes"] - measured) <= 0.05 * measured, (entry["predicted_peak_bytes"], measured)
+    assert abs(entry.predicted_peak_bytes - measured) <= 0.05 * measured, (entry.predicted_peak_bytes, measured)
 
 
 def test_larger_batch_warns_when_predicted_over_budget_and_stays_exact(residual):
@@ -64,9 +64,9 @@ def test_larger_batch_warns_when_predicted_over_budget_and_stays_exact(residual)
     with pytest.warns(runtime.BudgetWarning, match="over the budget"):
         wrapped, planned_model = assert_same_step(model, lambda m: runtime.apply(m, p), big)
     entry = wrapped.shapes[_key(big)]
-    assert entry["how"] == "reused" and entry["predicted_peak_bytes"] > p.budget_bytes
+    assert entry.how == "reused" and entry.predicted_peak_bytes > p.budget_bytes
     measured = measured_step_peak(wrapped, planned_model, big)
-    assert abs(entry["predicted_peak_bytes"] - measured) <= 0.05 * measured
+    assert abs(entry.predicted_peak_bytes - measured) <= 0.05 * measured
 
 
 def test_one_wrapped_module_alternates_shapes_without_recompiling(residual):
@@ -85,7 +85,7 @@ def test_one_wrapped_module_alternates_shapes_without_recompiling(residual):
             if a.grad is not None:
                 torch.testing.assert_close(b.grad, a.grad, msg=k)
     assert len(wrapped.compiled_graphs) == 2
-    assert {e["how"] for e in wrapped.shapes.values()} == {"planned", "reused"}
+    assert {e.how for e in wrapped.shapes.values()} == {"planned", "reused"}
 
 
 class ShapeBranch(nn.Module):
@@ -113,8 +113,8 @@ def test_shapes_that_change_the_structure_are_planned_again():
     with pytest.warns(runtime.ShapeWarning, match="planning again"):
         wrapped, planned_model = assert_same_step(model, lambda m: runtime.apply(m, p), small)
     entry = wrapped.shapes[json.dumps([["0", [40, 32], "float32"]])]
-    assert entry["how"] == "replanned"
-    assert entry["plan"].budget_bytes == p.budget_bytes and entry["plan"].fingerprint != p.fingerprint
+    assert entry.how == "replanned"
+    assert entry.plan.budget_bytes == p.budget_bytes and entry.plan.fingerprint != p.fingerprint
     assert measured_step_peak(wrapped, planned_model, small) <= p.budget_bytes
 
 
@@ -129,8 +129,8 @@ def test_gpt2_at_a_shorter_sequence_reuses_the_decisions():
     with warnings.catch_warnings():
         warnings.simplefilter("error", runtime.ShapeWarning)
         wrapped, planned_model = assert_same_step(model, lambda m: runtime.apply(m, p), inputs)
-    (entry,) = [e for e in wrapped.shapes.values() if e["how"] != "planned"]
-    assert entry["how"] == "reused"
+    (entry,) = [e for e in wrapped.shapes.values() if e.how != "planned"]
+    assert entry.how == "reused"
     assert measured_step_peak(wrapped, planned_model, inputs) <= p.budget_bytes
 
 
@@ -173,7 +173,7 @@ def test_per_rank_plans_stay_per_rank_at_new_shapes(residual):
     peaks = []
     for p in (single, ranked):
         wrapped, _ = assert_same_step(model, lambda m, p=p: runtime.apply(m, p), small)
-        peaks.append(wrapped.shapes[_key(small)]["predicted_peak_bytes"])
+        peaks.append(wrapped.shapes[_key(small)].predicted_peak_bytes)
     assert peaks[1] - peaks[0] == engine_bytes(model, Distributed(**ddp)).held
 
     torch.manual_seed(0)
@@ -186,6 +186,6 @@ def test_per_rank_plans_stay_per_rank_at_new_shapes(residual):
     tiny = (torch.randn(40, 32),)
     with pytest.warns(runtime.ShapeWarning, match="planning again"):
         wrapped, _ = assert_same_step(branchy, lambda m: runtime.apply(m, p), tiny)
-    new = wrapped.shapes[json.dumps([["0", [40, 32], "float32"]])]["plan"]
+    new = wrapped.shapes[json.dumps([["0", [40, 32], "float32"]])].plan
     assert new.distributed == p.distributed and new.solver.objective == "flops"
     assert new.budget_bytes == p.budget_bytes and new.predicted_peak_bytes <= p.budget_bytes
