@@ -99,7 +99,7 @@ def _row(name, eager_peak, p, measured, note=""):
             f"{measured / MiB:.2f}{over} | {1 + p.overhead:.3f} | {note} |")
 
 
-def scenario(name, model, inputs, loss_fn, *, ctx=contextlib.nullcontext, **kw):
+def scenario(name, model, inputs, loss_of, *, ctx=contextlib.nullcontext, **kw):
     """One row: eager's measured peak, the plan at FRACTION, its measured peak."""
     log(name)
     static = storage_bytes([*model.parameters(), *model.buffers(), inputs["input_ids"]])
@@ -110,11 +110,11 @@ def scenario(name, model, inputs, loss_fn, *, ctx=contextlib.nullcontext, **kw):
     held = (grads if accum else 0) + _state(model, spec)
     eager = copy.deepcopy(model)
     opt_e = torch.optim.AdamW(eager.parameters(), foreach=True) if spec else None
-    eager_peak, loss_e = _measured(eager, eager, inputs, loss_fn, micro=micro, opt=opt_e, held=held, ctx=ctx)
+    eager_peak, loss_e = _measured(eager, eager, inputs, loss_of, micro=micro, opt=opt_e, held=held, ctx=ctx)
     p = _plan(model, inputs, static, held, ctx=ctx, **kw)
     planned = copy.deepcopy(model)
     opt_p = torch.optim.AdamW(planned.parameters(), foreach=True) if spec else None
-    measured, loss_p = _measured(runtime.apply(planned, p), planned, inputs, loss_fn, micro=micro, opt=opt_p,
+    measured, loss_p = _measured(runtime.apply(planned, p), planned, inputs, loss_of, micro=micro, opt=opt_p,
                                  held=held, ctx=ctx)
     note = f"loss {loss_p:.6g} (eager {loss_e:.6g})"
     if spec:

@@ -50,9 +50,12 @@ def _t5(layers=2):
     return transformers.T5ForConditionalGeneration(cfg), {"input_ids": _ids(gen), "decoder_input_ids": _ids(gen)}
 
 
-def _make(name):
+def _make(name, layers=None):
+    """A random-init model and its inputs; ``layers`` where fewer do (40% of the step
+    needs about 4 layers: the loss and the logits do not shrink with recomputation)."""
     torch.manual_seed(0)
-    return {"gpt2": _gpt2, "llama": _llama, "t5": _t5}[name]()
+    make = {"gpt2": _gpt2, "llama": _llama, "t5": _t5}[name]
+    return make() if layers is None else make(layers)
 
 
 def _cross_entropy(inputs):
@@ -110,7 +113,7 @@ def test_loss_outside_the_model_stays_within_budget(name):
 def test_plan_records_the_training_loop_and_warns_without_loss_fn():
     """plan() takes the loop's options and records them; without ``loss_fn``, a model
     that returns no one-element output gets one LossNotCountedWarning naming ``loss_fn=``."""
-    model, inputs = _make("gpt2")
+    model, inputs = _make("gpt2", layers=1)
     sgd = OptimizerSpec(name="sgd", momentum=0.9)
     p = planner.plan(model, 100.0, inputs, loss_fn=_cross_entropy(inputs), grad_accumulation=True, optimizer=sgd)
     loop = p.training_loop
@@ -132,7 +135,7 @@ def test_plan_records_the_training_loop_and_warns_without_loss_fn():
 
 
 def test_gradient_accumulation_four_micro_steps_within_budget_and_equal_to_eager():
-    model, inputs = _make("gpt2")
+    model, inputs = _make("gpt2", layers=2)
     loss_fn = _cross_entropy(inputs)
     static = _static(model, inputs)
     grads = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -158,7 +161,7 @@ def test_adamw_foreach_iterations_within_budget_and_equal_to_eager():
     ``opt.step()``, ``zero_grad()``) with ``AdamW(foreach=True)``: the first and a
     later iteration within the budget, the predicted peak within 5% of the later
     one; 20 iterations give eager's losses and weights."""
-    model, inputs = _make("gpt2")
+    model, inputs = _make("gpt2", layers=2)
     loss_fn = _cross_entropy(inputs)
     static = _static(model, inputs)
     spec = OptimizerSpec(name="adamw", implementation="foreach")
@@ -193,3 +196,33 @@ def test_adamw_foreach_iterations_within_budget_and_equal_to_eager():
     assert abs(p.predicted_peak_bytes - peaks[1]) <= 0.05 * peaks[1]
     for (name, a), (_, b) in zip(eager.named_parameters(), model.named_parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"{name} after 20 steps: {m}")
+
+
+_FACTORY = '''
+import torch
+from torch import nn
+
+
+def mlp_with_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(64, 64), nn.GELU())], nn.Linear(64, 16))
+    x, y = torch.randn(256, 64), torch.randint(0, 16, (256,))
+    return model, (x,), lambda out: nn.functional.cross_entropy(out, y)
+'''
+
+
+def test_cli_plan_and_verify_take_the_loss_from_the_factory(tmp_path, capsys):
+    """A factory returning ``(model, inputs, loss_fn)``: ``planner plan`` counts the loss
+    (no warning, recorded in the JSON) and ``planner verify`` runs the step with it."""
+    from runtime.tools.cli import main
+
+    (tmp_path / "factories.py").write_text(_FACTORY)
+    factory, out = f"{tmp_path / 'factories.py'}:mlp_with_loss", tmp_path / "plan.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["plan", factory, "--budget-gb", "0.00065", "--optimizer", "sgd", "-o", str(out), "--quiet"]) == 0
+    p = planner.Plan.from_json(out)
+    assert (p.training_loop.loss, p.training_loop.optimizer) == ("loss_fn", "sgd") and p.recomputed
+    capsys.readouterr()
+    assert main(["verify", factory, str(out)]) == 0
+    assert "verdict:   OK" in capsys.readouterr().out

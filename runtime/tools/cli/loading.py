@@ -36,10 +36,14 @@ def _import_file(where: str) -> ModuleType:
     folder = str(path.resolve().parent)
     spec = importlib.util.spec_from_file_location(f"_planner_factory_{abs(hash(str(path.resolve())))}", path)
     module = importlib.util.module_from_spec(spec)
+    # registered, as an import does: torch.compile looks functions' modules up by name
+    # (a loss_fn the factory defines is traced when the loss is planned)
+    sys.modules[spec.name] = module
     sys.path.insert(0, folder)  # let the file import its neighbours
     try:
         spec.loader.exec_module(module)
     except Exception as e:  # the user's code: whatever it raises is bad input, named in one line
+        sys.modules.pop(spec.name, None)
         raise CliError(f"importing {where} failed: {type(e).__name__}: {first_line(e)}") from e
     finally:
         with contextlib.suppress(ValueError):
