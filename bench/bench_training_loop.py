@@ -4,7 +4,7 @@
 on the GPT-2 of ``bench/bench_checkpointing.py`` (6 layers, n_embd 256, vocab 1000,
 batch 8x256, dropout on), the loss (cross-entropy on fp32 logits) computed outside the
 model. Scenarios, each planned at half of the step's memory above what lives all step
-(parameters, buffers, inputs, held gradients, optimizer state):
+(parameters, buffers, inputs, held gradients, optimizer state), measured eagerly:
 
 1. ``loss outside``: ``plan(..., loss_fn=)``; beside it the plan made without
    ``loss_fn`` at the same budget, run in the same loop;
@@ -85,11 +85,10 @@ def _measured(module, owner, inputs, loss_fn, *, micro=1, opt=None, held=0, ctx=
     return static + held + peak, loss
 
 
-def _plan(model, inputs, static, resident, ctx=contextlib.nullcontext, **kw):
+def _plan(model, inputs, low, high, ctx=contextlib.nullcontext, **kw):
+    """The plan at FRACTION of the way from ``low`` (what lives all step) to ``high`` (eager's measured peak)."""
     with ctx():
-        full = planner.plan(model, 1000.0, inputs, **kw)
-        budget = static + resident + FRACTION * (full.baseline_peak_bytes - static - resident)
-        return planner.plan(model, budget / planner.GiB, inputs, **kw)
+        return planner.plan(model, (low + FRACTION * (high - low)) / planner.GiB, inputs, **kw)
 
 
 def _row(name, eager_peak, p, measured, note=""):
@@ -111,7 +110,7 @@ def scenario(name, model, inputs, loss_of, *, ctx=contextlib.nullcontext, **kw):
     eager = copy.deepcopy(model)
     opt_e = torch.optim.AdamW(eager.parameters(), foreach=True) if spec else None
     eager_peak, loss_e = _measured(eager, eager, inputs, loss_of, micro=micro, opt=opt_e, held=held, ctx=ctx)
-    p = _plan(model, inputs, static, held, ctx=ctx, **kw)
+    p = _plan(model, inputs, static + held, eager_peak, ctx=ctx, **kw)
     planned = copy.deepcopy(model)
     opt_p = torch.optim.AdamW(planned.parameters(), foreach=True) if spec else None
     measured, loss_p = _measured(runtime.apply(planned, p), planned, inputs, loss_of, micro=micro, opt=opt_p,
