@@ -73,9 +73,9 @@ def _loop_lines(plan) -> list[tuple[str, str]]:
     loop = getattr(plan, "training_loop", None)
     if loop is None:
         return []
-    loss = {"loss_fn": f"loss_fn counted (its peak {format_bytes(loop.loss_peak_bytes)})",
-            "model": "the model's own output", "output gradients": "NOT counted (only the output gradients; pass loss_fn=)"}
-    text = f"loss {loss[loop.loss]}; gradients {'accumulated (held all step)' if loop.grad_accumulation else 'None at the start'}"
+    loss = {"loss_fn": f"loss_fn's forward and backward counted (peak {format_bytes(loop.loss_peak_bytes)})",
+            "model": "the model returns its loss", "output gradients": "loss NOT counted, only the output gradients (pass loss_fn=)"}
+    text = f"{loss[loop.loss]}; gradients {'accumulated (held all step)' if loop.grad_accumulation else 'None at the start'}"
     lines = [("training loop", text)]
     if loop.optimizer != "none":
         lines.append(("optimizer step", f"{loop.optimizer} ({loop.optimizer_implementation}), state "

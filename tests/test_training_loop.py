@@ -122,7 +122,7 @@ def test_plan_records_the_training_loop_and_warns_without_loss_fn():
     assert loop.optimizer_state_bytes == grads  # one momentum buffer per parameter
     assert p.predicted_peak_bytes == max(loop.backward_peak_bytes, loop.optimizer_step_peak_bytes)
     assert loop.loss_peak_bytes == max(b for phase, _, b in p.timeline if phase == "loss")
-    assert "optimizer step" in p.summary() and "loss_fn counted" in p.summary()
+    assert "optimizer step" in p.summary() and "loss_fn's forward and backward counted" in p.summary()
     with pytest.warns(LossNotCountedWarning, match="loss_fn=") as record:
         p = planner.plan(model, 100.0, inputs)
     assert len([w for w in record if w.category is LossNotCountedWarning]) == 1
