@@ -131,33 +131,38 @@ def _state(model, spec) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", help="write the table here too")
+    ap.add_argument("--out", help="write the table here too, a row at a time")
     a = ap.parse_args(argv)
     model, inputs, loss_fn = _setup()
-    lines = [f"Machine: {machine()}", "",
-             "| scenario | eager peak (MiB) | budget (MiB) | predicted (MiB) | measured (MiB) | FLOPs | notes |",
-             "|---|---|---|---|---|---|---|"]
+    out = open(a.out, "w") if a.out else None
+
+    def emit(*lines):
+        for line in lines:
+            print(line, flush=True)
+            if out is not None:
+                out.write(line + "\n")
+                out.flush()
+
+    emit(f"Machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the start", "",
+         "| scenario | eager peak (MiB) | budget (MiB) | predicted (MiB) | measured (MiB) | FLOPs | notes |",
+         "|---|---|---|---|---|---|---|")
     rows, p = scenario("loss outside (`loss_fn=`)", model, inputs, loss_fn, loss_fn=loss_fn)
-    lines += rows
-    # the same budget, planned without loss_fn: what the loop measures then
+    emit(*rows)
+    emit(*scenario("accumulation, 4 micro-steps (`grad_accumulation=True`)", model, inputs, loss_fn,
+                   loss_fn=loss_fn, grad_accumulation=True)[0])
+    spec = planner.OptimizerSpec(name="adamw", implementation="foreach")
+    emit(*scenario("AdamW(foreach=True), whole iteration (`optimizer=`)", model, inputs, loss_fn,
+                   loss_fn=loss_fn, optimizer=spec)[0])
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    emit(*scenario("autocast bf16 (peak only)", model, inputs, loss_fn, ctx=bf16, loss_fn=loss_fn)[0])
+    # the first budget, planned without loss_fn: what the same loop measures then
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", planner.LossNotCountedWarning)
         blind = planner.plan(model, p.budget_bytes / planner.GiB, inputs)
     planned = copy.deepcopy(model)
     measured, _ = _measured(runtime.apply(planned, blind), planned, inputs, loss_fn)
-    lines.append(_row("loss outside, planned without `loss_fn`", None, blind, measured, "the loss's memory not counted"))
-    lines += scenario("accumulation, 4 micro-steps (`grad_accumulation=True`)", model, inputs, loss_fn,
-                      loss_fn=loss_fn, grad_accumulation=True)[0]
-    spec = planner.OptimizerSpec(name="adamw", implementation="foreach")
-    lines += scenario("AdamW(foreach=True), whole iteration (`optimizer=`)", model, inputs, loss_fn,
-                      loss_fn=loss_fn, optimizer=spec)[0]
-    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    lines += scenario("autocast bf16 (peak only)", model, inputs, loss_fn, ctx=bf16, loss_fn=loss_fn)[0]
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit(_row("loss outside, planned without `loss_fn`", None, blind, measured, "the loss's memory not counted"),
+         "", f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
 
