@@ -69,10 +69,11 @@ def headline(plan) -> list[tuple[str, str]]:
 
 
 def _loop_lines(plan) -> list[tuple[str, str]]:
-    """What the budget assumed of the training loop (``Plan.training_loop``), when recorded."""
+    """What the budget assumed of the training loop (``Plan.training_loop``), when it
+    adds to the model's own step or leaves the loss out."""
     loop = getattr(plan, "training_loop", None)
-    if loop is None:
-        return []
+    if loop is None or (loop.loss == "model" and not loop.grad_accumulation and loop.optimizer == "none"):
+        return []  # nothing beyond the model's own step
     loss = {"loss_fn": f"loss_fn's forward and backward counted (peak {format_bytes(loop.loss_peak_bytes)})",
             "model": "the model returns its loss", "output gradients": "loss NOT counted, only the output gradients (pass loss_fn=)"}
     text = f"{loss[loop.loss]}; gradients {'accumulated (held all step)' if loop.grad_accumulation else 'None at the start'}"
