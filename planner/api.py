@@ -8,7 +8,7 @@ import numbers
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -26,7 +26,9 @@ from .build import build_plan
 from .distributed import Distributed, EngineBytes, engine_bytes, record
 from .evaluation import Evaluation
 from .ilp import backend_name, solve_ilp
+from .loop_capture import LoopSetup, loop_setup, optimizer_spec
 from .memory_model import refine
+from .optimizer_memory import OptimizerSpec
 from .plan_type import GiB, ModelInfo, Plan, SolverInfo
 from .problem import OBJECTIVES, Problem, build_problem, rank_key
 from .search import lowest_plan, search_ilp
@@ -99,6 +101,8 @@ class _Request:
     engine: EngineBytes | None
     #: ``Plan.model`` of every plan made.
     model_info: ModelInfo
+    #: The training loop around the step (None: under a data-parallel engine, not counted).
+    loop: LoopSetup | None = None
 
 
 def plan(
@@ -114,7 +118,9 @@ def plan(
     objective: str = "time",
     world_size: int = 1,
     sharding: str = "none",
-    optimizer: str = "none",
+    optimizer: str | OptimizerSpec = "none",
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    grad_accumulation: bool = False,
     executor: str | None = None,
     compile_options: dict | None = None,
 ) -> Plan:
@@ -132,41 +138,69 @@ def plan(
     ``"time"`` (estimated recompute seconds) or ``"flops"`` (recomputed FLOPs, then
     time: never a matmul where pointwise recomputation fits).
     With ``world_size``/``sharding`` (``"ddp"``, ``"fsdp"``) the budget is per rank and
-    also holds what the engine keeps on one rank; ``optimizer="adamw"`` adds AdamW's
-    state, so the budget can be the device's whole memory (see :mod:`planner.distributed`).
+    also holds what the engine keeps on one rank; ``optimizer="adamw"`` there adds
+    AdamW's state (see :mod:`planner.distributed`).
+
+    The training loop (one process; :mod:`planner.training_loop`): ``loss_fn`` is the
+    loss as the loop computes it from the model's outputs (example targets closed
+    over), ``loss = loss_fn(wrapped(**batch)); loss.backward()``, with the outputs held
+    until backward ends: its forward and backward are in the budget. Without it, a
+    model that returns no one-element output gets
+    :class:`~planner.loss_phase.LossNotCountedWarning`. ``grad_accumulation=True``:
+    gradients already exist when the step starts (a micro-step after the first).
+    ``optimizer``: ``"adamw"``, ``"adam"``, ``"sgd"`` (torch's defaults) or a
+    :class:`~planner.optimizer_memory.OptimizerSpec` (implementation, momentum...;
+    by default the implementation torch picks on the model's device): its state is
+    held all step and ``opt.step()`` and ``zero_grad()`` are in the budget.
     ``executor="inductor"`` plans the graph Inductor compiles (after its decompositions,
     with Inductor options ``compile_options``) with Inductor's cost model, for
     ``runtime.apply(model, plan)`` to compile; a ``torch.compile``-d model is planned
     that way by default, with its options (see :mod:`planner.executor`).
     Raises :class:`BudgetTooSmall` when no plan fits.
     """
-    model, compiled_options = unwrap_compiled(model)
-    if executor is None:
-        executor = "inductor" if compiled_options is not None else "eager"
-    if compile_options is None:
-        compile_options = compiled_options
+    model, executor, compile_options = _resolve_executor(model, executor, compile_options)
     budget_bytes = check_budget(budget_gb)
-    dist_cfg = Distributed(world_size=world_size, sharding=sharding, optimizer=optimizer)
+    single = sharding == "none"
+    spec = optimizer_spec(optimizer) if single else None
+    dist_cfg = Distributed(world_size=world_size, sharding=sharding, optimizer="none" if single else optimizer)
     engine = engine_bytes(model, dist_cfg) if dist_cfg.active else None
-    _check_choices(solver, objective, time_limit_s)
     args, kwargs = normalize_inputs(model, example_inputs)
-    check_target(model, target)
-    check_input_devices(model, args, kwargs, allow_meta=True)
+    _check_call(model, args, kwargs, solver=solver, objective=objective, time_limit_s=time_limit_s, target=target)
     inputs = kwargs if kwargs else args
 
     t0 = time.perf_counter()
     _log(progress, f"capturing {type(model).__name__} forward+backward")
     captured = capture(model, inputs, dropout="mask", executor=executor, compile_options=compile_options)
     _log(progress, f"captured {len(captured.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s")
+    device_type = _device_type(model, target)
+    loop = loop_setup(model, args, kwargs, captured, loss_fn=loss_fn, grad_accumulation=grad_accumulation,
+                      optimizer=spec, device_type=device_type, granularity=granularity(device_type)) if single else None
     request = _Request(
         budget_bytes=budget_bytes, solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time,
         progress=progress, objective=objective, distributed=dist_cfg, engine=engine,
-        model_info=_model_info(model, captured, args, kwargs),
+        model_info=_model_info(model, captured, args, kwargs), loop=loop,
     )
     try:
         return _plan_dropout_modes(captured, request)
     finally:
         captured.drop_tensors()
+
+
+def _resolve_executor(model: torch.nn.Module, executor: str | None, compile_options: dict | None):
+    """The model to plan (a ``torch.compile``-d one unwrapped), the executor that will run
+    the plan (Inductor for a compiled model unless given) and its compile options."""
+    model, compiled_options = unwrap_compiled(model)
+    if executor is None:
+        executor = "inductor" if compiled_options is not None else "eager"
+    return model, executor, compiled_options if compile_options is None else compile_options
+
+
+def _check_call(model: torch.nn.Module, args: tuple, kwargs: dict, *, solver: str, objective: str,
+                time_limit_s: float, target: str | None) -> None:
+    """Refuse unknown choices, a target the model cannot run on, and inputs on other devices."""
+    _check_choices(solver, objective, time_limit_s)
+    check_target(model, target)
+    check_input_devices(model, args, kwargs, allow_meta=True)
 
 
 def _check_choices(solver: str, objective: str, time_limit_s: float) -> None:
@@ -176,6 +210,15 @@ def _check_choices(solver: str, objective: str, time_limit_s: float) -> None:
         raise ValueError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
     if not isinstance(time_limit_s, numbers.Real) or not time_limit_s > 0:
         raise ValueError(f"time_limit_s must be a positive number of seconds, not {time_limit_s!r}")
+
+
+def _device_type(model: torch.nn.Module, target: str | None) -> str:
+    """The device type the step runs on: the model's, or for a meta-device model the
+    target profile's (the CPU without one)."""
+    param = next(iter(model.parameters()), None)
+    if param is not None and param.device.type != "meta":
+        return param.device.type
+    return load_device_profile(target).device_type if target is not None else "cpu"
 
 
 def _model_info(model: torch.nn.Module, captured: JointGraph, args: tuple, kwargs: dict) -> ModelInfo:
@@ -229,7 +272,7 @@ def _attempt(joint: JointGraph, request: _Request) -> tuple[Plan, tuple]:
     gp = profile_graph(joint, target=request.target, measure_time=request.measure_time)
     p = plan_profile(gp, request.budget_bytes, solver=request.solver, time_limit_s=request.time_limit_s,
                      model_info=request.model_info, progress=request.progress, objective=request.objective,
-                     engine=request.engine)
+                     engine=request.engine, loop=request.loop)
     if request.engine is not None:
         p = dataclasses.replace(p, distributed=record(request.distributed, request.engine))
     extra = sum(ni.time_s for ni in gp.nodes.values() if "replay_dropout_mask" in ni.op and ni.phase == "forward")
@@ -277,26 +320,30 @@ def plan_profile(
     progress: bool = False,
     objective: str = "time",
     engine: EngineBytes | None = None,
+    loop: LoopSetup | None = None,
 ) -> Plan:
     """Plan from an already captured and profiled graph; ``model_info``: the plan's
     ``Plan.model`` (default: only the graph's fingerprint); ``engine``: the per-rank
-    bytes of a data-parallel engine and optimizer (:func:`planner.distributed.engine_bytes`)."""
+    bytes of a data-parallel engine and optimizer (:func:`planner.distributed.engine_bytes`);
+    ``loop``: the training loop around the step (:func:`planner.loop_capture.loop_setup`)."""
     if model_info is None:
         model_info = ModelInfo(fingerprint=gp.joint.fingerprint)
     elif not isinstance(model_info, ModelInfo):
         raise TypeError(f"model_info must be a planner.ModelInfo (e.g. ModelInfo(fingerprint=..., class_name=...)), "
                         f"not {type(model_info).__name__}")
     device_type = allocator_device_type(gp)
-    prob = build_problem(gp, granularity=granularity(device_type), objective=objective, engine=engine)
+    prob = build_problem(gp, granularity=granularity(device_type), objective=objective, engine=engine,
+                         loop=loop.loop if loop is not None else None)
     baseline = prob.evaluate(frozenset())
     _log(progress, f"no-checkpoint peak {baseline.sim.peak_bytes / GiB:.4f} GiB, budget {budget_bytes / GiB:.4f} GiB")
     if baseline.sim.peak_bytes <= budget_bytes:
         ev, info = baseline, SolverInfo(name="none", status="budget fits without recomputation", seconds=0.0)
     else:
         ev, info = _solve(prob, budget_bytes, device_type, solver=solver, time_limit_s=time_limit_s, progress=progress)
-    return build_plan(prob, ev, baseline=baseline, budget_bytes=budget_bytes,
-                      solver=dataclasses.replace(info, objective=objective),
-                      model_info=model_info)
+    p = build_plan(prob, ev, baseline=baseline, budget_bytes=budget_bytes,
+                   solver=dataclasses.replace(info, objective=objective),
+                   model_info=model_info)
+    return p if loop is None else dataclasses.replace(p, training_loop=loop.info(p.timeline))
 
 
 def _solve(prob: Problem, budget_bytes: int, device_type: str, *, solver: str, time_limit_s: float,

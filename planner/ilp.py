@@ -98,8 +98,9 @@ _DENSE_LIMIT = 2_000_000
 
 def initial_rows(memory: MemoryModel, nf: int) -> list[int]:
     """The dense rows most likely to bind: strict suffix maxima of the forward
-    constant part (saved sets only grow in forward), the start of backward, and the
-    local maxima of backward's constant part (``nf``: the number of forward rows)."""
+    constant part (saved sets only grow in forward), the start of backward, the
+    local maxima of backward's constant part, and the training loop's rows (``nf``:
+    the number of forward rows)."""
     const = memory.const
     rows = []
     best = -np.inf
@@ -107,7 +108,9 @@ def initial_rows(memory: MemoryModel, nf: int) -> list[int]:
         if const[k] > best:
             rows.append(k)
             best = const[k]
-    b = const[nf:]
+    nb = len(memory.backward)
+    rows += range(nf + nb, len(const))  # the training loop's rows (planner.training_loop)
+    b = const[nf : nf + nb]
     if len(b):
         rows.append(nf)
         for j in range(1, len(b) - 1):

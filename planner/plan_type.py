@@ -13,15 +13,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import view
+from .training_loop import TrainingLoopInfo
 from .units import GiB
 
-__all__ = ["Plan", "ModelInfo", "DistributedInfo", "NodeDecision", "SolverInfo", "SCHEMA_VERSION", "READABLE_VERSIONS", "GiB"]
+__all__ = ["Plan", "ModelInfo", "DistributedInfo", "NodeDecision", "SolverInfo", "TrainingLoopInfo", "SCHEMA_VERSION",
+           "READABLE_VERSIONS", "GiB"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Versions ``from_dict`` reads: 1 lacks ``NodeDecision.inputs`` (its consistency
 #: check is then skipped) and the ``model`` entries that name mismatches
-#: (``ModelInfo.structure``, ``graph``, ``parameters``).
-READABLE_VERSIONS = (1, 2)
+#: (``ModelInfo.structure``, ``graph``, ``parameters``); 1 and 2 lack ``training_loop``.
+READABLE_VERSIONS = (1, 2, 3)
 
 
 def _tuples(value):
@@ -207,6 +209,10 @@ class Plan:
     #: was told and the bytes one rank holds beyond the model's step; the budget, peaks
     #: and timelines above are then per rank and include them.
     distributed: DistributedInfo | None = None
+    #: What the budget assumed of the training loop (the loss, gradient accumulation,
+    #: the optimizer step and its predicted peak); ``None`` when not recorded
+    #: (``plan_profile`` without a loop, a per-rank plan, a version 1 or 2 file).
+    training_loop: TrainingLoopInfo | None = None
 
     # -- derived -----------------------------------------------------------
     @property
@@ -240,6 +246,8 @@ class Plan:
             del d["solver"]["backend"]  # not an ILP plan
         if d["executor"] == "eager":
             del d["executor"]  # op by op: the key is left out
+        if self.training_loop is None:
+            del d["training_loop"]
         return d
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 1) -> str:
@@ -264,6 +272,7 @@ class Plan:
             d = dict(d)
             d["model"] = ModelInfo.from_dict(d.get("model", {}))
             d["distributed"] = DistributedInfo(**d["distributed"]) if d.get("distributed") else None
+            d["training_loop"] = TrainingLoopInfo(**d["training_loop"]) if d.get("training_loop") else None
             d["solver"] = SolverInfo(**d["solver"])
             nodes = []
             for n in d["nodes"]:

@@ -30,6 +30,7 @@ from .executor import recompute_costs
 from .memory_model import MemoryModel, build_memory_model
 from .schedule import fast_schedule
 from .simulate import simulate
+from .training_loop import TrainingLoop
 
 __all__ = ["Problem", "Evaluation", "build_problem", "OBJECTIVES", "rank_key"]
 
@@ -68,6 +69,10 @@ class Problem:
     objective: str = "time"
     #: Per-rank bytes a data-parallel engine adds to each phase (None: one process).
     engine: EngineBytes | None = None
+    #: The training loop around the step: the loss outside the model, held gradients,
+    #: the optimizer (:mod:`planner.training_loop`; None: the model returns its loss,
+    #: gradients start as None, no optimizer step).
+    loop: TrainingLoop | None = None
     #: Evaluations by recompute set: a memo, shared by the problems derived from
     #: this one (an evaluation does not depend on the objective).
     evaluations: dict = field(default_factory=dict, repr=False)
@@ -79,7 +84,7 @@ class Problem:
         if key in self.evaluations:
             return self.evaluations[key]
         sched = fast_schedule(self.gp.joint, key)
-        sim = simulate(self.gp, sched, granularity=self.granularity, engine=self.engine)
+        sim = simulate(self.gp, sched, granularity=self.granularity, engine=self.engine, loop=self.loop)
         calls = [n for n in sched.backward.nodes if n[1] == "call_function"]
         recomputed = tuple(name for name, _, _ in calls if name in self.own_bytes)
         ev = Evaluation(
@@ -119,7 +124,7 @@ class Problem:
         # fast_schedule gives the node orders of the graphs split_joint builds
         # (tests/test_schedule.py), without building them.
         sim = simulate(self.gp, fast_schedule(self.gp.joint, frozenset(recompute)), granularity=self.granularity,
-                       timeline=True, engine=self.engine)
+                       timeline=True, engine=self.engine, loop=self.loop)
         return [(p.phase, p.node, p.live_bytes) for p in sim.timeline]
 
     def decisions_of(self, ev: Evaluation) -> tuple[frozenset[str], frozenset[str]]:
@@ -154,8 +159,10 @@ def rank_key(objective: str, *, flops: float, time_s: float) -> tuple:
     return (flops, time_s) if objective == "flops" else (time_s, flops)
 
 
-def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "time", engine: EngineBytes | None = None) -> Problem:
-    """The planning problem of a profiled step; ``granularity``: the allocator's block size."""
+def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "time", engine: EngineBytes | None = None,
+                  loop: TrainingLoop | None = None) -> Problem:
+    """The planning problem of a profiled step; ``granularity``: the allocator's block
+    size; ``loop``: the training loop around the step."""
     gm = gp.gm
     info = gp.nodes
     nodes = list(gm.graph.nodes)
@@ -176,7 +183,7 @@ def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "t
     memory = build_memory_model(
         gp, fwd=fwd, bwd=bwd, candidates=tuple(n for n in fwd if n in can_save and n not in free_save),
         parent=parent, fwd_inputs=fwd_inputs, free_save=free_save, creator=creator,
-        held_storages=held_storages, granularity=granularity, engine=engine,
+        held_storages=held_storages, granularity=granularity, engine=engine, loop=loop,
     )
     return Problem(
         gp=gp,
@@ -197,6 +204,7 @@ def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "t
         granularity=granularity,
         objective=objective,
         engine=engine,
+        loop=loop,
     )
 
 

@@ -21,7 +21,7 @@ from .joint import CaptureError, JointGraph, mutated_primals
 from .meta import capture_meta, uses_meta
 from .signature import check_input_devices, graph_fingerprint, node_digests, structure_fingerprint
 
-__all__ = ["capture", "normalize_inputs", "prepare_joint", "with_dropout"]
+__all__ = ["capture", "normalize_inputs", "prepare_joint", "with_dropout", "state_kept"]
 
 
 def normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
@@ -85,6 +85,10 @@ def _state_kept(model: torch.nn.Module) -> Iterator[None]:
             for k, b in model.named_buffers():
                 if k in buffers:
                     b.copy_(buffers[k])
+
+
+#: ``_state_kept`` for other layers: a forward of the model that leaves no trace (the planner's look at its outputs).
+state_kept = _state_kept
 
 
 def _record_step(model: torch.nn.Module, args: tuple, kwargs: dict, executor: str = "eager",

@@ -56,7 +56,10 @@ def _add_plan(sub) -> None:
     p.add_argument("-o", "--output", metavar="PATH", help="write the plan here (default: stdout)")
     p.add_argument("--world-size", type=int, default=1, metavar="N", help="data-parallel processes; the budget is then per rank")
     p.add_argument("--sharding", choices=["none", "ddp", "fsdp"], default="none", help="engine holding the model on each rank")
-    p.add_argument("--optimizer", choices=["none", "adamw"], default="none", help="count this optimizer's state in the budget")
+    p.add_argument("--optimizer", choices=["none", "adamw", "adam", "sgd"], default="none",
+                   help="count this optimizer's state and its step (torch's default implementation on the model's device)")
+    p.add_argument("--grad-accumulation", action="store_true",
+                   help="gradients already exist when the step starts (a micro-step after the first)")
     p.add_argument("--objective", choices=["time", "flops"], default="time",
                    help="minimise estimated recompute time (default) or recomputed FLOPs, then time")
     _quiet(p)
