@@ -80,6 +80,7 @@ def _mlp():
                          nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 8))
 
 
+@pytest.mark.filterwarnings("ignore::planner.LossNotCountedWarning")  # the model's output is not a loss; the loss is not what this tests
 def test_dropout_and_another_batch_size_equal_torch_compile_and_no_grad_runs_compiled():
     model = _mlp()
     g = torch.Generator().manual_seed(0)
@@ -112,6 +113,7 @@ def test_dropout_and_another_batch_size_equal_torch_compile_and_no_grad_runs_com
     assert len(wrapped.compiled_graphs) == graphs and wrapped._inference is not None
 
 
+@pytest.mark.filterwarnings("ignore::planner.LossNotCountedWarning")  # the model's output is not a loss; the loss is not what this tests
 def test_executor_mismatches_and_compiled_models_are_handled_before_compiling(gpt):
     model, inputs, p = gpt
     with pytest.raises(runtime.PlanMismatch, match="apply with compile='inductor'"):

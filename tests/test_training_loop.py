@@ -21,7 +21,7 @@ from planner.loss_phase import LossNotCountedWarning
 from planner.optimizer_memory import OptimizerSpec
 from profiles import capture, measure_peak, profile_graph, storage_bytes
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a [test] dependency)
 transformers.logging.set_verbosity_error()
 
 VOCAB, BATCH, SEQ = 64, 4, 64
@@ -139,7 +139,7 @@ def test_gradient_accumulation_four_micro_steps_within_budget_and_equal_to_eager
     loss_fn = _cross_entropy(inputs)
     static = _static(model, inputs)
     grads = sum(p.numel() * p.element_size() for p in model.parameters())
-    (p,) = _plans(model, inputs, loss_fn, (0.5,), grad_accumulation=True, held=grads)
+    (p,) = _plans(model, inputs, loss_fn, (0.6,), grad_accumulation=True, held=grads)
     assert p.recomputed and p.training_loop.grad_accumulation
     eager = copy.deepcopy(model)
     wrapped = runtime.apply(model, p)
