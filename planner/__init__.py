@@ -6,12 +6,15 @@ sqrt(L) heuristic, with peaks checked by exact liveness simulation.
 """
 
 from .api import SOLVERS, BudgetTooSmall, minimum_budget_bytes, plan, plan_profile
+from .batch import BatchFit, fit_batch
 from .plan_type import GiB, SCHEMA_VERSION, DistributedInfo, ModelInfo, NodeDecision, Plan, SolverInfo
 from .resimulation import resimulate
 
 __all__ = [
     "plan",
     "plan_profile",
+    "fit_batch",
+    "BatchFit",
     "minimum_budget_bytes",
     "resimulate",
     "Plan",

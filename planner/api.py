@@ -20,10 +20,11 @@ from profiles.graph_profile import GraphProfile, profile_graph
 from profiles.signature import check_input_devices, describe_inputs, parameter_signature
 
 from .build import build_plan
+from .deepspeed import deepspeed_engine
 from .distributed import Distributed, EngineBytes, engine_bytes, record
 from .evaluation import Evaluation
 from .memory_model import refine
-from .plan_type import GiB, ModelInfo, Plan, SolverInfo
+from .plan_type import DistributedInfo, GiB, ModelInfo, Plan, SolverInfo
 from .problem import OBJECTIVES, Problem, build_problem, rank_key
 from .search import lowest_plan, search_ilp
 from .sqrt import solve_sqrt
@@ -88,6 +89,8 @@ class _Request:
     #: The data-parallel setup, and the bytes its engine holds per rank (None: one process).
     distributed: Distributed
     engine: EngineBytes | None
+    #: ``Plan.distributed`` of every plan made (None: one process).
+    distributed_info: DistributedInfo | None
     #: ``Plan.model`` of every plan made.
     model_info: ModelInfo
 
@@ -106,6 +109,7 @@ def plan(
     world_size: int = 1,
     sharding: str = "none",
     optimizer: str = "none",
+    deepspeed: Any = None,
 ) -> Plan:
     """Plan activation checkpointing for one training step of ``model``.
 
@@ -121,11 +125,20 @@ def plan(
     With ``world_size``/``sharding`` (``"ddp"``, ``"fsdp"``) the budget is per rank and
     also holds what the engine keeps on one rank; ``optimizer="adamw"`` adds AdamW's
     state, so the budget can be the device's whole memory (see :mod:`planner.distributed`).
+    ``deepspeed``: a DeepSpeed config (JSON path or dict) the planned module trains under
+    (``deepspeed.initialize(model=runtime.apply(model, plan), ...)``, ZeRO stage 0, 1 or 2):
+    the budget is per rank and also holds what that engine keeps on one rank
+    (:mod:`planner.deepspeed`); ``world_size`` defaults to the config's.
     Raises :class:`BudgetTooSmall` when no plan fits.
     """
     budget_bytes = check_budget(budget_gb)
-    dist_cfg = Distributed(world_size=world_size, sharding=sharding, optimizer=optimizer)
-    engine = engine_bytes(model, dist_cfg) if dist_cfg.active else None
+    if deepspeed is not None:
+        dist_cfg = Distributed()
+        info, engine = deepspeed_engine(model, deepspeed, world_size=world_size, sharding=sharding, optimizer=optimizer)
+    else:
+        dist_cfg = Distributed(world_size=world_size, sharding=sharding, optimizer=optimizer)
+        engine = engine_bytes(model, dist_cfg) if dist_cfg.active else None
+        info = record(dist_cfg, engine) if engine is not None else None
     _check_choices(solver, objective, time_limit_s)
     args, kwargs = normalize_inputs(model, example_inputs)
     check_target(model, target)
@@ -138,7 +151,7 @@ def plan(
     _log(progress, f"captured {len(captured.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s")
     request = _Request(
         budget_bytes=budget_bytes, solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time,
-        progress=progress, objective=objective, distributed=dist_cfg, engine=engine,
+        progress=progress, objective=objective, distributed=dist_cfg, engine=engine, distributed_info=info,
         model_info=_model_info(model, captured, args, kwargs),
     )
     try:
@@ -205,8 +218,8 @@ def _attempt(joint: JointGraph, request: _Request) -> tuple[Plan, tuple]:
     p = plan_profile(gp, request.budget_bytes, solver=request.solver, time_limit_s=request.time_limit_s,
                      model_info=request.model_info, progress=request.progress, objective=request.objective,
                      engine=request.engine)
-    if request.engine is not None:
-        p = dataclasses.replace(p, distributed=record(request.distributed, request.engine))
+    if request.distributed_info is not None:
+        p = dataclasses.replace(p, distributed=request.distributed_info)
     extra = sum(ni.time_s for ni in gp.nodes.values() if "replay_dropout_mask" in ni.op and ni.phase == "forward")
     cost = p.recompute_time_s + extra
     return p, rank_key(request.objective, flops=p.recompute_flops, time_s=cost)

@@ -1,0 +1,192 @@
+"""Planned modules inside DeepSpeed engines: ZeRO-2 with 4 accumulated micro-batches on 2 gloo ranks.
+
+Each test plans in this process with ``plan(..., deepspeed=config)`` (per-rank
+budget: what the engine holds plus part of the step), then spawns 2 ranks. Every
+rank trains the same model twice under ``deepspeed.initialize`` with its own data
+for two accumulation windows (8 micro-steps, 2 optimizer steps): without a plan
+(the reference) and as ``runtime.apply(model, plan)``; losses and final weights
+must be equal. The planned engine's second window (its forwards and backwards,
+Adam's state live) is measured from torch.profiler allocator events: each rank's
+peak must be within the budget and within 5% of the plan's prediction.
+
+Run only these: ``python -m pytest -q -m deepspeed tests``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import planner
+import runtime
+from helpers import tiny_gpt2
+from planner.deepspeed import engine_bytes, rank_engine_bytes
+from planner.deepspeed_config import read_config
+
+pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install -e '.[deepspeed]'")
+pytestmark = pytest.mark.deepspeed
+
+from deepspeed_harness import WORLD, ds_init, train  # noqa: E402
+
+EXAMPLES = Path(__file__).parents[1] / "examples" / "deepspeed_tutorial"
+sys.path.insert(0, str(EXAMPLES))
+from simple_model import SimpleModel, batch  # noqa: E402
+
+# The tutorial's config (examples/deepspeed_tutorial/ds_config.json: ZeRO-2, train_batch_size 16,
+# gradient_accumulation_steps 4, AdamW with torch_adam) with the reduce bucket sized to the model:
+# DeepSpeed's default bucket (5e8 elements, 1.9 GiB in fp32) is allocated at the end of backward
+# and would be the rank's peak whatever is checkpointed.
+TUTORIAL = json.loads((EXAMPLES / "ds_config.json").read_text())
+SIMPLE = {**TUTORIAL, "zero_optimization": {"stage": 2, "reduce_bucket_size": 1_200_000}}
+GPT2 = {
+    "train_batch_size": 16, "gradient_accumulation_steps": 4,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+    "zero_optimization": {"stage": 2, "reduce_bucket_size": 200_000},
+}
+
+
+def _simple():
+    torch.manual_seed(0)
+    return SimpleModel().train()
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    return tiny_gpt2().train()
+
+
+def _batches(name: str, rank: int, n: int) -> list[dict]:
+    if name == "simple":
+        return [batch(seed=100 * rank + i) for i in range(n)]
+    g = torch.Generator().manual_seed(1 + rank)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 128, (2, 64), generator=g)
+        out.append({"input_ids": ids, "labels": ids, "use_cache": False})
+    return out
+
+
+MODELS = {"simple": (_simple, SIMPLE), "gpt2": (_gpt2, GPT2)}
+
+
+def _worker(rank: int, port: int, name: str, plan_json: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    ds_init(rank, port)
+    try:
+        build, config = MODELS[name]
+        plan = planner.Plan.from_json(plan_json)
+        base = build()
+        batches = _batches(name, rank, 2 * config["gradient_accumulation_steps"])
+        ref = train(lambda m: m, base, config, batches)
+        got = train(lambda m: runtime.apply(m, plan), base, config, batches, measure=True)
+        torch.testing.assert_close(got["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+        for k in ref["weights"]:
+            torch.testing.assert_close(got["weights"][k], ref["weights"][k], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, k=k: f"rank {rank}, weight {k}: {m}")
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
+            {"peak": got["peak"], "step_peak": got["step_peak"], "losses": got["losses"]}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _plan(name: str, fraction: float) -> planner.Plan:
+    """A per-rank plan at ``fraction`` of the way from the lowest reachable peak to the no-checkpoint peak."""
+    build, config = MODELS[name]
+    model, inputs = build(), _batches(name, 0, 1)[0]
+    kw = {"deepspeed": config, "world_size": WORLD}
+    eager = planner.plan(model, 64.0, inputs, **kw)
+    with pytest.raises(planner.BudgetTooSmall) as low:
+        planner.plan(model, 1e-6, inputs, **kw)
+    budget = low.value.min_budget_bytes + fraction * (eager.baseline_peak_bytes - low.value.min_budget_bytes)
+    return planner.plan(model, budget / planner.GiB, inputs, **kw)
+
+
+@pytest.mark.parametrize("name", ["simple", "gpt2"])
+def test_zero2_accumulation_planned_equals_unplanned_within_budget(name, tmp_path):
+    p = _plan(name, 0.5)
+    assert p.recomputed, "the budget should force recomputation"
+    assert p.predicted_peak_bytes <= p.budget_bytes
+    d = p.distributed
+    assert (d.sharding, d.world_size, d.optimizer) == ("deepspeed", WORLD, "adamw")
+    assert (d.deepspeed["stage"], d.deepspeed["accumulation"], d.deepspeed["micro_batch"]) == (2, 4, 2)
+    torch.multiprocessing.spawn(_worker, args=(_free_port(), name, p.to_json(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["peak"] <= p.budget_bytes, f"rank {rank}: measured {r['peak']} > budget {p.budget_bytes}"
+        assert abs(r["peak"] - p.predicted_peak_bytes) <= 0.05 * r["peak"], (rank, r["peak"], p.predicted_peak_bytes)
+
+
+def _free_port() -> int:
+    from dist_harness import free_port
+
+    return free_port()
+
+
+def test_read_config_tutorial():
+    s = read_config(EXAMPLES / "ds_config.json", world_size=2)
+    assert (s.world_size, s.stage, s.micro_batch, s.accumulation, s.optimizer, s.precision) == (2, 2, 2, 4, "adamw", "fp32")
+    assert (s.reduce_bucket_size, s.allgather_bucket_size, s.contiguous_gradients) == (500_000_000, 500_000_000, True)
+    with pytest.raises(ValueError, match="does not fix the number of ranks"):
+        read_config(EXAMPLES / "ds_config.json")
+    assert read_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}).world_size == 4
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"train_batch_size": 8, "zero_optimization": {"stage": 3}}, "ZeRO stage 3 is not supported.*ZeRO stage 2.*fully_shard"),
+        ({"train_batch_size": 8, "fp16": {"enabled": True}}, "fp16"),
+        ({"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer"),
+        ({"train_batch_size": 8, "optimizer": {"type": "Lamb"}}, "Lamb.*not modelled"),
+        ({"train_batch_size": 8, "train_micro_batch_size_per_gpu": "auto"}, "auto"),
+        ({"train_batch_size": 6, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}, "not a multiple"),
+        ({"train_batch_size": 8, "zero_optimization": {"stage": 2, "overlap_comm": True}}, "overlap_comm"),
+    ],
+)
+def test_read_config_refuses_what_it_does_not_model(config, match):
+    with pytest.raises(ValueError, match=match):
+        read_config(config, world_size=2)
+
+
+def test_engine_bytes_by_stage():
+    model = _gpt2()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    grads = 4 * n
+    base = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam"}}
+    s0 = engine_bytes(model, read_config({**base, "gradient_accumulation_steps": 4}, world_size=2))
+    adam = 2 * grads + 4 * len(params) + 8
+    assert (s0.forward, s0.end, s0.optimizer) == (adam + grads, adam + grads, adam)  # summed grads; one flat copy
+    zero = {"stage": 2, "reduce_bucket_size": 10 * n}
+    s2 = read_config({**base, "gradient_accumulation_steps": 4, "zero_optimization": zero}, world_size=2)
+    flat = -(-n // 4) * 4
+    part = flat // 2
+    per_rank = [rank_engine_bytes(model, s2, r) for r in range(2)]
+    for eb in per_rank:
+        assert eb.optimizer == 2 * 4 * part + 4 + 8
+        static = (flat - n) * 4 + 4 * part + eb.optimizer
+        held = eb.forward - static
+        assert part * 4 <= held <= n * 4  # whole parameters overlapping the rank's half
+        assert eb.end == eb.forward + 10 * n * 4  # the bucket holds every gradient
+    assert engine_bytes(model, s2).forward == max(eb.forward for eb in per_rank)
+    s1 = read_config({**base, "gradient_accumulation_steps": 4, "zero_optimization": {**zero, "stage": 1}}, world_size=2)
+    one = rank_engine_bytes(model, s1, 0)
+    assert one.forward - one.optimizer == (flat - n) * 4 + 4 * part + grads + 10 * n * 4  # full grads and the bucket held
+
+
+def test_plan_checks_precision_and_options():
+    model = _gpt2()
+    inputs = _batches("gpt2", 0, 1)[0]
+    bf16 = {**GPT2, "bf16": {"enabled": True}}
+    with pytest.raises(ValueError, match=r"model.to\(torch.bfloat16\)"):
+        planner.plan(model, 1.0, inputs, deepspeed=bf16)
+    with pytest.raises(ValueError, match="DeepSpeed is the engine"):
+        planner.plan(model, 1.0, inputs, deepspeed=GPT2, sharding="ddp")
+    p = planner.plan(model.to(torch.bfloat16), 1.0, inputs, deepspeed=bf16, world_size=4)
+    assert (p.distributed.world_size, p.distributed.deepspeed["precision"]) == (4, "bf16")
+    assert planner.Plan.from_json(p.to_json()) == p
