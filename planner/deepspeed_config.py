@@ -115,16 +115,25 @@ def _number(d: Mapping, key: str, where: str, default: Any = None) -> Any:
     return int(v)
 
 
+def _dist_world() -> int | None:
+    """The initialized default process group's size (None outside one)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
+
+
 def _batch(d: Mapping, world_size: int | None) -> tuple[int, int, int]:
     """``(world_size, micro_batch, accumulation)`` as DeepSpeed derives them from the three batch keys."""
     tbs, micro, acc = (_number(d, k, "") for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
                                                   "gradient_accumulation_steps"))
+    if world_size is None and None in (tbs, micro, acc) and _dist_world() is not None:
+        world_size = _dist_world()
     if world_size is None:
         if None in (tbs, micro, acc):
             raise ValueError(
                 "the DeepSpeed config does not fix the number of ranks (it needs train_batch_size, "
                 "train_micro_batch_size_per_gpu and gradient_accumulation_steps all three): give "
-                "world_size=N (CLI --world-size N), or plan inside the initialized process group"
+                "world_size=N (CLI --world-size N), or plan inside the initialized process group (its size counts)"
             )
         if micro * acc == 0 or tbs % (micro * acc):
             raise ValueError(f"DeepSpeed config: train_batch_size {tbs} is not a multiple of "
@@ -210,7 +219,8 @@ def read_config(config: str | Path | Mapping | DeepSpeedSettings, *, world_size:
     """The :class:`DeepSpeedSettings` of a DeepSpeed config (a JSON path or a dict).
 
     ``world_size``: the number of ranks; default: the config's
-    ``train_batch_size / (train_micro_batch_size_per_gpu * gradient_accumulation_steps)``.
+    ``train_batch_size / (train_micro_batch_size_per_gpu * gradient_accumulation_steps)``, or
+    when the config leaves it open, the initialized process group's size.
     ``param_groups``: parameter names per optimizer group (see :class:`DeepSpeedSettings`).
     Settings already read are returned as they are (with ``world_size`` checked)."""
     if isinstance(config, DeepSpeedSettings):
@@ -220,6 +230,7 @@ def read_config(config: str | Path | Mapping | DeepSpeedSettings, *, world_size:
     d = _load(config)
     if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
         raise ValueError(f"world_size must be a whole number of processes >= 1, not {world_size!r}")
+    zero = _zero(d)  # ZeRO-3 is refused before anything else
     ws, micro, acc = _batch(d, world_size)
     return DeepSpeedSettings(world_size=ws, micro_batch=micro, accumulation=acc, optimizer=_optimizer(d),
-                             precision=_precision(d), param_groups=param_groups, **_zero(d))
+                             precision=_precision(d), param_groups=param_groups, **zero)
