@@ -1,6 +1,6 @@
 """Planned modules inside DeepSpeed engines: ZeRO-2 with 4 accumulated micro-batches on 2 gloo ranks.
 
-Each test plans in this process with ``plan(..., deepspeed=config)`` (per-rank
+The training test plans in this process with ``plan(..., deepspeed=config)`` (per-rank
 budget: what the engine holds plus part of the step), then spawns 2 ranks. Every
 rank trains the same model twice under ``deepspeed.initialize`` with its own data
 for two accumulation windows (8 micro-steps, 2 optimizer steps): without a plan
@@ -9,7 +9,9 @@ must be equal. The planned engine's second window (its forwards and backwards,
 Adam's state live) is measured from torch.profiler allocator events: each rank's
 peak must be within the budget and within 5% of the plan's prediction.
 
-Run only these: ``python -m pytest -q -m deepspeed tests``.
+The training test needs the ``[deepspeed]`` extra (``pip install -e '.[deepspeed]'``) and
+is skipped without it; run it alone with ``python -m pytest -q -m deepspeed tests``. The
+other tests read configs and count bytes, without DeepSpeed.
 """
 
 from __future__ import annotations
@@ -27,11 +29,8 @@ from helpers import tiny_gpt2
 from planner.deepspeed import engine_bytes, rank_engine_bytes
 from planner.deepspeed_config import read_config
 
-pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install -e '.[deepspeed]'")
-pytestmark = pytest.mark.deepspeed
-
-from deepspeed_harness import WORLD, ds_init, train  # noqa: E402
-from dist_harness import spawn  # noqa: E402
+from deepspeed_harness import WORLD, ds_init, train
+from dist_harness import spawn
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "deepspeed_tutorial"
 sys.path.insert(0, str(EXAMPLES))
@@ -107,9 +106,11 @@ def _plan(name: str) -> planner.Plan:
                         world_size=WORLD)
 
 
+@pytest.mark.deepspeed
 def test_zero2_accumulation_planned_equals_unplanned_within_budget(tmp_path):
     """SimpleModel and a small GPT-2, each planned for one rank of a ZeRO-2 engine with
     4 accumulated micro-batches, train on 2 ranks as the unplanned engine does."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install -e '.[deepspeed]'")
     plans = {name: _plan(name) for name in MODELS}
     for name, p in plans.items():
         assert p.recomputed, f"{name}: the budget should force recomputation"
@@ -192,3 +193,16 @@ def test_plan_checks_precision_and_options():
     p = planner.plan(model.to(torch.bfloat16), 1.0, batch(tokens=16, dtype=torch.bfloat16), deepspeed=bf16, world_size=4)
     assert (p.distributed.world_size, p.distributed.deepspeed["precision"]) == (4, "bf16")
     assert planner.Plan.from_json(p.to_json()) == p
+
+
+def test_cli_plans_for_the_tutorial_config(tmp_path, capsys):
+    from runtime.tools.cli import main
+
+    out = tmp_path / "plan.json"
+    factory = f"{EXAMPLES / 'simple_model.py'}:simple_model"
+    assert main(["plan", factory, "--budget-gb", "1", "--deepspeed", str(EXAMPLES / "ds_config.json"),
+                 "--world-size", "2", "-o", str(out), "-q"]) == 0
+    d = planner.Plan.from_json(out.read_text()).distributed
+    assert (d.sharding, d.world_size, d.deepspeed["stage"], d.deepspeed["accumulation"]) == ("deepspeed", 2, 2, 4)
+    assert main(["plan", factory, "--budget-gb", "1", "--deepspeed", str(EXAMPLES / "ds_config.json"), "-q"]) == 2
+    assert "does not fix the number of ranks" in capsys.readouterr().err

@@ -57,7 +57,7 @@ def planning_errors(model) -> Iterator[None]:
 
 def _plan(model, budget_gb: float, inputs, a, target_name: str | None, out: Out) -> planner.Plan:
     """``planner.plan`` with the command's options; a budget below the minimum names one that works."""
-    per_rank = {k: getattr(a, k) for k in ("world_size", "sharding", "optimizer", "objective")}
+    per_rank = {k: getattr(a, k) for k in ("world_size", "sharding", "optimizer", "objective", "deepspeed")}
     with planning_errors(model):
         try:
             return planner.plan(model, budget_gb, inputs, solver=a.solver, target=target_name, time_limit_s=a.time_limit,
