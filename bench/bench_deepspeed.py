@@ -116,7 +116,11 @@ def main(argv=None) -> int:
     for precision in args.precisions.split(","):
         for stage in map(int, args.stages.split(",")):
             cfg = config(stage, precision, args.accumulation, args.bucket)
-            p = _plan(args.model, precision, cfg)
+            try:
+                p = _plan(args.model, precision, cfg)
+            except ValueError as e:  # a combination the planner refuses
+                print(f"ZeRO {stage} {precision}: refused: {e}", flush=True)
+                continue
             cases.append((precision, cfg, p.to_json()))
             plans.append((stage, precision, p))
     with tempfile.TemporaryDirectory() as out:

@@ -143,6 +143,7 @@ def test_read_config_tutorial():
     [
         ({"train_batch_size": 8, "zero_optimization": {"stage": 3}}, "ZeRO stage 3 is not supported.*ZeRO stage 2.*fully_shard"),
         ({"train_batch_size": 8, "fp16": {"enabled": True}}, "fp16"),
+        ({"train_batch_size": 8, "bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, "bf16 with ZeRO stage 2"),
         ({"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer"),
         ({"train_batch_size": 8, "optimizer": {"type": "Lamb"}}, "Lamb.*not modelled"),
         ({"train_batch_size": 8, "train_micro_batch_size_per_gpu": "auto"}, "auto"),
@@ -183,7 +184,7 @@ def test_engine_bytes_by_stage():
 
 def test_plan_checks_precision_and_options():
     model = _simple()
-    bf16 = {**SIMPLE, "bf16": {"enabled": True}}
+    bf16 = {**SIMPLE, "bf16": {"enabled": True}, "zero_optimization": {"stage": 1, "reduce_bucket_size": 1_200_000}}
     with pytest.raises(ValueError, match=r"model.to\(torch.bfloat16\)"):
         planner.plan(model, 1.0, batch(tokens=16), deepspeed=bf16, world_size=WORLD)
     with pytest.raises(ValueError, match="DeepSpeed is the engine"):
@@ -200,9 +201,10 @@ def test_cli_plans_for_the_tutorial_config(tmp_path, capsys):
 
     out = tmp_path / "plan.json"
     factory = f"{EXAMPLES / 'simple_model.py'}:simple_model"
-    assert main(["plan", factory, "--budget-gb", "1", "--deepspeed", str(EXAMPLES / "ds_config.json"),
+    assert main(["plan", factory, "--budget-gb", "3", "--deepspeed", str(EXAMPLES / "ds_config.json"),
                  "--world-size", "2", "-o", str(out), "-q"]) == 0
     d = planner.Plan.from_json(out.read_text()).distributed
     assert (d.sharding, d.world_size, d.deepspeed["stage"], d.deepspeed["accumulation"]) == ("deepspeed", 2, 2, 4)
+    assert d.end_bytes > 500_000_000 * 4  # DeepSpeed's default reduce bucket: 5e8 fp32 elements, whatever is checkpointed
     assert main(["plan", factory, "--budget-gb", "1", "--deepspeed", str(EXAMPLES / "ds_config.json"), "-q"]) == 2
     assert "does not fix the number of ranks" in capsys.readouterr().err
