@@ -194,6 +194,10 @@ def test_plan_checks_precision_and_options():
     p = planner.plan(model.to(torch.bfloat16), 1.0, batch(tokens=16, dtype=torch.bfloat16), deepspeed=bf16, world_size=4)
     assert (p.distributed.world_size, p.distributed.deepspeed["precision"]) == (4, "bf16")
     assert planner.Plan.from_json(p.to_json()) == p
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "plan.schema.json").read_text())
+    jsonschema.validate(json.loads(p.to_json()), schema, cls=jsonschema.Draft202012Validator)
 
 
 def test_cli_plans_for_the_tutorial_config(tmp_path, capsys):
