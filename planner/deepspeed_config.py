@@ -76,6 +76,8 @@ class DeepSpeedSettings:
             raise ValueError(f"optimizer {self.optimizer!r}: the DeepSpeed settings know 'adamw' and 'none'")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision {self.precision!r}: the DeepSpeed settings know 'fp32' and 'bf16'")
+        if self.precision == "bf16" and self.stage == 2:
+            raise ValueError(BF16_ZERO2_REFUSED)
         if self.param_groups is not None:
             object.__setattr__(self, "param_groups", tuple(tuple(g) for g in self.param_groups))
 
