@@ -92,6 +92,7 @@ def train(make_module, base, config: dict, batches: list, *, windows: int = 2, m
         inputs = max(storage_bytes([v for v in b.values() if isinstance(v, torch.Tensor)]) for b in batches)
         spans = {name: (s, e) for s, e, name in record_function_ranges(prof, "ds:")}
         fb = [spans[f"fb{i}"] for i in range((windows - 1) * acc, windows * acc)]
-        result["peak"] = inputs + running_peak(events, start=fb[0][0], end=fb[-1][1])[0]
+        peak, missed = running_peak(events, start=fb[0][0], end=fb[-1][1])
+        result["peak"], result["missed_frees"] = inputs + peak, missed
         result["step_peak"] = inputs + running_peak(events, start=spans["step"][0], end=spans["step"][1])[0]
     return result
