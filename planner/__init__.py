@@ -6,6 +6,7 @@ sqrt(L) heuristic, with peaks checked by exact liveness simulation.
 """
 
 from .api import SOLVERS, BudgetTooSmall, minimum_budget_bytes, plan, plan_profile
+from .batch import BatchFit, fit_batch
 from .plan_type import GiB, SCHEMA_VERSION, DistributedInfo, ModelInfo, NodeDecision, Plan, SolverInfo
 from .loss_phase import LossNotCountedWarning
 from .optimizer_memory import OptimizerSpec
@@ -15,6 +16,8 @@ from .training_loop import TrainingLoopInfo
 __all__ = [
     "plan",
     "plan_profile",
+    "fit_batch",
+    "BatchFit",
     "minimum_budget_bytes",
     "resimulate",
     "Plan",

@@ -23,13 +23,14 @@ from profiles.signature import check_input_devices, describe_inputs, parameter_s
 
 from .block_ilp import block_solver, peak_lower_bound
 from .build import build_plan
+from .deepspeed import deepspeed_engine
 from .distributed import Distributed, EngineBytes, engine_bytes, record
 from .evaluation import Evaluation
 from .ilp import backend_name, solve_ilp
 from .loop_capture import LoopSetup, loop_setup, optimizer_spec
 from .memory_model import refine
 from .optimizer_memory import OptimizerSpec
-from .plan_type import GiB, ModelInfo, Plan, SolverInfo
+from .plan_type import DistributedInfo, GiB, ModelInfo, Plan, SolverInfo
 from .problem import OBJECTIVES, Problem, build_problem, rank_key
 from .search import lowest_plan, search_ilp
 from .sqrt import solve_sqrt
@@ -99,6 +100,8 @@ class _Request:
     #: The data-parallel setup, and the bytes its engine holds per rank (None: one process).
     distributed: Distributed
     engine: EngineBytes | None
+    #: ``Plan.distributed`` of every plan made (None: one process).
+    distributed_info: DistributedInfo | None
     #: ``Plan.model`` of every plan made.
     model_info: ModelInfo
     #: The training loop around the step (None: under a data-parallel engine, not counted).
@@ -123,6 +126,7 @@ def plan(
     grad_accumulation: bool = False,
     executor: str | None = None,
     compile_options: dict | None = None,
+    deepspeed: Any = None,
 ) -> Plan:
     """Plan activation checkpointing for one training step of ``model``.
 
@@ -156,34 +160,55 @@ def plan(
     with Inductor options ``compile_options``) with Inductor's cost model, for
     ``runtime.apply(model, plan)`` to compile; a ``torch.compile``-d model is planned
     that way by default, with its options (see :mod:`planner.executor`).
+    ``deepspeed``: a DeepSpeed config (JSON path or dict) the planned module trains under
+    (``deepspeed.initialize(model=runtime.apply(model, plan), ...)``, ZeRO stage 0, 1 or 2):
+    the budget is per rank and also holds what that engine keeps on one rank
+    (:mod:`planner.deepspeed`); ``world_size`` defaults to the config's.
     Raises :class:`BudgetTooSmall` when no plan fits.
     """
     model, executor, compile_options = _resolve_executor(model, executor, compile_options)
     budget_bytes = check_budget(budget_gb)
-    single = sharding == "none"
+    single = sharding == "none" and deepspeed is None
     spec = optimizer_spec(optimizer) if single else None
-    dist_cfg = Distributed(world_size=world_size, sharding=sharding, optimizer="none" if single else optimizer)
-    engine = engine_bytes(model, dist_cfg) if dist_cfg.active else None
+    dist_cfg, engine, info = _engine(model, deepspeed, world_size=world_size, sharding=sharding,
+                                     optimizer="none" if single else optimizer)
     args, kwargs = normalize_inputs(model, example_inputs)
     _check_call(model, args, kwargs, solver=solver, objective=objective, time_limit_s=time_limit_s, target=target)
     inputs = kwargs if kwargs else args
-
-    t0 = time.perf_counter()
-    _log(progress, f"capturing {type(model).__name__} forward+backward")
-    captured = capture(model, inputs, dropout="mask", executor=executor, compile_options=compile_options)
-    _log(progress, f"captured {len(captured.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s")
+    captured = _capture(model, inputs, executor=executor, compile_options=compile_options, progress=progress)
     device_type = _device_type(model, target)
     loop = loop_setup(model, args, kwargs, captured, loss_fn=loss_fn, grad_accumulation=grad_accumulation,
                       optimizer=spec, device_type=device_type, granularity=granularity(device_type)) if single else None
     request = _Request(
         budget_bytes=budget_bytes, solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time,
-        progress=progress, objective=objective, distributed=dist_cfg, engine=engine,
+        progress=progress, objective=objective, distributed=dist_cfg, engine=engine, distributed_info=info,
         model_info=_model_info(model, captured, args, kwargs), loop=loop,
     )
     try:
         return _plan_dropout_modes(captured, request)
     finally:
         captured.drop_tensors()
+
+
+def _capture(model: torch.nn.Module, inputs, *, executor: str, compile_options: dict | None, progress: bool) -> JointGraph:
+    """The model's training step as a joint graph (dropout masks kept), with progress lines."""
+    t0 = time.perf_counter()
+    _log(progress, f"capturing {type(model).__name__} forward+backward")
+    captured = capture(model, inputs, dropout="mask", executor=executor, compile_options=compile_options)
+    _log(progress, f"captured {len(captured.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s")
+    return captured
+
+
+def _engine(model: torch.nn.Module, deepspeed: Any, *, world_size: int, sharding: str, optimizer):
+    """The data-parallel setup, the bytes its engine holds per rank and what the plan
+    records of it (a DeepSpeed config, or ``world_size``/``sharding``; one process:
+    an inactive setup and two ``None``)."""
+    if deepspeed is not None:
+        info, engine = deepspeed_engine(model, deepspeed, world_size=world_size, sharding=sharding, optimizer=optimizer)
+        return Distributed(), engine, info
+    dist_cfg = Distributed(world_size=world_size, sharding=sharding, optimizer=optimizer)
+    engine = engine_bytes(model, dist_cfg) if dist_cfg.active else None
+    return dist_cfg, engine, record(dist_cfg, engine) if engine is not None else None
 
 
 def _resolve_executor(model: torch.nn.Module, executor: str | None, compile_options: dict | None):
@@ -273,8 +298,8 @@ def _attempt(joint: JointGraph, request: _Request) -> tuple[Plan, tuple]:
     p = plan_profile(gp, request.budget_bytes, solver=request.solver, time_limit_s=request.time_limit_s,
                      model_info=request.model_info, progress=request.progress, objective=request.objective,
                      engine=request.engine, loop=request.loop)
-    if request.engine is not None:
-        p = dataclasses.replace(p, distributed=record(request.distributed, request.engine))
+    if request.distributed_info is not None:
+        p = dataclasses.replace(p, distributed=request.distributed_info)
     extra = sum(ni.time_s for ni in gp.nodes.values() if "replay_dropout_mask" in ni.op and ni.phase == "forward")
     cost = p.recompute_time_s + extra
     return p, rank_key(request.objective, flops=p.recompute_flops, time_s=cost)

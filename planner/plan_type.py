@@ -112,6 +112,9 @@ class DistributedInfo:
     end_bytes: int
     #: The optimizer's state, included in the three above.
     optimizer_bytes: int
+    #: For ``sharding="deepspeed"``: the DeepSpeed settings read from its config
+    #: (``planner.deepspeed_config.DeepSpeedSettings.to_dict``); left out of the JSON otherwise.
+    deepspeed: dict | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -196,6 +199,9 @@ class Plan:
     total_flops: int
     #: Seconds spent recomputing, by the same estimate as the node times.
     recompute_time_s: float = 0.0
+    #: Seconds of the step's forward and backward without recomputation, by the same
+    #: estimate (0.0 when not recorded): the planned step takes this plus ``recompute_time_s``.
+    step_time_s: float = 0.0
     #: Solver name, status, seconds, gap.
     solver: SolverInfo
     #: Per-value decisions, in forward order.
@@ -242,6 +248,8 @@ class Plan:
         d["baseline_timeline"] = [list(p) for p in self.baseline_timeline]
         if self.distributed is None:
             del d["distributed"]  # one process: the key is left out
+        elif self.distributed.deepspeed is None:
+            del d["distributed"]["deepspeed"]  # not a DeepSpeed engine
         if self.solver.backend is None:
             del d["solver"]["backend"]  # not an ILP plan
         if d["executor"] == "eager":

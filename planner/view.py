@@ -39,7 +39,12 @@ def _budget_text(plan) -> str:
     budget = format_bytes(plan.budget_bytes)
     d = plan.distributed
     if d is not None:
-        budget += (f" per rank of {d.world_size} ({d.sharding}, optimizer {d.optimizer}; the engine adds "
+        engine = d.sharding
+        if d.deepspeed is not None:
+            ds = d.deepspeed
+            engine = (f"DeepSpeed ZeRO-{ds['stage']} {ds['precision']}, micro-batch {ds['micro_batch']} x "
+                      f"{ds['accumulation']} accumulated")
+        budget += (f" per rank of {d.world_size} ({engine}, optimizer {d.optimizer}; the engine adds "
                    f"{format_bytes(d.forward_bytes)} in forward, {format_bytes(d.backward_bytes)} in backward, "
                    f"{format_bytes(d.end_bytes)} while gradients are reduced)")
     return budget

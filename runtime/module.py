@@ -30,6 +30,7 @@ from torch import nn
 
 from planner import plan as plan_model
 from planner import resimulate
+from planner.deepspeed_config import DeepSpeedSettings
 from planner.plan_type import GiB, Plan
 from profiles import available_targets
 from profiles._torch_private import (
@@ -227,7 +228,12 @@ class PlannedModule(nn.Module):
         # the plan's device profile when it is a shipped one (a profile given by path records only its name)
         target = self.plan.target if self.plan.target in available_targets() else None
         dist = self.plan.distributed  # a per-rank plan is planned again per rank, for the same engine
-        per_rank = {} if dist is None else {"world_size": dist.world_size, "sharding": dist.sharding, "optimizer": dist.optimizer}
+        if dist is None:
+            per_rank = {}
+        elif dist.deepspeed is not None:  # the same DeepSpeed engine's settings
+            per_rank = {"deepspeed": DeepSpeedSettings(**dist.deepspeed)}
+        else:
+            per_rank = {"world_size": dist.world_size, "sharding": dist.sharding, "optimizer": dist.optimizer}
         new = plan_model(self.module, self.plan.budget_bytes / GiB, inputs, target=target,
                            objective=self.plan.solver.objective, executor=self.executor,
                            compile_options=self.compile_options or None, **per_rank)

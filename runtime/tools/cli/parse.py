@@ -10,6 +10,7 @@ import argparse
 
 from profiles import available_targets
 
+from .batch import add_batch
 from .checks import CliError
 from .commands import cmd_calibrate, cmd_plan, cmd_show, cmd_sweep, cmd_targets, cmd_verify
 
@@ -60,6 +61,8 @@ def _add_plan(sub) -> None:
                    help="count this optimizer's state and its step (torch's default implementation on the model's device)")
     p.add_argument("--grad-accumulation", action="store_true",
                    help="gradients already exist when the step starts (a micro-step after the first)")
+    p.add_argument("--deepspeed", metavar="CONFIG_JSON",
+                   help="DeepSpeed config (ZeRO 0-2) the model trains under: the budget is per rank and holds what the engine keeps")
     p.add_argument("--objective", choices=["time", "flops"], default="time",
                    help="minimise estimated recompute time (default) or recomputed FLOPs, then time")
     _quiet(p)
@@ -121,6 +124,7 @@ def parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_show(sub)
     _add_sweep(sub)
+    add_batch(sub, _model_options, _quiet)
     _add_verify(sub)
     p = sub.add_parser("targets", help="list the device profiles for --target")
     p.set_defaults(run=cmd_targets, quiet=False)
