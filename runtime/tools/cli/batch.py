@@ -55,7 +55,10 @@ def cmd_batch(a: argparse.Namespace, out: Out) -> int:
     out.step(f"loading {a.model}")
     kw = {k: getattr(a, k) for k in ("world_size", "sharding", "optimizer", "deepspeed")}
     with out.busy():
-        model, inputs = load_model(a.model)
+        model, inputs, loss_fn = load_model(a.model)
+        if loss_fn is not None:  # its targets are those of one batch size
+            raise CliError(f"{a.model} returns a loss_fn: `planner batch` grows the inputs' batch, which a loss "
+                           "closed over one batch's targets cannot follow; return (model, example_inputs)")
         with planning_errors(model):
             result = fit_batch(model, budget_gb, inputs, start=a.start, max_batch=a.max_batch, solver=a.solver,
                                target=target_name, time_limit_s=a.time_limit, measure_time=a.measure_time,
