@@ -27,7 +27,7 @@ from .deepspeed import deepspeed_engine
 from .distributed import Distributed, EngineBytes, engine_bytes, record
 from .evaluation import Evaluation
 from .ilp import backend_name, solve_ilp
-from .loop_capture import LoopSetup, loop_setup, optimizer_spec
+from .loop_capture import LoopSetup, check_engine_loop, loop_setup, optimizer_spec
 from .memory_model import refine
 from .optimizer_memory import OptimizerSpec
 from .plan_type import DistributedInfo, GiB, ModelInfo, Plan, SolverInfo
@@ -104,7 +104,7 @@ class _Request:
     distributed_info: DistributedInfo | None
     #: ``Plan.model`` of every plan made.
     model_info: ModelInfo
-    #: The training loop around the step (None: under a data-parallel engine, not counted).
+    #: The training loop around the step (under a data-parallel engine, the optimizer is the engine's).
     loop: LoopSetup | None = None
 
 
@@ -145,13 +145,14 @@ def plan(
     also holds what the engine keeps on one rank; ``optimizer="adamw"`` there adds
     AdamW's state (see :mod:`planner.distributed`).
 
-    The training loop (one process; :mod:`planner.training_loop`): ``loss_fn`` is the
+    The training loop (:mod:`planner.training_loop`; per rank under an engine): ``loss_fn`` is the
     loss as the loop computes it from the model's outputs (example targets closed
     over), ``loss = loss_fn(wrapped(**batch)); loss.backward()``, with the outputs held
     until backward ends: its forward and backward are in the budget. Without it, a
     model that returns no one-element output gets
     :class:`~planner.loss_phase.LossNotCountedWarning`. ``grad_accumulation=True``:
-    gradients already exist when the step starts (a micro-step after the first).
+    gradients already exist when the step starts (a micro-step after the first; under DDP,
+    ``no_sync()`` micro-steps; refused under FSDP2 and DeepSpeed, whose config counts its own).
     ``optimizer``: ``"adamw"``, ``"adam"``, ``"sgd"`` (torch's defaults) or a
     :class:`~planner.optimizer_memory.OptimizerSpec` (implementation, momentum...;
     by default the implementation torch picks on the model's device): its state is
@@ -170,6 +171,7 @@ def plan(
     budget_bytes = check_budget(budget_gb)
     single = sharding == "none" and deepspeed is None
     spec = optimizer_spec(optimizer) if single else None
+    check_engine_loop(sharding=sharding, deepspeed=deepspeed, grad_accumulation=grad_accumulation)
     dist_cfg, engine, info = _engine(model, deepspeed, world_size=world_size, sharding=sharding,
                                      optimizer="none" if single else optimizer)
     args, kwargs = normalize_inputs(model, example_inputs)
@@ -178,7 +180,7 @@ def plan(
     captured = _capture(model, inputs, executor=executor, compile_options=compile_options, progress=progress)
     device_type = _device_type(model, target)
     loop = loop_setup(model, args, kwargs, captured, loss_fn=loss_fn, grad_accumulation=grad_accumulation,
-                      optimizer=spec, device_type=device_type, granularity=granularity(device_type)) if single else None
+                      optimizer=spec, device_type=device_type, granularity=granularity(device_type))
     request = _Request(
         budget_bytes=budget_bytes, solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time,
         progress=progress, objective=objective, distributed=dist_cfg, engine=engine, distributed_info=info,

@@ -13,6 +13,7 @@ peak must be within the budget and within 5% of the plan's per-rank prediction
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import planner
 import runtime
@@ -33,7 +35,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available in this torch build", allow_module_level=True)
 
-from dist_harness import WORLD, assert_same_grads, init, spawn, train, wrap  # noqa: E402
+from dist_harness import WORLD, assert_same_grads, init, local_grads, spawn, train, wrap  # noqa: E402
 
 
 def _model():
@@ -118,6 +120,90 @@ def test_planned_module_trains_under_engine_within_budget(single, sharding, frac
         assert measured <= p.budget_bytes, f"rank {rank}: measured {measured} > budget {p.budget_bytes} ({r})"
         assert abs(measured - p.predicted_peak_bytes) <= 0.05 * measured, (rank, r, p.predicted_peak_bytes)
         assert r["inner_order"] if sharding == "fsdp" else r["ddp_inside_refused"]
+
+
+def _gpt2():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=256, n_positions=64, use_cache=False,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg).train()
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+    return model, {"input_ids": ids}, lambda out: F.cross_entropy(out.logits.float().flatten(0, 1), ids.flatten())
+
+
+def _micro_step(module, inputs, loss_fn, seed: int) -> None:
+    torch.manual_seed(seed)
+    out = module(**inputs)  # held until backward ends, as the everyday loop does
+    loss_fn(out).backward()
+
+
+def _accumulate(ddp, model, inputs, loss_fn, *, measure: bool):
+    """A compiling micro-step, then two accumulated ones (``no_sync()``, then synced);
+    the gradients and, with ``measure``, the last two wrapped in record_function."""
+    from torch.profiler import record_function
+
+    with ddp.no_sync():
+        _micro_step(ddp, inputs, loss_fn, seed=10)
+    model.zero_grad(set_to_none=True)
+    gc.collect()  # the compilation leaves cyclic garbage behind
+    for seed, region, ctx in ((11, "first_micro_step", ddp.no_sync), (12, "accumulating_micro_step", contextlib.nullcontext)):
+        with ctx(), (record_function(region) if measure else contextlib.nullcontext()):
+            _micro_step(ddp, inputs, loss_fn, seed)
+    return local_grads(model)
+
+
+def _gpt2_accumulation_worker(rank: int, port: int, plan_json: str, out_dir: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    init(rank, port)
+    try:
+        plan = planner.Plan.from_json(plan_json)
+        base, inputs, loss_fn = _gpt2()
+        inputs = {"input_ids": (inputs["input_ids"] + rank) % 256}  # each rank its own batch
+        ref_model = copy.deepcopy(base)
+        ref = _accumulate(wrap(ref_model, "ddp"), ref_model, inputs, loss_fn, measure=False)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            model = copy.deepcopy(base)
+            got = _accumulate(wrap(runtime.apply(model, plan), "ddp"), model, inputs, loss_fn, measure=True)
+            assert_same_grads(ref, got, f"rank {rank} after accumulating")
+            del model, got
+            gc.collect()
+        result = {r: storage_bytes(inputs.values()) + allocator_peak(prof, region=r)[0]
+                  for r in ("first_micro_step", "accumulating_micro_step")}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loss_outside_the_model_and_accumulation_under_ddp(tmp_path):
+    """A GPT-2 with the loss computed outside the model, planned per rank with
+    ``loss_fn`` and ``grad_accumulation=True`` under DDP: on 2 ranks every micro-step
+    is within the budget, the accumulating one within 5% of the prediction, and the
+    accumulated gradients equal unplanned DDP's."""
+    model, inputs, loss_fn = _gpt2()
+    kw = {"world_size": WORLD, "sharding": "ddp", "loss_fn": loss_fn, "grad_accumulation": True}
+    full = planner.plan(model, 1.0, inputs, **kw)
+    grads = sum(p.numel() * p.element_size() for p in model.parameters())
+    floor = storage_bytes(list(model.parameters()) + list(inputs.values())) + 2 * grads  # held grads, DDP's buckets
+    p = planner.plan(model, (floor + 0.85 * (full.baseline_peak_bytes - floor)) / planner.GiB, inputs, **kw)
+    assert p.recomputed and (p.training_loop.loss, p.training_loop.grad_accumulation) == ("loss_fn", True)
+    assert p.training_loop.loss_peak_bytes > 0 and p.distributed.sharding == "ddp"
+    spawn(_gpt2_accumulation_worker, p.to_json(), str(tmp_path))
+    for rank in range(WORLD):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert max(r.values()) <= p.budget_bytes, (rank, r, p.budget_bytes)
+        measured = r["accumulating_micro_step"]
+        assert abs(measured - p.predicted_peak_bytes) <= 0.05 * measured, (rank, r, p.predicted_peak_bytes)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"sharding": "fsdp"}, "sharding='fsdp' is not supported"),
+                                           ({"deepspeed": {"train_micro_batch_size_per_gpu": 2}}, "gradient_accumulation_steps")])
+def test_accumulation_refused_where_the_engine_keeps_it(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        planner.plan(_model(), 1.0, _inputs(0), world_size=WORLD, grad_accumulation=True, **kwargs)
 
 
 def test_engine_bytes_per_rank():
