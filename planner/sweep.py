@@ -163,12 +163,14 @@ def sweep(
     time_limit_s: float = 60.0,
     measure_time: bool = False,
     log: Callable[[str], None] | None = None,
+    loss_fn: Callable[[Any], Any] | None = None,
 ) -> Sweep:
     """Plan ``model`` at each of ``budgets_gb`` (GiB), or at ``points`` budgets spread
     evenly from the planner's minimum to the no-checkpoint peak. A budget below the
-    minimum gives a point with no plan. ``log`` receives a line per step."""
+    minimum gives a point with no plan. ``log`` receives a line per step. ``loss_fn``:
+    the loss outside the model, as :func:`planner.plan` takes it (counted at every budget)."""
     say = log or (lambda msg: None)
-    kw = dict(solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time)
+    kw = dict(solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time, loss_fn=loss_fn)
     min_budget = baseline = None
     if budgets_gb is None:
         budgets, done, min_budget = _spread(model, example_inputs, points, kw, say)

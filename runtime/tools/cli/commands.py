@@ -115,10 +115,10 @@ def cmd_sweep(a, out: Out) -> int:
         check_plot_path(a.plot)
     out.step(f"loading {a.model}")
     with out.busy():
-        model, inputs, _ = load_model(a.model)
+        model, inputs, loss_fn = load_model(a.model)
         with planning_errors(model):
             result = sweep(model, inputs, budgets_gb=budgets, points=a.points or 6, solver=a.solver, target=target_name,
-                           time_limit_s=a.time_limit, measure_time=a.measure_time, log=out.step)
+                           time_limit_s=a.time_limit, measure_time=a.measure_time, log=out.step, loss_fn=loss_fn)
     if a.plot:
         write_plot(result.plot(), a.plot, out)
     print(result.table())
