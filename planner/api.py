@@ -150,9 +150,8 @@ def plan(
     over), ``loss = loss_fn(wrapped(**batch)); loss.backward()``, with the outputs held
     until backward ends: its forward and backward are in the budget. Without it, a
     model that returns no one-element output gets
-    :class:`~planner.loss_phase.LossNotCountedWarning`. ``grad_accumulation=True``:
-    gradients already exist when the step starts (a micro-step after the first; under DDP,
-    ``no_sync()`` micro-steps; refused under FSDP2 and DeepSpeed, whose config counts its own).
+    :class:`~planner.loss_phase.LossNotCountedWarning`. ``grad_accumulation=True``: gradients
+    exist when the step starts (a micro-step after the first; DDP: ``no_sync()``; not FSDP2, DeepSpeed).
     ``optimizer``: ``"adamw"``, ``"adam"``, ``"sgd"`` (torch's defaults) or a
     :class:`~planner.optimizer_memory.OptimizerSpec` (implementation, momentum...;
     by default the implementation torch picks on the model's device): its state is
@@ -171,9 +170,8 @@ def plan(
     budget_bytes = check_budget(budget_gb)
     single = sharding == "none" and deepspeed is None
     spec = optimizer_spec(optimizer) if single else None
-    check_engine_loop(sharding=sharding, deepspeed=deepspeed, grad_accumulation=grad_accumulation)
     dist_cfg, engine, info = _engine(model, deepspeed, world_size=world_size, sharding=sharding,
-                                     optimizer="none" if single else optimizer)
+                                     optimizer="none" if single else optimizer, grad_accumulation=grad_accumulation)
     args, kwargs = normalize_inputs(model, example_inputs)
     _check_call(model, args, kwargs, solver=solver, objective=objective, time_limit_s=time_limit_s, target=target)
     inputs = kwargs if kwargs else args
@@ -201,10 +199,12 @@ def _capture(model: torch.nn.Module, inputs, *, executor: str, compile_options: 
     return captured
 
 
-def _engine(model: torch.nn.Module, deepspeed: Any, *, world_size: int, sharding: str, optimizer):
+def _engine(model: torch.nn.Module, deepspeed: Any, *, world_size: int, sharding: str, optimizer,
+            grad_accumulation: bool):
     """The data-parallel setup, the bytes its engine holds per rank and what the plan
     records of it (a DeepSpeed config, or ``world_size``/``sharding``; one process:
-    an inactive setup and two ``None``)."""
+    an inactive setup and two ``None``); ``grad_accumulation`` refused where the engine keeps it."""
+    check_engine_loop(sharding=sharding, deepspeed=deepspeed, grad_accumulation=grad_accumulation)
     if deepspeed is not None:
         info, engine = deepspeed_engine(model, deepspeed, world_size=world_size, sharding=sharding, optimizer=optimizer)
         return Distributed(), engine, info
