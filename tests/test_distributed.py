@@ -51,7 +51,7 @@ def _inputs(rank: int):
     return {"x": torch.randn(128, 64, generator=g), "target": torch.randint(0, 8, (128,), generator=g)}
 
 
-def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str, gpt2_json: str) -> None:
+def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str, gpt2: tuple | None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     init(rank, port)
@@ -84,8 +84,8 @@ def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str, g
             assert_same_grads(ref[0], inner[0], f"rank {rank} fully_shard(model) then apply, step 1")
             assert_same_grads(ref[1], inner[1], f"rank {rank} fully_shard(model) then apply, step 2")
             result["inner_order"] = True
-        if gpt2_json:
-            result["gpt2"] = _gpt2_accumulation(rank, gpt2_json)
+        if gpt2 is not None:
+            result["gpt2"] = _gpt2_accumulation(rank, *gpt2)
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(result, f)
     finally:
@@ -119,7 +119,7 @@ def test_planned_module_trains_under_engine_within_budget(single, sharding, frac
         backward_bytes=engine.backward, end_bytes=engine.end, optimizer_bytes=engine.optimizer,
     )
     gpt2 = _gpt2_plan() if sharding == "ddp" else None  # in the same ranks: one spawn
-    spawn(_worker, p.to_json(), sharding, str(tmp_path), gpt2.to_json() if gpt2 else "")
+    spawn(_worker, p.to_json(), sharding, str(tmp_path), (gpt2.to_json(), _gpt2_expected_grads()) if gpt2 else None)
     for rank in range(WORLD):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         measured = r["measured"]
@@ -151,9 +151,9 @@ def _micro_step(module, inputs, loss_fn, seed: int) -> None:
     loss_fn(out).backward()
 
 
-def _accumulate(ddp, model, inputs, loss_fn, *, measure: bool):
-    """A compiling micro-step, then two accumulated ones (``no_sync()``, then synced);
-    the gradients and, with ``measure``, the last two wrapped in record_function."""
+def _accumulate(ddp, model, inputs, loss_fn):
+    """A compiling micro-step, then two accumulated ones (``no_sync()``, then synced),
+    each wrapped in record_function; the gradients."""
     from torch.profiler import record_function
 
     with ddp.no_sync():
@@ -161,25 +161,41 @@ def _accumulate(ddp, model, inputs, loss_fn, *, measure: bool):
     model.zero_grad(set_to_none=True)
     gc.collect()  # the compilation leaves cyclic garbage behind
     for seed, region, ctx in ((11, "first_micro_step", ddp.no_sync), (12, "accumulating_micro_step", contextlib.nullcontext)):
-        with ctx(), (record_function(region) if measure else contextlib.nullcontext()):
+        with ctx(), record_function(region):
             _micro_step(ddp, inputs, loss_fn, seed)
     return local_grads(model)
 
 
-def _gpt2_accumulation(rank: int, plan_json: str) -> dict:
-    """On one rank: the GPT-2's accumulated gradients equal unplanned DDP's; the
-    absolute peaks of its two measured micro-steps."""
+def _rank_batch(inputs: dict, rank: int) -> dict:
+    return {"input_ids": (inputs["input_ids"] + rank) % 256}  # each rank its own batch
+
+
+def _gpt2_expected_grads() -> dict:
+    """What DDP leaves after two accumulated micro-steps on each rank's batch: the mean
+    over the ranks of each rank's summed gradients, computed eagerly in this process."""
+    base, inputs, loss_fn = _gpt2()
+    expected = {}
+    for rank in range(WORLD):
+        model = copy.deepcopy(base)
+        for seed in (11, 12):
+            _micro_step(model, _rank_batch(inputs, rank), loss_fn, seed)
+        for name, p in model.named_parameters():
+            expected[name] = expected.get(name, 0) + p.grad / WORLD
+    return expected
+
+
+def _gpt2_accumulation(rank: int, plan_json: str, expected: dict) -> dict:
+    """On one rank: the planned GPT-2's accumulated gradients under DDP are ``expected``;
+    the absolute peaks of its two measured micro-steps."""
     from torch.profiler import ProfilerActivity, profile
 
     plan = planner.Plan.from_json(plan_json)
     base, inputs, loss_fn = _gpt2()
-    inputs = {"input_ids": (inputs["input_ids"] + rank) % 256}  # each rank its own batch
-    ref_model = copy.deepcopy(base)
-    ref = _accumulate(wrap(ref_model, "ddp"), ref_model, inputs, loss_fn, measure=False)
+    inputs = _rank_batch(inputs, rank)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = copy.deepcopy(base)
-        got = _accumulate(wrap(runtime.apply(model, plan), "ddp"), model, inputs, loss_fn, measure=True)
-        assert_same_grads(ref, got, f"GPT-2, rank {rank}, after accumulating")
+        got = _accumulate(wrap(runtime.apply(model, plan), "ddp"), model, inputs, loss_fn)
+        assert_same_grads(expected, got, f"GPT-2, rank {rank}, after accumulating")
         del model, got
         gc.collect()
     return {r: storage_bytes(inputs.values()) + allocator_peak(prof, region=r)[0]
