@@ -187,12 +187,16 @@ class PreparedStep:
         self._request = request
         self._closed = False
 
-    def plan(self, budget_bytes: int) -> Plan:
-        """The plan at ``budget_bytes`` (bytes), as :func:`plan` makes it; raises
-        :class:`BudgetTooSmall` when no plan fits."""
+    def plan(self, budget_bytes: int, *, solver: str | None = None) -> Plan:
+        """The plan at ``budget_bytes`` (bytes), as :func:`plan` makes it (with ``solver``
+        instead of :func:`prepare`'s when given); raises :class:`BudgetTooSmall` when no plan fits."""
         if self._closed:
             raise RuntimeError("this PreparedStep is closed: plan inside its `with` block")
-        return _plan_dropout_modes(self._captured, dataclasses.replace(self._request, budget_bytes=budget_bytes))
+        request = dataclasses.replace(self._request, budget_bytes=budget_bytes)
+        if solver is not None:
+            _check_choices(solver, request.objective, request.time_limit_s)
+            request = dataclasses.replace(request, solver=solver)
+        return _plan_dropout_modes(self._captured, request)
 
     def close(self) -> None:
         """Free the example tensors the capture holds."""

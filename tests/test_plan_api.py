@@ -130,6 +130,10 @@ def test_plans_are_deterministic(setup):
     with planner.prepare(model, inputs) as step:
         low = step.plan(int(0.6 * eager))
         c = step.plan(int(0.7 * eager))
+        sq = step.plan(int(0.7 * eager), solver="sqrt")
+        with pytest.raises(ValueError, match="unknown solver"):
+            step.plan(int(0.7 * eager), solver="fast")
+    assert sq.solver.name == "sqrt" and sq.recompute_time_s >= c.recompute_time_s
     strip = lambda p: {k: v for k, v in p.to_dict().items() if k != "solver"}  # noqa: E731
     assert strip(a) == strip(b) == strip(c)
     assert low.predicted_peak_bytes < c.predicted_peak_bytes
