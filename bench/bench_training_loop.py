@@ -18,7 +18,7 @@ model. Scenarios, each planned at half of the step's memory above what lives all
 Peaks: ``profiles.measure_peak`` (allocator events) plus what was live before the
 measured call. FLOPs: the plan's ``(total + recomputed) / total``; eager 1.000.
 
-    python bench/bench_training_loop.py [--out FILE]
+    python bench/bench_training_loop.py [--rows loss,accumulation,adamw,autocast,blind] [--out FILE]
 """
 
 from __future__ import annotations
@@ -129,10 +129,19 @@ def _state(model, spec) -> int:
     return optimizer_memory(list(model.parameters()), spec).state_bytes
 
 
+#: The table's rows, in order: ``--rows`` picks some.
+ROWS = ("loss", "accumulation", "adamw", "autocast", "blind")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write the table here too, a row at a time")
+    ap.add_argument("--rows", default=",".join(ROWS),
+                    help=f"which rows, comma-separated, of {','.join(ROWS)} (blind needs loss's budget: loss is then planned too)")
     a = ap.parse_args(argv)
+    wanted = set(a.rows.split(","))
+    if not wanted <= set(ROWS):
+        ap.error(f"--rows: unknown {', '.join(sorted(wanted - set(ROWS)))}; choose from {','.join(ROWS)}")
     model, inputs, loss_fn = _setup()
     out = open(a.out, "w") if a.out else None
 
@@ -146,15 +155,22 @@ def main(argv=None) -> int:
     emit(f"Machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the start", "",
          "| scenario | eager peak (MiB) | budget (MiB) | predicted (MiB) | measured (MiB) | FLOPs | notes |",
          "|---|---|---|---|---|---|---|")
-    rows, p = scenario("loss outside (`loss_fn=`)", model, inputs, loss_fn, loss_fn=loss_fn)
-    emit(*rows)
-    emit(*scenario("accumulation, 4 micro-steps (`grad_accumulation=True`)", model, inputs, loss_fn,
-                   loss_fn=loss_fn, grad_accumulation=True)[0])
-    spec = planner.OptimizerSpec(name="adamw", implementation="foreach")
-    emit(*scenario("AdamW(foreach=True), whole iteration (`optimizer=`)", model, inputs, loss_fn,
-                   loss_fn=loss_fn, optimizer=spec)[0])
-    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    emit(*scenario("autocast bf16 (peak only)", model, inputs, loss_fn, ctx=bf16, loss_fn=loss_fn)[0])
+    if wanted & {"loss", "blind"}:
+        rows, p = scenario("loss outside (`loss_fn=`)", model, inputs, loss_fn, loss_fn=loss_fn)
+        emit(*rows)
+    if "accumulation" in wanted:
+        emit(*scenario("accumulation, 4 micro-steps (`grad_accumulation=True`)", model, inputs, loss_fn,
+                       loss_fn=loss_fn, grad_accumulation=True)[0])
+    if "adamw" in wanted:
+        spec = planner.OptimizerSpec(name="adamw", implementation="foreach")
+        emit(*scenario("AdamW(foreach=True), whole iteration (`optimizer=`)", model, inputs, loss_fn,
+                       loss_fn=loss_fn, optimizer=spec)[0])
+    if "autocast" in wanted:
+        bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+        emit(*scenario("autocast bf16 (peak only)", model, inputs, loss_fn, ctx=bf16, loss_fn=loss_fn)[0])
+    if "blind" not in wanted:
+        emit("", f"load average {os.getloadavg()[0]:.1f} at the end")
+        return 0
     # the first budget, planned without loss_fn: what the same loop measures then
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", planner.LossNotCountedWarning)
