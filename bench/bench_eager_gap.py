@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -144,8 +145,7 @@ def ours(model, inputs, minimum: bool) -> dict:
     gp = profile_graph(joint)
     row = {}
     for label, arranged in (("before", False), ("after", True)):
-        prob = build_problem(gp)
-        prob.arrange = arranged
+        prob = dataclasses.replace(build_problem(gp), arrange=arranged)
         row[f"ours_{label}"] = prob.evaluate(frozenset()).sim.peak_bytes
         if minimum:
             row[f"min_{label}"] = minimum_budget_bytes(prob)

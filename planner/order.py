@@ -128,7 +128,7 @@ def greedy_order(
                 ready.append(m)
     if len(out) != len(order.nodes):
         raise ValueError(f"the graph has a cycle through {sorted(set(index) - {n for n, _, _ in out})[:5]}")
-    return GraphOrder(tuple(out), order.outputs)
+    return GraphOrder(nodes=tuple(out), outputs=order.outputs)
 
 
 class _Greedy:
@@ -237,7 +237,7 @@ def _moves(gp: GraphProfile, order: GraphOrder, peak_node: str, peak_storages: s
 def _moved(order: GraphOrder, i: int, j: int) -> GraphOrder:
     nodes = list(order.nodes)
     nodes.insert(j, nodes.pop(i))
-    return GraphOrder(tuple(nodes), order.outputs)
+    return GraphOrder(nodes=tuple(nodes), outputs=order.outputs)
 
 
 def improve_order(gp: GraphProfile, schedule: Schedule, *, profile_of=None, granularity: int = 1, engine=None,

@@ -13,7 +13,7 @@ import torch.fx as fx
 from planner.order import arrange, reorder_graph
 from planner.reuse import apply_reuse
 from planner.schedule import schedule_of
-from profiles.capture import JointGraph
+from profiles.joint import JointGraph
 from profiles.graph_profile import profile_graph
 
 __all__ = ["arrange_graphs"]

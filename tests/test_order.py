@@ -12,7 +12,6 @@ import planner
 import runtime
 from helpers import ResidualNet, assert_same_step, measured_step_peak, tiny_gpt2
 from planner.order import arrange, check_order, greedy_schedule, reorder_graph
-from planner.partition import split_joint
 from planner.problem import build_problem
 from planner.reuse import OUT_VARIANTS, apply_reuse
 from planner.schedule import GraphOrder, fast_schedule, schedule_of
@@ -20,6 +19,7 @@ from planner.simulate import simulate
 from planner.sqrt import solve_sqrt
 from profiles import capture, measure_peak, profile_graph
 from profiles._torch_private import make_boxed
+from runtime.partition import split_joint
 
 
 def _case(name):
@@ -81,14 +81,14 @@ def test_check_order_rejects_invalid_orders():
     nodes = list(sched.forward.nodes)
     first_call = next(i for i, (_, op, _) in enumerate(nodes) if op == "call_function")
     with pytest.raises(ValueError, match="runs before its input"):
-        check_order(gp, sched.forward, GraphOrder(tuple(nodes[:first_call] + nodes[first_call:][::-1]), sched.forward.outputs))
+        check_order(gp, sched.forward, GraphOrder(nodes=tuple(nodes[:first_call] + nodes[first_call:][::-1]), outputs=sched.forward.outputs))
     randoms = [i for i, (n, op, _) in enumerate(nodes) if op == "call_function" and not gp.nodes[n].recomputable]
     assert len(randoms) >= 2  # ResidualNet's dropouts
     i, j = randoms[0], randoms[1]
     swapped = nodes[:]
     swapped[i], swapped[j] = swapped[j], swapped[i]
     with pytest.raises(ValueError):
-        check_order(gp, sched.forward, GraphOrder(tuple(swapped), sched.forward.outputs))
+        check_order(gp, sched.forward, GraphOrder(nodes=tuple(swapped), outputs=sched.forward.outputs))
 
 
 def test_greedy_order_is_a_valid_order():
