@@ -27,7 +27,8 @@ from profiles.graph_profile import GraphProfile
 from .distributed import EngineBytes
 from .evaluation import Evaluation
 from .memory_model import MemoryModel, build_memory_model
-from .schedule import fast_schedule
+from .order import arrange
+from .schedule import Schedule, fast_schedule
 from .simulate import simulate
 
 __all__ = ["Problem", "Evaluation", "build_problem", "OBJECTIVES", "rank_key"]
@@ -67,18 +68,21 @@ class Problem:
     objective: str = "time"
     #: Per-rank bytes a data-parallel engine adds to each phase (None: one process).
     engine: EngineBytes | None = None
-    #: Evaluations by recompute set: a memo, shared by the problems derived from
-    #: this one (an evaluation does not depend on the objective).
+    #: Whether each schedule is arranged for memory as the runtime runs it
+    #: (reordered, buffers reused: :func:`planner.order.arrange`).
+    arrange: bool = True
+    #: Evaluations by recompute set and ``arrange``: a memo, shared by the problems
+    #: derived from this one (an evaluation does not depend on the objective).
     evaluations: dict = field(default_factory=dict, repr=False)
 
     # -- exact evaluation -------------------------------------------------
     def evaluate(self, recompute) -> Evaluation:
         """Split the joint graph for ``recompute`` and simulate it exactly."""
         key = frozenset(recompute)
-        if key in self.evaluations:
-            return self.evaluations[key]
-        sched = fast_schedule(self.gp.joint, key)
-        sim = simulate(self.gp, sched, granularity=self.granularity, engine=self.engine)
+        if (key, self.arrange) in self.evaluations:
+            return self.evaluations[(key, self.arrange)]
+        sched, profile = self.arranged(key)
+        sim = simulate(profile, sched, granularity=self.granularity, engine=self.engine)
         calls = [n for n in sched.backward.nodes if n[1] == "call_function"]
         recomputed = tuple(name for name, _, _ in calls if name in self.own_bytes)
         ev = Evaluation(
@@ -91,8 +95,19 @@ class Problem:
             bwd_order=tuple(name for name, _, _ in calls),
             bwd_inputs={name: inputs for name, _, inputs in calls},
         )
-        self.evaluations[key] = ev
+        self.evaluations[(key, self.arrange)] = ev
         return ev
+
+    def arranged(self, recompute: frozenset[str]) -> tuple[Schedule, GraphProfile]:
+        """The schedule the runtime runs for ``recompute`` and the profile to simulate
+        it with: the split's node orders (:func:`fast_schedule` gives those of the
+        graphs ``split_joint`` builds, without building them), arranged for memory by
+        :func:`planner.order.arrange` when ``self.arrange``."""
+        sched = fast_schedule(self.gp.joint, recompute)
+        if not self.arrange:
+            return sched, self.gp
+        arr = arrange(self.gp, sched, granularity=self.granularity, engine=self.engine)
+        return arr.schedule, arr.profile
 
     def rank(self, ev: Evaluation) -> tuple:
         """Sort key of a fitting plan under the objective: lower is better."""
@@ -115,10 +130,8 @@ class Problem:
     def timeline(self, recompute) -> list[tuple[str, str, int]]:
         """Predicted live bytes after each node of forward then backward, as
         ``(phase, node, bytes)``, for ``recompute``."""
-        # fast_schedule gives the node orders of the graphs split_joint builds
-        # (tests/test_schedule.py), without building them.
-        sim = simulate(self.gp, fast_schedule(self.gp.joint, frozenset(recompute)), granularity=self.granularity,
-                       timeline=True, engine=self.engine)
+        sched, profile = self.arranged(frozenset(recompute))
+        sim = simulate(profile, sched, granularity=self.granularity, timeline=True, engine=self.engine)
         return [(p.phase, p.node, p.live_bytes) for p in sim.timeline]
 
     def decisions_of(self, ev: Evaluation) -> tuple[frozenset[str], frozenset[str]]:

@@ -20,7 +20,7 @@ from profiles.timing import synthetic_cpu_temps
 from .distributed import from_record
 from .plan_type import Plan
 from .schedule import schedule_of
-from .simulate import simulate
+from .order import arrange
 
 __all__ = ["resimulate"]
 
@@ -44,4 +44,5 @@ def resimulate(plan: Plan, joint: fx.GraphModule, forward: fx.GraphModule, backw
         nodes = {name: dataclasses.replace(ni, temp_bytes=temps[name]) if name in temps else ni for name, ni in gp.nodes.items()}
         gp = dataclasses.replace(gp, nodes=nodes)
     engine = from_record(plan.distributed)
-    return simulate(gp, schedule_of(forward, backward), granularity=granularity(device), engine=engine).peak_bytes
+    # the step as the runtime runs it: arranged for memory (planner.order.arrange)
+    return arrange(gp, schedule_of(forward, backward), granularity=granularity(device), engine=engine).after_bytes

@@ -49,6 +49,9 @@ class SimResult:
     static_bytes: int
     #: Live bytes after each node, when asked for (``simulate(..., timeline=True)``).
     timeline: tuple[TimelinePoint, ...] = ()
+    #: Storage ids live at the peak besides parameters, buffers and inputs (what
+    #: :func:`planner.order.improve_order` tries to free or delay there).
+    peak_storages: frozenset[int] = frozenset()
 
 
 #: ``SimResult.peak_node`` when the peak is the gradient reduction after backward.
@@ -86,6 +89,7 @@ class _Liveness:
         self.level = 0
         self.extra = {"forward": engine.forward if engine else 0, "backward": engine.backward if engine else 0}
         self.peak, self.peak_node, self.peak_phase = 0, "", ""
+        self.peak_storages: frozenset[int] = frozenset()
         self.points: list[TimelinePoint] | None = [] if timeline else None
 
     def acquire(self, storages) -> None:
@@ -112,6 +116,7 @@ class _Liveness:
             self.points.append(TimelinePoint(phase=phase, node=name, live_bytes=total))
         if total > self.peak:
             self.peak, self.peak_node, self.peak_phase = total, name, phase
+            self.peak_storages = frozenset(s for s, c in self.refs.items() if c > 0)
 
     def run(self, order: GraphOrder, phase: str) -> list[str]:
         """Run one graph: allocate each node's storages, free each value after its
@@ -150,12 +155,14 @@ def simulate(
     state.run(schedule.backward, "backward")
     if engine is not None and state.level + engine.end > state.peak:
         state.peak, state.peak_node, state.peak_phase = state.level + engine.end, END_OF_BACKWARD, "backward"
+        state.peak_storages = frozenset(s for s, c in state.refs.items() if c > 0)
     return SimResult(
         peak_bytes=state.peak,
         peak_node=state.peak_node,
         peak_phase=state.peak_phase,
         static_bytes=state.static_bytes,
         timeline=tuple(state.points or ()),
+        peak_storages=state.peak_storages,
     )
 
 

@@ -34,7 +34,8 @@ from profiles._torch_private import (
     make_boxed,
     no_ddp_graph_split,
 )
-from profiles.allocator import graph_device_type
+from planner.distributed import from_record
+from profiles.allocator import granularity, graph_device_type
 from profiles.capture import prepare_joint
 from profiles.capture_errors import explain_capture_failure
 from profiles.device import target_device_type
@@ -47,6 +48,7 @@ from profiles.signature import (
     structure_fingerprint,
 )
 
+from .arrange import arrange_graphs
 from .distributed import check_wrapping
 from .partition import split_joint
 
@@ -145,6 +147,9 @@ class PlannedModule(nn.Module):
                         BudgetWarning,
                         stacklevel=2,
                     )
+            fwd, bwd = arrange_graphs(joint, num_fwd_outputs, fwd, bwd, dropout=use.dropout,
+                                      granularity=granularity(graph_device_type(joint)),
+                                      engine=from_record(use.distributed))
             graphs.append((fwd, bwd))
             return fwd, bwd
 
