@@ -60,6 +60,10 @@ def _config(name: str):
     table = {
         "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**common, **attn, num_key_value_heads=2)),
         "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, **attn, num_key_value_heads=2)),
+        "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(
+            **common, **attn, num_key_value_heads=2, head_dim=32)),
+        "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            **common, **attn, num_key_value_heads=4, pad_token_id=0)),
         "gpt_neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**common, **attn)),
         "opt": lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
             **common, num_attention_heads=4, ffn_dim=2 * H, word_embed_proj_dim=H, max_position_embeddings=128)),
@@ -75,8 +79,16 @@ def _config(name: str):
 
 
 def make(name: str):
-    """A random-init model and its inputs (``labels``: the loss is inside)."""
+    """A random-init model and its inputs (``labels``: the loss is inside); the
+    benchmark GPT-2 and ResNet (``bench_gpt2``, ``bench_resnet``) come from
+    ``bench/bench_checkpointing.py``."""
     import transformers
+
+    if name.startswith("bench_"):
+        import bench_checkpointing
+
+        w = getattr(bench_checkpointing, f"make_{name[len('bench_'):]}")()
+        return w.model, w.inputs
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -93,8 +105,9 @@ def measure(model, module, inputs) -> int:
     def step():
         torch.manual_seed(0)
         out = module(**inputs)
-        out.loss.backward()
-        return out.loss.detach()
+        loss = out if isinstance(out, torch.Tensor) else out.loss
+        loss.backward()
+        return loss.detach()
 
     step()  # compile, warm up
     for p in model.parameters():
@@ -109,7 +122,8 @@ def measure(model, module, inputs) -> int:
 def eager_saved_bytes(model, inputs) -> int:
     """Bytes of the distinct storages eager autograd saves for backward (not
     parameters or inputs)."""
-    static = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers()) + list(inputs.values())}
+    tensors = list(model.parameters()) + list(model.buffers()) + [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+    static = {t.untyped_storage().data_ptr() for t in tensors}
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -176,6 +190,8 @@ def run(name: str, minimum: bool) -> dict:
     torch._dynamo.reset()
     row["ours_measured"] = measure(model, runtime.apply(model, plan), inputs)
     torch._dynamo.reset()
+    at_eager = planner.plan(copy.deepcopy(model), row["eager"] / 2**30, inputs)
+    row["recomputed_at_eager"] = len(at_eager.recomputed)
     return row
 
 
@@ -184,14 +200,14 @@ def table(rows: list[dict]) -> str:
         return f"{x / MiB:.2f} ({x / e - 1:+.1%})"
 
     head = ("| model | eager MiB | aot_eager (min-cut) | aot_eager default partition | ours before | ours after (measured) "
-            "| zero tangents | saved - eager's saved |")
-    lines = [head, "|" + "---|" * 8]
+            "| zero tangents | saved - eager's saved | recomputed at budget = eager |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         e = r["eager"]
         lines.append(
             f"| {r['model']} | {e / MiB:.2f} | {rel(r['aot_eager'], e)} | {rel(r['aot_default'], e)} | "
             f"{rel(r['ours_before'], e)} | {rel(r['ours_after'], e)} ({r['ours_measured'] / MiB:.2f}) | "
-            f"{r['tangent'] / MiB:.2f} | {(r['saved'] - r['saved_eager']) / MiB:+.2f} |"
+            f"{r['tangent'] / MiB:.2f} | {(r['saved'] - r['saved_eager']) / MiB:+.2f} | {r['recomputed_at_eager']} |"
         )
     if any("min_before" in r for r in rows):
         lines += ["", "| model | minimum budget before (x eager) | after (x eager) |", "|---|---|---|"]
@@ -203,7 +219,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="mistral,gpt_neox,opt,gpt2,mamba,mamba_loop")
+    ap.add_argument("--models", default="mistral,qwen2,gemma,gpt_neox,phi3,opt,mamba,mamba_loop,gpt2,bench_gpt2,bench_resnet")
     ap.add_argument("--minimum", action="store_true", help="also search the minimum budget before and after (slow)")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args(argv)

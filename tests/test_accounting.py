@@ -57,7 +57,10 @@ OPS = {"index_put": _index_put, "scatter_add": _scatter_add, "empty_copy": _empt
 
 
 class Program(nn.Module):
-    """Linear layers with one op of ``OPS`` after each; the output is a slice of the last."""
+    """Linear layers with one op of ``OPS`` after each, and the loss inside the step
+    (the planner predicts the step it captures, not a loss the caller adds); with
+    ``view_output`` the caller also holds a small view of the last layer's output,
+    which keeps its whole base alive."""
 
     def __init__(self, ops: list[str], view_output: bool):
         super().__init__()
@@ -69,7 +72,8 @@ class Program(nn.Module):
         h = x
         for name, layer in zip(self.ops, self.layers):
             h = OPS[name](layer(h)) + h
-        return h[:, :1] if self.view_output else h
+        loss = h.square().mean()
+        return {"loss": loss, "view": h[:, :1]} if self.view_output else {"loss": loss}
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
