@@ -27,6 +27,7 @@ from .plan_type import GiB, ModelInfo, Plan, SolverInfo
 from .problem import OBJECTIVES, Problem, build_problem, rank_key
 from .search import lowest_plan, search_ilp
 from .sqrt import solve_sqrt
+from .trim import trim
 
 __all__ = [
     "plan",
@@ -269,6 +270,10 @@ def plan_profile(
         ev, info = baseline, SolverInfo(name="none", status="budget fits without recomputation", seconds=0.0)
     else:
         ev, info = _solve(prob, budget_bytes, device_type, solver=solver, time_limit_s=time_limit_s, progress=progress)
+        kept = trim(prob, ev, usable_bytes(budget_bytes, device_type))  # the arranged step's room, handed back
+        if kept is not ev:
+            info = dataclasses.replace(info, status=f"{info.status}; {len(ev.recomputed) - len(kept.recomputed)} values kept again (planner.trim)")
+            ev = kept
     return build_plan(prob, ev, baseline=baseline, budget_bytes=budget_bytes,
                       solver=dataclasses.replace(info, objective=objective),
                       model_info=model_info)

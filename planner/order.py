@@ -263,7 +263,9 @@ def improve_order(gp: GraphProfile, schedule: Schedule, *, profile_of=None, gran
 
 
 def _without_temps(gp: GraphProfile) -> GraphProfile:
-    return replace(gp, nodes={n: replace(i, temp_bytes=0) for n, i in gp.nodes.items()})
+    if not any(i.temp_bytes for i in gp.nodes.values()):
+        return gp
+    return replace(gp, nodes={n: replace(i, temp_bytes=0) if i.temp_bytes else i for n, i in gp.nodes.items()})
 
 
 def arrange(gp: GraphProfile, schedule: Schedule, *, reuse: bool = True, reorder: bool = True,
@@ -275,17 +277,18 @@ def arrange(gp: GraphProfile, schedule: Schedule, *, reuse: bool = True, reorder
     temporaries, makes the same ones from the graphs alone; ``after_bytes`` is the
     exact simulation of the result, temporaries included."""
     plain = _without_temps(gp)
+    memo: dict = {}
 
     def profile_of(s: Schedule) -> GraphProfile:
-        return profile_with_reuse(plain, plan_reuse(plain, s)) if reuse else plain
+        return profile_with_reuse(plain, plan_reuse(plain, s, memo=memo), memo=memo) if reuse else plain
 
     new = schedule
     if reorder:
         new, _ = improve_order(plain, schedule, profile_of=profile_of, granularity=granularity, engine=engine, rounds=rounds)
         check_order(gp, schedule.forward, new.forward)
         check_order(gp, schedule.backward, new.backward)
-    rw = plan_reuse(gp, new) if reuse else Reuse(forward={}, backward={}, storage_map={})
-    profile = profile_with_reuse(gp, rw)
+    rw = plan_reuse(gp, new, memo=memo) if reuse else Reuse(forward={}, backward={}, storage_map={})
+    profile = profile_with_reuse(gp, rw, memo=memo)
     return Arrangement(
         schedule=new, reuse=rw, profile=profile,
         before_bytes=simulate(gp, schedule, granularity=granularity, engine=engine).peak_bytes,

@@ -109,8 +109,12 @@ class Reuse:
     storage_map: dict[int, int]
 
 
-def _reuse_in(gp: GraphProfile, order: GraphOrder, held: set[int], skip: set[str], storage_map: dict[int, int]) -> dict[str, str]:
-    nodes = {n.name: n for n in gp.gm.graph.nodes}
+def _reuse_in(gp: GraphProfile, order: GraphOrder, held: set[int], skip: set[str], storage_map: dict[int, int],
+              memo: dict) -> dict[str, str]:
+    nodes = memo.get("nodes")
+    if nodes is None:
+        nodes = memo["nodes"] = {n.name: n for n in gp.gm.graph.nodes}
+    fits = memo.setdefault("fits", {})
     last: dict[int, int] = {}
     for i, (n, _, inputs) in enumerate(order.nodes):
         for a in (n, *inputs):
@@ -118,13 +122,15 @@ def _reuse_in(gp: GraphProfile, order: GraphOrder, held: set[int], skip: set[str
                 last[s] = i
     out: dict[str, str] = {}
     for i, (n, op, inputs) in enumerate(order.nodes):
-        node = nodes[n]
-        if op != "call_function" or n in skip or out_variant(node.target) is None or len(gp.nodes[n].storages) != 1:
+        if op != "call_function" or n in skip or len(gp.nodes[n].storages) != 1 or out_variant(nodes[n].target) is None:
             continue
-        val = node.meta.get("val")
         for a in dict.fromkeys(inputs):
             sts = gp.nodes[a].storages
-            if a in skip or len(sts) != 1 or sts[0] in held or last[sts[0]] != i or not _fits(val, nodes[a].meta.get("val")):
+            if a in skip or len(sts) != 1 or sts[0] in held or last[sts[0]] != i:
+                continue
+            if (n, a) not in fits:
+                fits[(n, a)] = _fits(nodes[n].meta.get("val"), nodes[a].meta.get("val"))
+            if not fits[(n, a)]:
                 continue
             if any(b != a and sts[0] in gp.nodes[b].storages for b in inputs):
                 continue  # another input is a view into the same buffer
@@ -134,29 +140,42 @@ def _reuse_in(gp: GraphProfile, order: GraphOrder, held: set[int], skip: set[str
     return out
 
 
-def plan_reuse(gp: GraphProfile, schedule: Schedule) -> Reuse:
+def plan_reuse(gp: GraphProfile, schedule: Schedule, *, memo: dict | None = None) -> Reuse:
     """The nodes of ``schedule`` that can write their output into a dying input.
     Nodes that run in both graphs (forward values recomputed in backward that forward
-    also computes) are left as they are."""
+    also computes) are left as they are. ``memo``: a dict kept between calls on the
+    same ``gp`` (what depends on the graph alone, not on the order)."""
+    memo = {} if memo is None else memo
     held_f, held_b = _held(gp, schedule)
     both = {n for n, _, _ in schedule.forward.nodes} & {n for n, _, _ in schedule.backward.nodes}
     storage_map: dict[int, int] = {}
-    fwd = _reuse_in(gp, schedule.forward, held_f, both, storage_map)
-    bwd = _reuse_in(gp, schedule.backward, held_b, both, storage_map)
+    fwd = _reuse_in(gp, schedule.forward, held_f, both, storage_map, memo)
+    bwd = _reuse_in(gp, schedule.backward, held_b, both, storage_map, memo)
     return Reuse(forward=fwd, backward=bwd, storage_map=storage_map)
 
 
-def profile_with_reuse(gp: GraphProfile, reuse: Reuse) -> GraphProfile:
+def profile_with_reuse(gp: GraphProfile, reuse: Reuse, *, memo: dict | None = None) -> GraphProfile:
     """``gp`` for the rewritten graphs: a rewritten node allocates nothing, and it and
-    its views refer to the buffer it writes into."""
+    its views refer to the buffer it writes into. ``memo`` as for :func:`plan_reuse`."""
+    memo = {} if memo is None else memo
+    users = memo.get("storage_users")
+    if users is None:
+        users = memo["storage_users"] = {}
+        for name, info in gp.nodes.items():
+            for s in info.storages:
+                users.setdefault(s, []).append(name)
     m = reuse.storage_map
-    nodes = {}
-    for name, info in gp.nodes.items():
-        if any(s in m for s in info.storages):
-            info = dataclasses.replace(info, storages=tuple(m.get(s, s) for s in info.storages))
-        if name in reuse.forward or name in reuse.backward:
-            info = dataclasses.replace(info, bytes=0)
-        nodes[name] = info
+    touched = {n for s in m for n in users.get(s, ())} | set(reuse.forward) | set(reuse.backward)
+    if not touched:
+        return gp
+    nodes = dict(gp.nodes)
+    infos = memo.setdefault("infos", {})
+    for name in touched:
+        info = nodes[name]
+        key = (name, tuple(m.get(s, s) for s in info.storages), name in reuse.forward or name in reuse.backward)
+        if key not in infos:
+            infos[key] = dataclasses.replace(info, storages=key[1], bytes=0 if key[2] else info.bytes)
+        nodes[name] = infos[key]
     return dataclasses.replace(gp, nodes=nodes)
 
 

@@ -76,19 +76,20 @@ class Program(nn.Module):
         return {"loss": loss, "view": h[:, :1]} if self.view_output else {"loss": loss}
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=st.lists(st.sampled_from(sorted(OPS)), min_size=2, max_size=5), view_output=st.booleans())
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(st.sampled_from(sorted(OPS)), min_size=2, max_size=4), view_output=st.booleans())
 def test_simulated_peak_is_the_measured_peak(ops, view_output):
     torch.manual_seed(0)
     model, inputs = Program(ops, view_output), (torch.randn(ROWS, D),)
-    base = planner.plan(copy.deepcopy(model), 1.0, inputs)
     try:
         planner.plan(copy.deepcopy(model), 1 / 2**30, inputs)
         raise AssertionError("a one-byte budget was accepted")
     except planner.BudgetTooSmall as e:
         lowest = e.min_budget_bytes
-    for budget in (base.baseline_peak_bytes, lowest):  # no recomputation, and the most
-        p = planner.plan(copy.deepcopy(model), budget / 2**30, inputs)
+    at_lowest = planner.plan(copy.deepcopy(model), lowest / 2**30, inputs)
+    for budget in (at_lowest.baseline_peak_bytes, lowest):  # no recomputation, and the most
+        p = planner.plan(copy.deepcopy(model), budget / 2**30, inputs) if budget != lowest else at_lowest
         planned = copy.deepcopy(model)
         measured = measured_step_peak(runtime.apply(planned, p), planned, inputs)
+        # 64 B: the loss's and autograd's few-byte scalars outside the step's graphs
         assert p.predicted_peak_bytes - 64 <= measured <= p.predicted_peak_bytes + 64, (ops, view_output, budget, measured, p.predicted_peak_bytes)

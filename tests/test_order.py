@@ -17,6 +17,7 @@ from planner.reuse import OUT_VARIANTS, apply_reuse
 from planner.schedule import GraphOrder, fast_schedule, schedule_of
 from planner.simulate import simulate
 from planner.sqrt import solve_sqrt
+from planner.trim import trim
 from profiles import capture, measure_peak, profile_graph
 from profiles._torch_private import make_boxed
 from runtime.partition import split_joint
@@ -26,8 +27,8 @@ def _case(name):
     torch.manual_seed(0)
     if name == "residual":
         return ResidualNet(d=32, blocks=3, hidden=64), {"x": torch.randn(64, 32), "target": torch.randint(0, 8, (64,))}
-    ids = torch.randint(0, 128, (4, 64))
-    return tiny_gpt2(layers=2, d=64, heads=4, vocab=128, positions=64), {"input_ids": ids, "labels": ids}
+    ids = torch.randint(0, 128, (2, 32))
+    return tiny_gpt2(layers=1, d=32, heads=2, vocab=128, positions=32), {"input_ids": ids, "labels": ids}
 
 
 def _recompute_sets(gp):
@@ -60,15 +61,15 @@ def test_arranged_schedules_are_valid_and_never_peak_higher(case):
 
 def test_reuse_lowers_the_no_checkpoint_peak_of_a_language_model():
     torch.manual_seed(0)
-    model = tiny_gpt2(layers=2, d=64, heads=4, vocab=1000, positions=64)
-    ids = torch.randint(0, 1000, (4, 64))
+    model = tiny_gpt2(layers=1, d=32, heads=2, vocab=1000, positions=32)
+    ids = torch.randint(0, 1000, (2, 32))
     joint = capture(model, {"input_ids": ids, "labels": ids}, dropout="mask")
     gp = profile_graph(joint)
     sched = fast_schedule(joint, frozenset())
     arr = arrange(gp, sched)
     # the peak is in the loss's backward, where the log-softmax backward writes into
     # the NLL gradient: about one logits-sized buffer fewer
-    logits = 4 * 64 * 1000 * 4
+    logits = 2 * 32 * 1000 * 4
     assert arr.after_bytes <= arr.before_bytes - 0.9 * logits, (arr.before_bytes, arr.after_bytes)
     assert "_log_softmax_backward_data" in arr.reuse.backward
 
@@ -154,6 +155,25 @@ def test_planned_step_runs_as_simulated_with_eager_gradients(case):
             case, fraction, measured, p.predicted_peak_bytes)
     if case == "gpt2":  # the no-checkpoint step of a language model: no more than eager
         assert p.baseline_peak_bytes <= eager_peak, (p.baseline_peak_bytes, eager_peak)
+        at_eager = planner.plan(copy.deepcopy(model), eager_peak / 2**30, inputs)
+        assert at_eager.recomputed == [], at_eager.recomputed
+
+
+def test_trim_keeps_what_the_arranged_step_has_room_for():
+    model, inputs = _case("gpt2")
+    gp = profile_graph(capture(model, inputs, dropout="mask"))
+    prob = build_problem(gp)
+    everything = solve_sqrt(prob, None).evaluation  # sqrt(L)'s lowest-memory plan
+    baseline = prob.evaluate(frozenset())
+    assert everything.recomputed and everything.sim.peak_bytes < baseline.sim.peak_bytes
+    # room for the whole no-checkpoint step: nothing stays recomputed
+    assert trim(prob, everything, baseline.sim.peak_bytes).recompute == frozenset()
+    # half-way: a fitting subset, no costlier
+    budget = (everything.sim.peak_bytes + baseline.sim.peak_bytes) // 2
+    kept = trim(prob, everything, budget)
+    assert kept.recompute < everything.recompute and kept.sim.peak_bytes <= budget
+    assert kept.cost_s < everything.cost_s
+    assert kept.sim.peak_bytes == prob.evaluate(kept.recompute).sim.peak_bytes
 
 
 def _example_args(op):
