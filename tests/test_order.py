@@ -4,6 +4,7 @@ same values, keep random ops in order, never peak higher, and run as simulated."
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -31,6 +32,14 @@ def _case(name):
     return tiny_gpt2(layers=1, d=32, heads=2, vocab=128, positions=32), {"input_ids": ids, "labels": ids}
 
 
+@functools.lru_cache(maxsize=None)
+def _profiled(name):
+    """``(joint, profile)`` of a case, captured once for the tests that only read them."""
+    model, inputs = _case(name)
+    joint = capture(model, inputs, dropout="mask")
+    return joint, profile_graph(joint)
+
+
 def _recompute_sets(gp):
     prob = build_problem(gp)
     return {
@@ -42,9 +51,7 @@ def _recompute_sets(gp):
 
 @pytest.mark.parametrize("case", ["residual", "gpt2"])
 def test_arranged_schedules_are_valid_and_never_peak_higher(case):
-    model, inputs = _case(case)
-    joint = capture(model, inputs, dropout="mask")
-    gp = profile_graph(joint)
+    joint, gp = _profiled(case)
     for label, recompute in _recompute_sets(gp).items():
         sched = fast_schedule(joint, recompute)
         arr = arrange(gp, sched)
@@ -75,9 +82,7 @@ def test_reuse_lowers_the_no_checkpoint_peak_of_a_language_model():
 
 
 def test_check_order_rejects_invalid_orders():
-    model, inputs = _case("residual")
-    joint = capture(model, inputs, dropout="mask")
-    gp = profile_graph(joint, measure_temps=False)
+    joint, gp = _profiled("residual")
     sched = fast_schedule(joint, frozenset())
     nodes = list(sched.forward.nodes)
     first_call = next(i for i, (_, op, _) in enumerate(nodes) if op == "call_function")
@@ -93,9 +98,7 @@ def test_check_order_rejects_invalid_orders():
 
 
 def test_greedy_order_is_a_valid_order():
-    model, inputs = _case("residual")
-    joint = capture(model, inputs, dropout="mask")
-    gp = profile_graph(joint, measure_temps=False)
+    joint, gp = _profiled("residual")
     sched = fast_schedule(joint, frozenset())
     greedy = greedy_schedule(gp, sched)
     check_order(gp, sched.forward, greedy.forward)
@@ -119,9 +122,7 @@ def _run(fwd, bwd, primals, saved_count):
 
 @pytest.mark.parametrize("case", ["residual", "gpt2"])
 def test_arranged_graphs_compute_the_same_bits(case):
-    model, inputs = _case(case)
-    joint = capture(model, inputs, dropout="mask")
-    gp = profile_graph(joint)
+    joint, gp = _profiled(case)
     primals = [p.detach() for p in joint.primal_values]
     for label, recompute in _recompute_sets(gp).items():
         fwd, bwd, saved = split_joint(joint, recompute)
@@ -160,8 +161,7 @@ def test_planned_step_runs_as_simulated_with_eager_gradients(case):
 
 
 def test_trim_keeps_what_the_arranged_step_has_room_for():
-    model, inputs = _case("gpt2")
-    gp = profile_graph(capture(model, inputs, dropout="mask"))
+    _, gp = _profiled("gpt2")
     prob = build_problem(gp)
     everything = solve_sqrt(prob, None).evaluation  # sqrt(L)'s lowest-memory plan
     baseline = prob.evaluate(frozenset())
