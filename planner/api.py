@@ -270,10 +270,6 @@ def plan_profile(
         ev, info = baseline, SolverInfo(name="none", status="budget fits without recomputation", seconds=0.0)
     else:
         ev, info = _solve(prob, budget_bytes, device_type, solver=solver, time_limit_s=time_limit_s, progress=progress)
-        kept = trim(prob, ev, usable_bytes(budget_bytes, device_type))  # the arranged step's room, handed back
-        if kept is not ev:
-            info = dataclasses.replace(info, status=f"{info.status}; {len(ev.recomputed) - len(kept.recomputed)} values kept again (planner.trim)")
-            ev = kept
     return build_plan(prob, ev, baseline=baseline, budget_bytes=budget_bytes,
                       solver=dataclasses.replace(info, objective=objective),
                       model_info=model_info)
@@ -298,6 +294,11 @@ def _solve(prob: Problem, budget_bytes: int, device_type: str, *, solver: str, t
         memory = refine(prob.memory, sq.evaluation) if sq.evaluation is not None else prob.memory
         _log(progress, "solving ILP")
         best = search_ilp(prob, usable, time_limit_s, start=sq.evaluation, memory=memory)
+        if best is not None:  # the ILP's rows describe the step before arrangement: hand its room back
+            kept = trim(prob, best[0], usable)
+            if kept is not best[0]:
+                note = f"; {len(best[0].recomputed) - len(kept.recomputed)} values kept again (planner.trim)"
+                best = (kept, dataclasses.replace(best[1], status=best[1].status + note))
     if sq_found is not None and (solver == "sqrt" or best is None or (solver == "auto" and prob.rank(sq_found[0]) < prob.rank(best[0]))):
         best = sq_found
     if best is not None:
