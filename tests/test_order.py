@@ -4,6 +4,7 @@ same values, keep random ops in order, never peak higher, and run as simulated."
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import pytest
@@ -40,8 +41,10 @@ def _profiled(name):
     return joint, profile_graph(joint)
 
 
-def _recompute_sets(gp):
-    prob = build_problem(gp)
+@functools.lru_cache(maxsize=None)
+def _recompute_sets(name):
+    _, gp = _profiled(name)
+    prob = dataclasses.replace(build_problem(gp), arrange=False)  # sqrt's plan for the graphs as split
     return {
         "nothing": frozenset(),
         "everything": frozenset(prob.can_recompute),
@@ -52,7 +55,7 @@ def _recompute_sets(gp):
 @pytest.mark.parametrize("case", ["residual", "gpt2"])
 def test_arranged_schedules_are_valid_and_never_peak_higher(case):
     joint, gp = _profiled(case)
-    for label, recompute in _recompute_sets(gp).items():
+    for label, recompute in _recompute_sets(case).items():
         sched = fast_schedule(joint, recompute)
         arr = arrange(gp, sched)
         check_order(gp, sched.forward, arr.schedule.forward)
@@ -124,7 +127,7 @@ def _run(fwd, bwd, primals, saved_count):
 def test_arranged_graphs_compute_the_same_bits(case):
     joint, gp = _profiled(case)
     primals = [p.detach() for p in joint.primal_values]
-    for label, recompute in _recompute_sets(gp).items():
+    for label, recompute in _recompute_sets(case).items():
         fwd, bwd, saved = split_joint(joint, recompute)
         arr = arrange(gp, schedule_of(fwd, bwd))
         fwd2, bwd2 = copy.deepcopy(fwd), copy.deepcopy(bwd)
@@ -146,7 +149,8 @@ def test_planned_step_runs_as_simulated_with_eager_gradients(case):
     model, inputs = _case(case)
     probe = copy.deepcopy(model)
     eager_peak = measured_step_peak(probe, probe, inputs)
-    for fraction in (10.0, 0.8):
+    # the residual net recomputing, the language model's no-checkpoint step
+    for fraction in (0.8,) if case == "residual" else (10.0,):
         p = planner.plan(copy.deepcopy(model), eager_peak * fraction / 2**30, inputs)
         wrapped, planned_model = assert_same_step(model, lambda m: runtime.apply(m, p), inputs)
         measured = measured_step_peak(wrapped, planned_model, inputs)
