@@ -31,6 +31,7 @@ import argparse
 import copy
 import dataclasses
 import gc
+import inspect
 import json
 import os
 import sys
@@ -88,7 +89,10 @@ def make(name: str):
         import bench_checkpointing
 
         w = getattr(bench_checkpointing, f"make_{name[len('bench_'):]}")()
-        return w.model, w.inputs
+        if isinstance(w.inputs, dict):
+            return w.model, w.inputs
+        names = list(inspect.signature(w.model.forward).parameters)
+        return w.model, dict(zip(names, w.inputs))
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
