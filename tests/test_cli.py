@@ -14,7 +14,6 @@ import os
 import pty
 import re
 import select
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -140,8 +139,8 @@ def test_module_entry_point_prints_pure_json_and_progress_on_a_terminal(plan_fil
 
 
 def test_console_script_quiet_when_not_a_terminal(plan_file):
-    exe = shutil.which("planner")
-    cmd = [exe] if exe else [sys.executable, "-m", "planner"]
+    exe = Path(sys.executable).with_name("planner")  # the console script installed next to this interpreter
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "planner"]
     r = subprocess.run([*cmd, "show", str(plan_file), "--depth", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stderr == ""
     assert "per module (depth 1)" in r.stdout
