@@ -6,12 +6,18 @@ sqrt(L) heuristic, with peaks checked by exact liveness simulation.
 """
 
 from .api import SOLVERS, BudgetTooSmall, minimum_budget_bytes, plan, plan_profile
+from .batch import BatchFit, fit_batch
 from .plan_type import GiB, SCHEMA_VERSION, DistributedInfo, ModelInfo, NodeDecision, Plan, SolverInfo
+from .loss_phase import LossNotCountedWarning
+from .optimizer_memory import OptimizerSpec
 from .resimulation import resimulate
+from .training_loop import TrainingLoopInfo
 
 __all__ = [
     "plan",
     "plan_profile",
+    "fit_batch",
+    "BatchFit",
     "minimum_budget_bytes",
     "resimulate",
     "Plan",
@@ -19,6 +25,9 @@ __all__ = [
     "DistributedInfo",
     "NodeDecision",
     "SolverInfo",
+    "TrainingLoopInfo",
+    "OptimizerSpec",
+    "LossNotCountedWarning",
     "BudgetTooSmall",
     "SOLVERS",
     "SCHEMA_VERSION",

@@ -8,22 +8,29 @@ import numbers
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from profiles.allocator import budget_for, granularity, graph_device_type, usable_bytes
+from profiles.autocast_state import step_autocast
 from profiles.capture import capture, normalize_inputs, with_dropout
+from profiles.executors import unwrap_compiled
 from profiles.joint import JointGraph
 from profiles.device import load_device_profile
 from profiles.graph_profile import GraphProfile, profile_graph
 from profiles.signature import check_input_devices, describe_inputs, parameter_signature
 
+from .block_ilp import block_solver, peak_lower_bound
 from .build import build_plan
+from .deepspeed import deepspeed_engine
 from .distributed import Distributed, EngineBytes, engine_bytes, record
 from .evaluation import Evaluation
+from .ilp import backend_name, solve_ilp
+from .loop_capture import LoopSetup, loop_setup, optimizer_spec
 from .memory_model import refine
-from .plan_type import GiB, ModelInfo, Plan, SolverInfo
+from .optimizer_memory import OptimizerSpec
+from .plan_type import DistributedInfo, GiB, ModelInfo, Plan, SolverInfo
 from .problem import OBJECTIVES, Problem, build_problem, rank_key
 from .search import lowest_plan, search_ilp
 from .sqrt import solve_sqrt
@@ -40,18 +47,23 @@ __all__ = [
     "allocator_device_type",
 ]
 
-SOLVERS = ("auto", "ilp", "sqrt")
+SOLVERS = ("auto", "ilp", "blocks", "sqrt")
 
 
 class BudgetTooSmall(ValueError):
     """The budget is below the lowest peak the planner can reach for this model and input."""
 
-    def __init__(self, budget_bytes: int, min_budget_bytes: int):
+    def __init__(self, budget_bytes: int, min_budget_bytes: int, lower_bound_bytes: int | None = None):
         self.budget_bytes = budget_bytes
         self.min_budget_bytes = min_budget_bytes
+        #: A budget no plan can go below by the ILP's memory model (its least-peak LP
+        #: relaxation, :func:`planner.block_ilp.peak_lower_bound`, at most the minimum); None: not computed.
+        self.lower_bound_bytes = None if lower_bound_bytes is None else min(lower_bound_bytes, min_budget_bytes)
+        bound = "" if self.lower_bound_bytes is None else (
+            f" (the memory model's LP relaxation bounds it from below at {self.lower_bound_bytes / GiB:.4f} GiB)")
         super().__init__(
             f"budget {budget_bytes / GiB:.4f} GiB is below the minimum of {min_budget_bytes / GiB:.4f} GiB "
-            f"({min_budget_bytes} bytes) that this planner can reach for this model and input; "
+            f"({min_budget_bytes} bytes) that this planner can reach for this model and input{bound}; "
             "raise the budget to at least that, or use a smaller batch"
         )
 
@@ -89,8 +101,12 @@ class _Request:
     #: The data-parallel setup, and the bytes its engine holds per rank (None: one process).
     distributed: Distributed
     engine: EngineBytes | None
+    #: ``Plan.distributed`` of every plan made (None: one process).
+    distributed_info: DistributedInfo | None
     #: ``Plan.model`` of every plan made.
     model_info: ModelInfo
+    #: The training loop around the step (None: under a data-parallel engine, not counted).
+    loop: LoopSetup | None = None
 
 
 def plan(
@@ -106,7 +122,12 @@ def plan(
     objective: str = "time",
     world_size: int = 1,
     sharding: str = "none",
-    optimizer: str = "none",
+    optimizer: str | OptimizerSpec = "none",
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    grad_accumulation: bool = False,
+    executor: str | None = None,
+    compile_options: dict | None = None,
+    deepspeed: Any = None,
 ) -> Plan:
     """Plan activation checkpointing for one training step of ``model``.
 
@@ -115,37 +136,97 @@ def plan(
     activations, temporaries and gradients (``torch.cuda.max_memory_allocated``'s
     measure). ``example_inputs`` is a tuple of positional arguments or a dict of
     keyword arguments (default: ``model.example_input_array``). ``solver`` is
-    ``"ilp"``, ``"sqrt"`` or ``"auto"`` (the cheaper of both; ``"ilp"`` falls back to
-    sqrt(L)'s plan only when the ILP finds none). ``objective``: what to minimise,
+    ``"ilp"``, ``"blocks"``, ``"sqrt"`` or ``"auto"`` (the cheaper of the ILP's and
+    sqrt(L)'s plans; the ILP solved block by block for a model of many repeated
+    blocks, :mod:`planner.block_ilp`; ``"ilp"``/``"blocks"`` fall back to sqrt(L)'s plan
+    only when the ILP finds none). ``objective``: what to minimise,
     ``"time"`` (estimated recompute seconds) or ``"flops"`` (recomputed FLOPs, then
     time: never a matmul where pointwise recomputation fits).
     With ``world_size``/``sharding`` (``"ddp"``, ``"fsdp"``) the budget is per rank and
-    also holds what the engine keeps on one rank; ``optimizer="adamw"`` adds AdamW's
-    state, so the budget can be the device's whole memory (see :mod:`planner.distributed`).
+    also holds what the engine keeps on one rank; ``optimizer="adamw"`` there adds
+    AdamW's state (see :mod:`planner.distributed`).
+
+    The training loop (one process; :mod:`planner.training_loop`): ``loss_fn`` is the
+    loss as the loop computes it from the model's outputs (example targets closed
+    over), ``loss = loss_fn(wrapped(**batch)); loss.backward()``, with the outputs held
+    until backward ends: its forward and backward are in the budget. Without it, a
+    model that returns no one-element output gets
+    :class:`~planner.loss_phase.LossNotCountedWarning`. ``grad_accumulation=True``:
+    gradients already exist when the step starts (a micro-step after the first).
+    ``optimizer``: ``"adamw"``, ``"adam"``, ``"sgd"`` (torch's defaults) or a
+    :class:`~planner.optimizer_memory.OptimizerSpec` (implementation, momentum...;
+    by default the implementation torch picks on the model's device): its state is
+    held all step and ``opt.step()`` and ``zero_grad()`` are in the budget.
+    ``executor="inductor"`` plans the graph Inductor compiles (after its decompositions,
+    with Inductor options ``compile_options``) with Inductor's cost model, for
+    ``runtime.apply(model, plan)`` to compile; a ``torch.compile``-d model is planned
+    that way by default, with its options (see :mod:`planner.executor`).
+    ``deepspeed``: a DeepSpeed config (JSON path or dict) the planned module trains under
+    (``deepspeed.initialize(model=runtime.apply(model, plan), ...)``, ZeRO stage 0, 1 or 2):
+    the budget is per rank and also holds what that engine keeps on one rank
+    (:mod:`planner.deepspeed`); ``world_size`` defaults to the config's.
     Raises :class:`BudgetTooSmall` when no plan fits.
     """
+    model, executor, compile_options = _resolve_executor(model, executor, compile_options)
     budget_bytes = check_budget(budget_gb)
-    dist_cfg = Distributed(world_size=world_size, sharding=sharding, optimizer=optimizer)
-    engine = engine_bytes(model, dist_cfg) if dist_cfg.active else None
-    _check_choices(solver, objective, time_limit_s)
+    single = sharding == "none" and deepspeed is None
+    spec = optimizer_spec(optimizer) if single else None
+    dist_cfg, engine, info = _engine(model, deepspeed, world_size=world_size, sharding=sharding,
+                                     optimizer="none" if single else optimizer)
     args, kwargs = normalize_inputs(model, example_inputs)
-    check_target(model, target)
-    check_input_devices(model, args, kwargs, allow_meta=True)
+    _check_call(model, args, kwargs, solver=solver, objective=objective, time_limit_s=time_limit_s, target=target)
     inputs = kwargs if kwargs else args
-
-    t0 = time.perf_counter()
-    _log(progress, f"capturing {type(model).__name__} forward+backward")
-    captured = capture(model, inputs, dropout="mask")
-    _log(progress, f"captured {len(captured.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s")
+    captured = _capture(model, inputs, executor=executor, compile_options=compile_options, progress=progress)
+    device_type = _device_type(model, target)
+    loop = loop_setup(model, args, kwargs, captured, loss_fn=loss_fn, grad_accumulation=grad_accumulation,
+                      optimizer=spec, device_type=device_type, granularity=granularity(device_type)) if single else None
     request = _Request(
         budget_bytes=budget_bytes, solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time,
-        progress=progress, objective=objective, distributed=dist_cfg, engine=engine,
-        model_info=_model_info(model, captured, args, kwargs),
+        progress=progress, objective=objective, distributed=dist_cfg, engine=engine, distributed_info=info,
+        model_info=_model_info(model, captured, args, kwargs), loop=loop,
     )
     try:
         return _plan_dropout_modes(captured, request)
     finally:
         captured.drop_tensors()
+
+
+def _capture(model: torch.nn.Module, inputs, *, executor: str, compile_options: dict | None, progress: bool) -> JointGraph:
+    """The model's training step as a joint graph (dropout masks kept), with progress lines."""
+    t0 = time.perf_counter()
+    _log(progress, f"capturing {type(model).__name__} forward+backward")
+    captured = capture(model, inputs, dropout="mask", executor=executor, compile_options=compile_options)
+    _log(progress, f"captured {len(captured.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s")
+    return captured
+
+
+def _engine(model: torch.nn.Module, deepspeed: Any, *, world_size: int, sharding: str, optimizer):
+    """The data-parallel setup, the bytes its engine holds per rank and what the plan
+    records of it (a DeepSpeed config, or ``world_size``/``sharding``; one process:
+    an inactive setup and two ``None``)."""
+    if deepspeed is not None:
+        info, engine = deepspeed_engine(model, deepspeed, world_size=world_size, sharding=sharding, optimizer=optimizer)
+        return Distributed(), engine, info
+    dist_cfg = Distributed(world_size=world_size, sharding=sharding, optimizer=optimizer)
+    engine = engine_bytes(model, dist_cfg) if dist_cfg.active else None
+    return dist_cfg, engine, record(dist_cfg, engine) if engine is not None else None
+
+
+def _resolve_executor(model: torch.nn.Module, executor: str | None, compile_options: dict | None):
+    """The model to plan (a ``torch.compile``-d one unwrapped), the executor that will run
+    the plan (Inductor for a compiled model unless given) and its compile options."""
+    model, compiled_options = unwrap_compiled(model)
+    if executor is None:
+        executor = "inductor" if compiled_options is not None else "eager"
+    return model, executor, compiled_options if compile_options is None else compile_options
+
+
+def _check_call(model: torch.nn.Module, args: tuple, kwargs: dict, *, solver: str, objective: str,
+                time_limit_s: float, target: str | None) -> None:
+    """Refuse unknown choices, a target the model cannot run on, and inputs on other devices."""
+    _check_choices(solver, objective, time_limit_s)
+    check_target(model, target)
+    check_input_devices(model, args, kwargs, allow_meta=True)
 
 
 def _check_choices(solver: str, objective: str, time_limit_s: float) -> None:
@@ -157,6 +238,15 @@ def _check_choices(solver: str, objective: str, time_limit_s: float) -> None:
         raise ValueError(f"time_limit_s must be a positive number of seconds, not {time_limit_s!r}")
 
 
+def _device_type(model: torch.nn.Module, target: str | None) -> str:
+    """The device type the step runs on: the model's, or for a meta-device model the
+    target profile's (the CPU without one)."""
+    param = next(iter(model.parameters()), None)
+    if param is not None and param.device.type != "meta":
+        return param.device.type
+    return load_device_profile(target).device_type if target is not None else "cpu"
+
+
 def _model_info(model: torch.nn.Module, captured: JointGraph, args: tuple, kwargs: dict) -> ModelInfo:
     """``Plan.model``: what identifies the model and input the plan is for."""
     return ModelInfo(
@@ -166,6 +256,7 @@ def _model_info(model: torch.nn.Module, captured: JointGraph, args: tuple, kwarg
         structure=captured.structure,
         graph=captured.node_digests,
         parameters=parameter_signature(model),
+        autocast=step_autocast(model, args, kwargs),
     )
 
 
@@ -184,7 +275,9 @@ def _plan_dropout_modes(captured: JointGraph, request: _Request) -> Plan:
             _log(request.progress, "budget too small while keeping dropout masks; trying RNG replay")
             return _attempt(with_dropout(captured, "replay"), request)[0]
         except BudgetTooSmall as second:
-            raise BudgetTooSmall(request.budget_bytes, min(too_small.min_budget_bytes, second.min_budget_bytes)) from None
+            bounds = [e.lower_bound_bytes for e in (too_small, second) if e.lower_bound_bytes is not None]
+            raise BudgetTooSmall(request.budget_bytes, min(too_small.min_budget_bytes, second.min_budget_bytes),
+                                 min(bounds) if len(bounds) == 2 else None) from None
     if captured.num_dropouts == 0 or first.recompute_time_s == 0:
         return first
     # A plan that recomputes may be cheaper when masks need not be kept: plan
@@ -205,9 +298,9 @@ def _attempt(joint: JointGraph, request: _Request) -> tuple[Plan, tuple]:
     gp = profile_graph(joint, target=request.target, measure_time=request.measure_time)
     p = plan_profile(gp, request.budget_bytes, solver=request.solver, time_limit_s=request.time_limit_s,
                      model_info=request.model_info, progress=request.progress, objective=request.objective,
-                     engine=request.engine)
-    if request.engine is not None:
-        p = dataclasses.replace(p, distributed=record(request.distributed, request.engine))
+                     engine=request.engine, loop=request.loop)
+    if request.distributed_info is not None:
+        p = dataclasses.replace(p, distributed=request.distributed_info)
     extra = sum(ni.time_s for ni in gp.nodes.values() if "replay_dropout_mask" in ni.op and ni.phase == "forward")
     cost = p.recompute_time_s + extra
     return p, rank_key(request.objective, flops=p.recompute_flops, time_s=cost)
@@ -253,26 +346,30 @@ def plan_profile(
     progress: bool = False,
     objective: str = "time",
     engine: EngineBytes | None = None,
+    loop: LoopSetup | None = None,
 ) -> Plan:
     """Plan from an already captured and profiled graph; ``model_info``: the plan's
     ``Plan.model`` (default: only the graph's fingerprint); ``engine``: the per-rank
-    bytes of a data-parallel engine and optimizer (:func:`planner.distributed.engine_bytes`)."""
+    bytes of a data-parallel engine and optimizer (:func:`planner.distributed.engine_bytes`);
+    ``loop``: the training loop around the step (:func:`planner.loop_capture.loop_setup`)."""
     if model_info is None:
         model_info = ModelInfo(fingerprint=gp.joint.fingerprint)
     elif not isinstance(model_info, ModelInfo):
         raise TypeError(f"model_info must be a planner.ModelInfo (e.g. ModelInfo(fingerprint=..., class_name=...)), "
                         f"not {type(model_info).__name__}")
     device_type = allocator_device_type(gp)
-    prob = build_problem(gp, granularity=granularity(device_type), objective=objective, engine=engine)
+    prob = build_problem(gp, granularity=granularity(device_type), objective=objective, engine=engine,
+                         loop=loop.loop if loop is not None else None)
     baseline = prob.evaluate(frozenset())
     _log(progress, f"no-checkpoint peak {baseline.sim.peak_bytes / GiB:.4f} GiB, budget {budget_bytes / GiB:.4f} GiB")
     if baseline.sim.peak_bytes <= budget_bytes:
         ev, info = baseline, SolverInfo(name="none", status="budget fits without recomputation", seconds=0.0)
     else:
         ev, info = _solve(prob, budget_bytes, device_type, solver=solver, time_limit_s=time_limit_s, progress=progress)
-    return build_plan(prob, ev, baseline=baseline, budget_bytes=budget_bytes,
-                      solver=dataclasses.replace(info, objective=objective),
-                      model_info=model_info)
+    p = build_plan(prob, ev, baseline=baseline, budget_bytes=budget_bytes,
+                   solver=dataclasses.replace(info, objective=objective),
+                   model_info=model_info)
+    return p if loop is None else dataclasses.replace(p, training_loop=loop.info(p.timeline))
 
 
 def _solve(prob: Problem, budget_bytes: int, device_type: str, *, solver: str, time_limit_s: float,
@@ -282,32 +379,60 @@ def _solve(prob: Problem, budget_bytes: int, device_type: str, *, solver: str, t
     ``"ilp"`` sqrt(L)'s plan only when the ILP found none. When none fits, the
     lowest plan if it fits, else :class:`BudgetTooSmall` with the minimum budget."""
     usable = usable_bytes(budget_bytes, device_type)
+    search = prob.unarranged()  # the solvers search the graphs as split; the plan found is then arranged
     best: tuple[Evaluation, SolverInfo] | None = None
     _log(progress, "trying sqrt(L) segments")
-    sq = solve_sqrt(prob, usable)
+    sq = solve_sqrt(search, usable)
     sq_found = None
     if sq.evaluation is not None:
         sq_info = SolverInfo(name="sqrt", status=f"{sq.status}, {sq.segments} segments", seconds=sq.seconds, calls=len(sq.tried))
         sq_found = (sq.evaluation, sq_info)
-    if solver in ("ilp", "auto"):
+    blocks = block_solver(search, always=solver == "blocks") if solver in ("auto", "blocks") else None
+    solve = blocks if blocks is not None else solve_ilp
+    if solver in ("ilp", "auto", "blocks"):
         # the exact live intervals of a plan that fits: a good start
         memory = refine(prob.memory, sq.evaluation) if sq.evaluation is not None else prob.memory
-        _log(progress, "solving ILP")
-        best = search_ilp(prob, usable, time_limit_s, start=sq.evaluation, memory=memory)
-        if best is not None:  # the ILP's rows describe the step before arrangement: hand its room back
-            kept = trim(prob, best[0], usable)
-            if kept is not best[0]:
-                note = f"; {len(best[0].recomputed) - len(kept.recomputed)} values kept again (planner.trim)"
-                best = (kept, dataclasses.replace(best[1], status=best[1].status + note))
+        _log(progress, "solving ILP" + (f" ({blocks.describe()})" if blocks is not None else ""))
+        best = _named(search_ilp(search, usable, time_limit_s, start=sq.evaluation, memory=memory, solve=solve), blocks)
     if sq_found is not None and (solver == "sqrt" or best is None or (solver == "auto" and prob.rank(sq_found[0]) < prob.rank(best[0]))):
         best = sq_found
-    if best is not None:
-        return best
+    run = None if best is None else _as_run(prob, best, usable)
+    if run is not None:
+        return run
     _log(progress, "no plan fits; computing the minimum budget")
-    low_ev, low_info = lowest_plan(prob, time_limit_s)
-    if low_ev.sim.peak_bytes <= usable:
-        return low_ev, low_info
-    raise BudgetTooSmall(budget_bytes, budget_for(low_ev.sim.peak_bytes, device_type))
+    # the flat ILP's lowest plan, as minimum_budget_bytes finds it: the block ILP's copies
+    # sharing decisions may not reach as low
+    low_ev, low_info = _named(lowest_plan(search, time_limit_s), None)
+    run = _as_run(prob, (low_ev, low_info), usable)
+    if run is not None:
+        return run
+    bound = peak_lower_bound(search) if backend_name() == "highs" else None
+    raise BudgetTooSmall(budget_bytes, budget_for(prob.evaluate(low_ev.recompute).sim.peak_bytes, device_type),
+                         None if bound is None else budget_for(int(bound), device_type))
+
+
+def _as_run(prob: Problem, found: tuple[Evaluation, SolverInfo], usable: int) -> tuple[Evaluation, SolverInfo] | None:
+    """A plan the solvers found on the graphs as split, evaluated as the runtime runs
+    it (arranged for memory, :meth:`Problem.evaluate`), with the room arrangement
+    frees handed back (:func:`planner.trim.trim`); None when it does not fit ``usable``."""
+    ev, info = found
+    run = prob.evaluate(ev.recompute)
+    if run.sim.peak_bytes > usable:
+        return None
+    kept = trim(prob, run, usable)
+    if kept is not run:
+        info = dataclasses.replace(info, status=f"{info.status}; {len(run.recomputed) - len(kept.recomputed)} values kept again (planner.trim)")
+    return kept, info
+
+
+def _named(found: tuple[Evaluation, SolverInfo] | None, blocks) -> tuple[Evaluation, SolverInfo] | None:
+    """``found`` with the ILP's backend in its record, and the blocks when solved block by block."""
+    if found is None or found[1].name != "ilp":
+        return found
+    ev, info = found
+    if blocks is not None:
+        return ev, dataclasses.replace(info, status=f"{info.status}; {blocks.describe()}", backend="highs")
+    return ev, dataclasses.replace(info, backend=backend_name())
 
 
 def minimum_budget_bytes(gp_or_problem: GraphProfile | Problem, *, time_limit_s: float = 60.0) -> int:
@@ -318,4 +443,6 @@ def minimum_budget_bytes(gp_or_problem: GraphProfile | Problem, *, time_limit_s:
     else:
         device_type = allocator_device_type(gp_or_problem)
         prob = build_problem(gp_or_problem, granularity=granularity(device_type))
-    return budget_for(lowest_plan(prob, time_limit_s)[0].sim.peak_bytes, device_type)
+    # the lowest plan the solvers find on the graphs as split, as the runtime runs it (arranged)
+    low = lowest_plan(prob.unarranged(), time_limit_s)[0]
+    return budget_for(prob.evaluate(low.recompute).sim.peak_bytes, device_type)

@@ -25,11 +25,13 @@ def build_plan(
     saved = set(ev.saved)
     decisions = tuple(_decision(prob, name, name in recomputed) for name in prob.fwd if name in recomputed or name in saved)
     total_flops = sum(n.flops for n in gp.nodes.values() if n.phase in ("forward", "backward"))
+    step_time = sum(n.time_s for n in gp.nodes.values() if n.phase in ("forward", "backward"))
     return Plan(
         model=model_info,
         target=gp.target,
         time_source=gp.time_source,
         dropout=gp.joint.dropout,
+        executor=gp.joint.executor,
         budget_bytes=int(budget_bytes),
         predicted_peak_bytes=int(ev.sim.peak_bytes),
         baseline_peak_bytes=int(baseline.sim.peak_bytes),
@@ -37,6 +39,7 @@ def build_plan(
         recompute_flops=int(ev.flops),
         total_flops=int(total_flops),
         recompute_time_s=float(ev.cost_s),
+        step_time_s=float(step_time),
         solver=solver,
         nodes=decisions,
         timeline=tuple(prob.timeline(ev.recompute)),

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import pulp
 
+from .highs import swallow_banner
 from .memory_model import MemoryModel
 from .problem import Problem
 
-__all__ = ["IlpResult", "NoMilpSolver", "solve_ilp", "solver_backend"]
+__all__ = ["IlpResult", "NoMilpSolver", "solve_ilp", "initial_rows", "solver_backend", "backend_name"]
 
 #: Relative MIP gap at which a solve stops: recompute costs closer than this are
 #: below the accuracy of the time estimates.
@@ -51,6 +52,8 @@ class IlpResult:
     #: Dense memory rows this solve used (those given included): give them to
     #: the next solve of the same problem.
     rows: frozenset[int] = frozenset()
+    #: A lower bound on the objective (the LP relaxation's value) when the solver gives one.
+    bound: float | None = None
 
 
 class NoMilpSolver(RuntimeError):
@@ -71,40 +74,17 @@ def solver_backend(time_limit_s: float):
                 "or pip install 'checkpoint-planner[cbc]' for CBC"
             ) from None
         return cbc
-    _swallow_banner(highspy)
+    swallow_banner(highspy)
     return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=_GAP)
 
 
-_banner_swallowed = False
-
-
-def _swallow_banner(highspy) -> None:
-    """HiGHS prints a banner to the process's stdout (C level, so ``msg=False`` and
-    Python redirection miss it) when the first ``Highs`` object of a process is made;
-    make that one here with file descriptor 1 pointed at /dev/null, so that a
-    program whose stdout carries results (JSON) gets nothing else."""
-    global _banner_swallowed
-    if _banner_swallowed:
-        return
-    _banner_swallowed = True
-    import ctypes
-    import os
-    import sys
-
+def backend_name() -> str:
+    """``"highs"`` when ``highspy`` is installed (the ILPs run on HiGHS), else ``"cbc"``."""
     try:
-        sys.stdout.flush()
-        saved = os.dup(1)
-    except (OSError, ValueError, AttributeError):  # no file descriptor 1 (embedded interpreters)
-        return
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        os.close(null)
-        highspy.Highs()
-        ctypes.CDLL(None).fflush(None)  # the banner may sit in C's stdout buffer
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+        import highspy  # noqa: F401
+    except ImportError:
+        return "cbc"
+    return "highs"
 
 
 #: Memory coefficients below this fraction of the largest step's bytes are dropped.
@@ -116,10 +96,11 @@ _MIN_COEF = 1e-6
 _DENSE_LIMIT = 2_000_000
 
 
-def _initial_rows(memory: MemoryModel, nf: int) -> list[int]:
+def initial_rows(memory: MemoryModel, nf: int) -> list[int]:
     """The dense rows most likely to bind: strict suffix maxima of the forward
-    constant part (saved sets only grow in forward), the start of backward, and the
-    local maxima of backward's constant part (``nf``: the number of forward rows)."""
+    constant part (saved sets only grow in forward), the start of backward, the
+    local maxima of backward's constant part, and the training loop's rows (``nf``:
+    the number of forward rows)."""
     const = memory.const
     rows = []
     best = -np.inf
@@ -127,7 +108,9 @@ def _initial_rows(memory: MemoryModel, nf: int) -> list[int]:
         if const[k] > best:
             rows.append(k)
             best = const[k]
-    b = const[nf:]
+    nb = len(memory.backward)
+    rows += range(nf + nb, len(const))  # the training loop's rows (planner.training_loop)
+    b = const[nf : nf + nb]
     if len(b):
         rows.append(nf)
         for j in range(1, len(b) - 1):
@@ -266,7 +249,7 @@ def solve_ilp(
     chained = memory.save.size > _DENSE_LIMIT
     if chained:
         f.add_chained_rows()
-    pending = [] if chained else sorted(set(_initial_rows(memory, len(prob.fwd))) | rows)
+    pending = [] if chained else sorted(set(initial_rows(memory, len(prob.fwd))) | rows)
     added: set[int] = set()
     status, result, gap, objective, model_peak = "Not Solved", None, None, None, None
     for rounds in range(1, max_rounds + 1):

@@ -5,7 +5,10 @@ that node ran, as a constant (what lives whatever the decisions) plus, per
 candidate (a forward value that owns storage and is not held anyway), its bytes
 when it is saved and when it is recomputed. A saved candidate lives from its last
 forward use to its last backward read; a recomputed one from when backward first
-needs it to its last read. Those backward intervals are estimates;
+needs it to its last read. The training loop around the step
+(:mod:`planner.training_loop`) adds its held bytes to every row, and rows after
+the backward ones: the loss's peak (every saved candidate live) and ``opt.step()``'s
+(no candidate live). Those backward intervals are estimates;
 :func:`refine` replaces them with the exact ones of a simulated schedule and
 returns a new model. The solvers check every candidate plan with the exact
 simulator (:mod:`planner.simulate`), so the model only has to rank plans well.
@@ -28,6 +31,7 @@ from profiles.graph_profile import GraphProfile
 from .distributed import EngineBytes
 from .evaluation import Evaluation
 from .simulate import held_tangents
+from .training_loop import TrainingLoop
 
 __all__ = ["MemoryModel", "build_memory_model", "refine"]
 
@@ -48,9 +52,11 @@ class MemoryModel:
     #: Per row: bytes live whatever the decisions.
     const: np.ndarray
     #: Rows x candidates: bytes a saved candidate adds; the forward rows alone
-    #: (``save_forward``) do not depend on the backward intervals.
+    #: (``save_forward``) and the training loop's rows after backward
+    #: (``save_loop``) do not depend on the backward intervals.
     save: np.ndarray
     save_forward: np.ndarray
+    save_loop: np.ndarray
     #: Rows x candidates: bytes a recomputed candidate adds (backward rows only).
     recompute: np.ndarray
     #: Per candidate: the backward row from which it lives when recomputed (inf: never needed).
@@ -111,8 +117,10 @@ def build_memory_model(
     held_storages: frozenset[int],
     granularity: int,
     engine: EngineBytes | None,
+    loop: TrainingLoop | None = None,
 ) -> MemoryModel:
-    """The memory model of ``gp``'s step with first estimates of the backward intervals."""
+    """The memory model of ``gp``'s step with first estimates of the backward
+    intervals (``loop``: the training loop around it)."""
     sizes = [round_bytes(b, granularity) for b in gp.storage_bytes]
     static = frozenset(gp.static_storages)
     step = _Step(
@@ -136,18 +144,20 @@ def build_memory_model(
     if engine is not None:
         const_f = const_f + engine.forward
         const_b = const_b + engine.backward
+    const_l, save_loop = _loop_rows(step, loop or TrainingLoop(), engine, cand_bytes)
     # forward rows: a saved candidate stays live after its last forward use
     save_forward = np.zeros((len(fwd), len(candidates)))
     for i, n in enumerate(candidates):
         save_forward[fwd_last[n] + 1 :, i] = cand_bytes[i]
-    save, recompute = _interval_rows(candidates, cand_bytes, save_forward, need, end, len(bwd))
+    save, recompute = _interval_rows(candidates, cand_bytes, save_forward, save_loop, need, end, len(bwd))
     return MemoryModel(
         candidates=candidates,
         backward=bwd,
         candidate_bytes=_frozen(cand_bytes),
-        const=_frozen(np.concatenate([const_f, const_b])),
+        const=_frozen(np.concatenate([const_f, const_b, const_l]) + (loop.held_bytes if loop else 0)),
         save=save,
         save_forward=_frozen(save_forward),
+        save_loop=_frozen(save_loop),
         recompute=recompute,
         need=types.MappingProxyType(need),
         end=types.MappingProxyType(end),
@@ -188,16 +198,18 @@ def refine(model: MemoryModel, ev: Evaluation) -> MemoryModel:
     if not changed:
         return model
     save, recompute = _interval_rows(
-        model.candidates, model.candidate_bytes, model.save_forward, need, end, len(model.backward)
+        model.candidates, model.candidate_bytes, model.save_forward, model.save_loop, need, end, len(model.backward)
     )
     return dataclasses.replace(
         model, save=save, recompute=recompute, need=types.MappingProxyType(need), end=types.MappingProxyType(end)
     )
 
 
-def _interval_rows(candidates, candidate_bytes, save_forward, need, end, num_backward) -> tuple[np.ndarray, np.ndarray]:
+def _interval_rows(candidates, candidate_bytes, save_forward, save_loop, need, end,
+                   num_backward) -> tuple[np.ndarray, np.ndarray]:
     """The ``save`` and ``recompute`` matrices: forward rows ``save_forward``, then
-    ``num_backward`` backward rows from the intervals ``need`` and ``end``."""
+    ``num_backward`` backward rows from the intervals ``need`` and ``end``, then the
+    training loop's rows ``save_loop`` (nothing recomputed there)."""
     save_b = np.zeros((num_backward, len(candidates)))
     rec_b = np.zeros((num_backward, len(candidates)))
     for i, n in enumerate(candidates):
@@ -206,9 +218,32 @@ def _interval_rows(candidates, candidate_bytes, save_forward, need, end, num_bac
             save_b[: e + 1, i] = candidate_bytes[i]
             if need[n] < INF and need[n] <= e:
                 rec_b[int(need[n]) : e + 1, i] = candidate_bytes[i]
-    save = np.concatenate([save_forward, save_b])
-    recompute = np.concatenate([np.zeros_like(save_forward), rec_b])
+    save = np.concatenate([save_forward, save_b, save_loop])
+    recompute = np.concatenate([np.zeros_like(save_forward), rec_b, np.zeros_like(save_loop)])
     return _frozen(save), _frozen(recompute)
+
+
+def _loop_rows(step: _Step, loop: TrainingLoop, engine: EngineBytes | None,
+               candidate_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The training loop's rows after the backward ones, ``(const, save)``: the
+    loss's peak on the level forward leaves (every saved candidate live, none
+    recomputed yet), and ``opt.step()``'s on the level backward ends at (every
+    saved value freed; the outputs and the gradients); the loop's held bytes are
+    added to every row by the caller."""
+    held = sum(step.sizes[s] for s in step.held_storages if s not in step.static)
+    const, save = [], []
+    if loop.loss:
+        engine_bytes = engine.forward if engine is not None else 0
+        const.append(step.static_bytes + held + engine_bytes + max(b for _, _, b in loop.loss))
+        save.append(candidate_bytes)
+    if loop.has_optimizer:
+        outputs = {a.name for a in list(step.by_name.values())[-1].all_input_nodes}
+        grads = {s for b in outputs if b in step.bpos for s in step.info[b].storages} - step.static - step.held_storages
+        grad_bytes = sum(step.sizes[s] for s in grads)
+        # optimizer_peak adds the held bytes; the caller adds them to every row
+        const.append(loop.optimizer_peak(step.static_bytes + held + grad_bytes, grad_bytes) - loop.held_bytes)
+        save.append(np.zeros_like(candidate_bytes))
+    return np.array(const, dtype=float), np.array(save, dtype=float).reshape(len(save), len(candidate_bytes))
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:

@@ -246,14 +246,16 @@ def improve_order(gp: GraphProfile, schedule: Schedule, *, profile_of=None, gran
     that lowers the simulated step peak most, until none does. ``profile_of(schedule)``
     gives the profile that schedule is simulated with (default: ``gp``)."""
     profile_of = profile_of or (lambda s: gp)
-    best = simulate(profile_of(schedule), schedule, granularity=granularity, engine=engine)
+    best = simulate(profile_of(schedule), schedule, granularity=granularity, engine=engine, track_peak=True)
     for _ in range(rounds):
         graph = "forward" if best.peak_phase == "forward" else "backward"
         order = getattr(schedule, graph)
+        if best.peak_node not in {n for n, _, _ in order.nodes}:
+            break  # the gradient reduction after backward: no order changes its level
         found = (best, None)
         for i, j in _moves(profile_of(schedule), order, best.peak_node, set(best.peak_storages), limit):
             cand = replace(schedule, **{graph: _moved(order, i, j)})
-            res = simulate(profile_of(cand), cand, granularity=granularity, engine=engine)
+            res = simulate(profile_of(cand), cand, granularity=granularity, engine=engine, track_peak=True)
             if res.peak_bytes < found[0].peak_bytes:
                 found = (res, cand)
         if found[1] is None:

@@ -13,15 +13,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import view
+from .training_loop import TrainingLoopInfo
 from .units import GiB
 
-__all__ = ["Plan", "ModelInfo", "DistributedInfo", "NodeDecision", "SolverInfo", "SCHEMA_VERSION", "READABLE_VERSIONS", "GiB"]
+__all__ = ["Plan", "ModelInfo", "DistributedInfo", "NodeDecision", "SolverInfo", "TrainingLoopInfo", "SCHEMA_VERSION",
+           "READABLE_VERSIONS", "GiB"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Versions ``from_dict`` reads: 1 lacks ``NodeDecision.inputs`` (its consistency
 #: check is then skipped) and the ``model`` entries that name mismatches
-#: (``ModelInfo.structure``, ``graph``, ``parameters``).
-READABLE_VERSIONS = (1, 2)
+#: (``ModelInfo.structure``, ``graph``, ``parameters``); 1 and 2 lack ``training_loop``.
+READABLE_VERSIONS = (1, 2, 3)
 
 
 def _tuples(value):
@@ -58,6 +60,9 @@ class ModelInfo:
     #: ``(name, shape, dtype, requires_grad)`` per parameter, then ``(name, shape, dtype, None)``
     #: per buffer (``profiles.signature.parameter_signature``): names the first that differs.
     parameters: tuple[tuple[str, tuple[int, ...], str, bool | None], ...] | None = None
+    #: The ``torch.autocast`` the step was captured under (``profiles.autocast_state``):
+    #: ``"off"`` or ``"DEVICE_TYPE:DTYPE"`` (e.g. ``"cpu:bfloat16"``); the runtime refuses another.
+    autocast: str | None = None
 
     def __post_init__(self):
         for name in ("inputs", "graph", "parameters"):
@@ -82,7 +87,7 @@ class ModelInfo:
 
 #: ``ModelInfo`` field and JSON key, in the JSON's order.
 _MODEL_KEYS = (("fingerprint", "fingerprint"), ("class_name", "class"), ("inputs", "inputs"),
-               ("structure", "structure"), ("graph", "graph"), ("parameters", "parameters"))
+               ("structure", "structure"), ("graph", "graph"), ("parameters", "parameters"), ("autocast", "autocast"))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -107,6 +112,9 @@ class DistributedInfo:
     end_bytes: int
     #: The optimizer's state, included in the three above.
     optimizer_bytes: int
+    #: For ``sharding="deepspeed"``: the DeepSpeed settings read from its config
+    #: (``planner.deepspeed_config.DeepSpeedSettings.to_dict``); left out of the JSON otherwise.
+    deepspeed: dict | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -151,6 +159,9 @@ class SolverInfo:
     #: What the solvers minimised: ``"time"`` (estimated recompute seconds) or
     #: ``"flops"`` (recomputed FLOPs, then time).
     objective: str = "time"
+    #: The MILP solver of an ILP plan: ``"highs"`` or ``"cbc"`` (None for other plans;
+    #: left out of the JSON then).
+    backend: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -169,6 +180,10 @@ class Plan:
     #: How dropout outputs are rebuilt: ``"mask"`` (from the saved 1-byte mask) or
     #: ``"replay"`` (mask regenerated in backward from the saved RNG state).
     dropout: str = "mask"
+    #: What runs the planned graphs: ``"eager"`` (op by op) or ``"inductor"`` (compiled
+    #: by Inductor; node names are those of the joint graph Inductor partitions, and
+    #: ``recompute_time_s`` uses its cost model, see :mod:`planner.executor`).
+    executor: str = "eager"
     #: The budget: bytes for the whole training step (parameters, buffers, inputs,
     #: activations, temporaries and gradients).
     budget_bytes: int
@@ -184,6 +199,9 @@ class Plan:
     total_flops: int
     #: Seconds spent recomputing, by the same estimate as the node times.
     recompute_time_s: float = 0.0
+    #: Seconds of the step's forward and backward without recomputation, by the same
+    #: estimate (0.0 when not recorded): the planned step takes this plus ``recompute_time_s``.
+    step_time_s: float = 0.0
     #: Solver name, status, seconds, gap.
     solver: SolverInfo
     #: Per-value decisions, in forward order.
@@ -197,6 +215,10 @@ class Plan:
     #: was told and the bytes one rank holds beyond the model's step; the budget, peaks
     #: and timelines above are then per rank and include them.
     distributed: DistributedInfo | None = None
+    #: What the budget assumed of the training loop (the loss, gradient accumulation,
+    #: the optimizer step and its predicted peak); ``None`` when not recorded
+    #: (``plan_profile`` without a loop, a per-rank plan, a version 1 or 2 file).
+    training_loop: TrainingLoopInfo | None = None
 
     # -- derived -----------------------------------------------------------
     @property
@@ -226,6 +248,14 @@ class Plan:
         d["baseline_timeline"] = [list(p) for p in self.baseline_timeline]
         if self.distributed is None:
             del d["distributed"]  # one process: the key is left out
+        elif self.distributed.deepspeed is None:
+            del d["distributed"]["deepspeed"]  # not a DeepSpeed engine
+        if self.solver.backend is None:
+            del d["solver"]["backend"]  # not an ILP plan
+        if d["executor"] == "eager":
+            del d["executor"]  # op by op: the key is left out
+        if self.training_loop is None:
+            del d["training_loop"]
         return d
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 1) -> str:
@@ -250,6 +280,7 @@ class Plan:
             d = dict(d)
             d["model"] = ModelInfo.from_dict(d.get("model", {}))
             d["distributed"] = DistributedInfo(**d["distributed"]) if d.get("distributed") else None
+            d["training_loop"] = TrainingLoopInfo(**d["training_loop"]) if d.get("training_loop") else None
             d["solver"] = SolverInfo(**d["solver"])
             nodes = []
             for n in d["nodes"]:
@@ -283,6 +314,8 @@ class Plan:
             raise ValueError(f"{bad}budget_bytes is 0")
         if self.dropout not in ("mask", "replay"):
             raise ValueError(f"{bad}dropout is {self.dropout!r}; expected 'mask' or 'replay'")
+        if self.executor not in ("eager", "inductor"):
+            raise ValueError(f"{bad}executor is {self.executor!r}; expected 'eager' or 'inductor'")
         if not isinstance(self.model, ModelInfo) or not isinstance(self.model.fingerprint, str):
             raise ValueError(f"{bad}'model' must be a ModelInfo with a string 'fingerprint'")
         if self.distributed is not None and not isinstance(self.distributed, DistributedInfo):

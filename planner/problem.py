@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import operator
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import torch.fx as fx
@@ -26,10 +26,12 @@ from profiles.graph_profile import GraphProfile
 
 from .distributed import EngineBytes
 from .evaluation import Evaluation
+from .executor import recompute_costs
 from .memory_model import MemoryModel, build_memory_model
 from .order import arrange
 from .schedule import Schedule, fast_schedule
 from .simulate import simulate
+from .training_loop import TrainingLoop
 
 __all__ = ["Problem", "Evaluation", "build_problem", "OBJECTIVES", "rank_key"]
 
@@ -68,11 +70,17 @@ class Problem:
     objective: str = "time"
     #: Per-rank bytes a data-parallel engine adds to each phase (None: one process).
     engine: EngineBytes | None = None
+    #: The training loop around the step: the loss outside the model, held gradients,
+    #: the optimizer (:mod:`planner.training_loop`; None: the model returns its loss,
+    #: gradients start as None, no optimizer step).
+    loop: TrainingLoop | None = None
     #: Whether each schedule is arranged for memory as the runtime runs it
-    #: (reordered, buffers reused: :func:`planner.order.arrange`).
+    #: (reordered, buffers reused: :func:`planner.order.arrange`). The solvers search
+    #: on the problem with ``arrange=False`` (:meth:`unarranged`), whose peaks are
+    #: never lower, and the chosen plan is evaluated arranged.
     arrange: bool = True
-    #: Evaluations by recompute set and ``arrange``: a memo, shared by the problems
-    #: derived from this one (an evaluation does not depend on the objective).
+    #: Evaluations by recompute set and ``arrange``, and arranged schedules: a memo,
+    #: shared by the problems derived from this one (neither depends on the objective).
     evaluations: dict = field(default_factory=dict, repr=False)
 
     # -- exact evaluation -------------------------------------------------
@@ -82,7 +90,7 @@ class Problem:
         if (key, self.arrange) in self.evaluations:
             return self.evaluations[(key, self.arrange)]
         sched, profile = self.arranged(key)
-        sim = simulate(profile, sched, granularity=self.granularity, engine=self.engine)
+        sim = simulate(profile, sched, granularity=self.granularity, engine=self.engine, loop=self.loop)
         calls = [n for n in sched.backward.nodes if n[1] == "call_function"]
         recomputed = tuple(name for name, _, _ in calls if name in self.own_bytes)
         ev = Evaluation(
@@ -98,16 +106,25 @@ class Problem:
         self.evaluations[(key, self.arrange)] = ev
         return ev
 
+    def unarranged(self) -> "Problem":
+        """This problem with the split's graphs simulated as ``split_joint`` emits them
+        (what the solvers search on: each evaluation is cheap, and arranging only
+        lowers the peak of the graphs without op temporaries), sharing the evaluation memo."""
+        return self if not self.arrange else replace(self, arrange=False)
+
     def arranged(self, recompute: frozenset[str]) -> tuple[Schedule, GraphProfile]:
         """The schedule the runtime runs for ``recompute`` and the profile to simulate
         it with: the split's node orders (:func:`fast_schedule` gives those of the
         graphs ``split_joint`` builds, without building them), arranged for memory by
         :func:`planner.order.arrange` when ``self.arrange``."""
-        sched = fast_schedule(self.gp.joint, recompute)
         if not self.arrange:
-            return sched, self.gp
-        arr = arrange(self.gp, sched, granularity=self.granularity, engine=self.engine)
-        return arr.schedule, arr.profile
+            return fast_schedule(self.gp.joint, recompute), self.gp
+        key = ("arranged", frozenset(recompute))
+        if key not in self.evaluations:
+            sched = fast_schedule(self.gp.joint, recompute)
+            arr = arrange(self.gp, sched, granularity=self.granularity, engine=self.engine)
+            self.evaluations[key] = (arr.schedule, arr.profile)
+        return self.evaluations[key]
 
     def rank(self, ev: Evaluation) -> tuple:
         """Sort key of a fitting plan under the objective: lower is better."""
@@ -131,7 +148,7 @@ class Problem:
         """Predicted live bytes after each node of forward then backward, as
         ``(phase, node, bytes)``, for ``recompute``."""
         sched, profile = self.arranged(frozenset(recompute))
-        sim = simulate(profile, sched, granularity=self.granularity, timeline=True, engine=self.engine)
+        sim = simulate(profile, sched, granularity=self.granularity, timeline=True, engine=self.engine, loop=self.loop)
         return [(p.phase, p.node, p.live_bytes) for p in sim.timeline]
 
     def decisions_of(self, ev: Evaluation) -> tuple[frozenset[str], frozenset[str]]:
@@ -166,8 +183,10 @@ def rank_key(objective: str, *, flops: float, time_s: float) -> tuple:
     return (flops, time_s) if objective == "flops" else (time_s, flops)
 
 
-def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "time", engine: EngineBytes | None = None) -> Problem:
-    """The planning problem of a profiled step; ``granularity``: the allocator's block size."""
+def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "time", engine: EngineBytes | None = None,
+                  loop: TrainingLoop | None = None) -> Problem:
+    """The planning problem of a profiled step; ``granularity``: the allocator's block
+    size; ``loop``: the training loop around the step."""
     gm = gp.gm
     info = gp.nodes
     nodes = list(gm.graph.nodes)
@@ -188,15 +207,16 @@ def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "t
     memory = build_memory_model(
         gp, fwd=fwd, bwd=bwd, candidates=tuple(n for n in fwd if n in can_save and n not in free_save),
         parent=parent, fwd_inputs=fwd_inputs, free_save=free_save, creator=creator,
-        held_storages=held_storages, granularity=granularity, engine=engine,
+        held_storages=held_storages, granularity=granularity, engine=engine, loop=loop,
     )
     return Problem(
         gp=gp,
         fwd=fwd,
         bwd=bwd,
         own_bytes=own,
-        # A multi-output op carries the cost, its getitems none; views cost nothing.
-        cost={n: 0.0 if n in parent else info[n].time_s for n in fwd},
+        # A multi-output op carries the cost, its getitems none; views cost nothing;
+        # the executor's cost model (op by op, or fused by Inductor) prices the rest.
+        cost=_costs(gp, fwd, parent),
         flops={n: info[n].flops for n in fwd},
         can_recompute=frozenset(n for n in fwd if info[n].recomputable),
         can_save=can_save,
@@ -208,7 +228,15 @@ def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "t
         granularity=granularity,
         objective=objective,
         engine=engine,
+        loop=loop,
+        # Inductor orders and reuses buffers itself: the runtime arranges only what runs op by op
+        arrange=gp.joint.executor == "eager",
     )
+
+
+def _costs(gp: GraphProfile, fwd, parent) -> dict[str, float]:
+    costs = recompute_costs(gp)
+    return {n: 0.0 if n in parent else costs[n] for n in fwd}
 
 
 def _ownership(gp: GraphProfile, fwd, by_name, creator) -> tuple[dict[str, str], dict[str, int]]:

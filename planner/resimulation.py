@@ -19,8 +19,9 @@ from profiles.timing import synthetic_cpu_temps
 
 from .distributed import from_record
 from .plan_type import Plan
-from .schedule import schedule_of
 from .order import arrange
+from .schedule import schedule_of
+from .simulate import simulate
 
 __all__ = ["resimulate"]
 
@@ -44,5 +45,8 @@ def resimulate(plan: Plan, joint: fx.GraphModule, forward: fx.GraphModule, backw
         nodes = {name: dataclasses.replace(ni, temp_bytes=temps[name]) if name in temps else ni for name, ni in gp.nodes.items()}
         gp = dataclasses.replace(gp, nodes=nodes)
     engine = from_record(plan.distributed)
-    # the step as the runtime runs it: arranged for memory (planner.order.arrange)
-    return arrange(gp, schedule_of(forward, backward), granularity=granularity(device), engine=engine).after_bytes
+    sched = schedule_of(forward, backward)
+    if plan.executor != "eager":  # Inductor orders the graphs itself
+        return simulate(gp, sched, granularity=granularity(device), engine=engine).peak_bytes
+    # the step as the runtime runs it op by op: arranged for memory (planner.order.arrange)
+    return arrange(gp, sched, granularity=granularity(device), engine=engine).after_bytes

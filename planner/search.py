@@ -44,6 +44,7 @@ def search_ilp(
     max_calls: int = 16,
     start: Evaluation | None = None,
     memory: MemoryModel | None = None,
+    solve=solve_ilp,
 ) -> tuple[Evaluation, SolverInfo] | None:
     """Solve the ILP, check each solution by exact simulation, and adjust.
 
@@ -59,7 +60,8 @@ def search_ilp(
     it again by the slack. When even the first solve finds nothing although
     ``start`` (sqrt(L)'s plan) fits, the rows overestimate: the internal budget is
     loosened once by their error on ``start``. Returns the cheapest fitting
-    solution, or None.
+    solution, or None. ``solve``: the ILP, :func:`planner.ilp.solve_ilp` or one with
+    its interface (:class:`planner.block_ilp.BlockIlp`).
     """
     t0 = time.perf_counter()
     memory = memory if memory is not None else prob.memory
@@ -74,7 +76,7 @@ def search_ilp(
         remaining = time_limit_s - (time.perf_counter() - t0)
         if remaining <= 0.5:
             break
-        res = solve_ilp(prob, internal, memory=memory, rows=rows, time_limit_s=remaining)
+        res = solve(prob, internal, memory=memory, rows=rows, time_limit_s=remaining)
         rows = res.rows
         calls += 1
         if res.recompute is None:
@@ -120,10 +122,11 @@ def _better(a: tuple, b: tuple, rel: float) -> bool:
     return False
 
 
-def lowest_plan(prob: Problem, time_limit_s: float) -> tuple[Evaluation, SolverInfo]:
+def lowest_plan(prob: Problem, time_limit_s: float, *, solve=solve_ilp) -> tuple[Evaluation, SolverInfo]:
     """The lowest-peak plan found by the ILP (minimising memory, several paths) and
     sqrt(L). The same whatever was solved before, and whatever the objective (the ILP
-    breaks ties between equally low peaks by recompute time)."""
+    breaks ties between equally low peaks by recompute time). ``solve``: as for
+    :func:`search_ilp`."""
     start = time.perf_counter()
     options: list[tuple[Evaluation, str]] = []
     sq = solve_sqrt(prob, None)
@@ -143,13 +146,13 @@ def lowest_plan(prob: Problem, time_limit_s: float) -> tuple[Evaluation, SolverI
         elif path >= 2 and lowest == best_peak:
             break  # the last path found nothing lower
         best_peak = lowest
-        options += _minimum_memory_path(by_time, path, start + time_limit_s)
+        options += _minimum_memory_path(by_time, path, start + time_limit_s, solve)
     ev, how = min(options, key=lambda o: (o[0].sim.peak_bytes, o[0].cost_s))
     name = "ilp" if how.startswith("ilp") else "sqrt"
     return ev, SolverInfo(name=name, status=how, seconds=time.perf_counter() - start, calls=len(options))
 
 
-def _minimum_memory_path(prob: Problem, path: int, deadline: float) -> list[tuple[Evaluation, str]]:
+def _minimum_memory_path(prob: Problem, path: int, deadline: float, solve) -> list[tuple[Evaluation, str]]:
     """The plans of one minimum-memory path: from the first interval estimates,
     solve, refine the intervals from the solution's exact schedule and solve again
     (up to 8 times) until the refinement changes nothing. Path 0 uses the plain
@@ -160,7 +163,7 @@ def _minimum_memory_path(prob: Problem, path: int, deadline: float) -> list[tupl
         remaining = deadline - time.perf_counter()
         if remaining <= 0.5:
             break
-        res = solve_ilp(prob, None, memory=memory, rows=rows, tie_break_seed=None if path == 0 else path,
+        res = solve(prob, None, memory=memory, rows=rows, tie_break_seed=None if path == 0 else path,
                         time_limit_s=remaining, minimize_memory=True)
         rows = res.rows
         if res.recompute is None:

@@ -7,7 +7,10 @@ frees graph inputs too). Parameters, buffers and inputs are live throughout; the
 model's outputs are held by the caller until backward ends; gradients are kept.
 Under ``torch.distributed`` the engine's per-rank bytes (``planner.distributed``)
 are added to every point of forward and of backward, and to the level at the end
-of backward while gradients are reduced.
+of backward while gradients are reduced. The training loop around the step
+(:mod:`planner.training_loop`: the loss outside the model, held gradients, the
+optimizer) adds the points of phase ``"loss"`` between forward and backward and
+one of phase ``"optimizer"`` (``opt.step()``) after backward.
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ from profiles.graph_profile import GraphProfile
 
 from .distributed import EngineBytes
 from .schedule import GraphOrder, Schedule
+from .training_loop import TrainingLoop
 
-__all__ = ["SimResult", "simulate", "TimelinePoint", "held_tangents", "END_OF_BACKWARD"]
+__all__ = ["SimResult", "simulate", "TimelinePoint", "held_tangents", "END_OF_BACKWARD", "OPTIMIZER_STEP"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TimelinePoint:
     """Live bytes just after ``node`` ran (its inputs not yet freed)."""
 
-    #: ``"forward"`` or ``"backward"``.
+    #: ``"forward"``, ``"loss"``, ``"backward"`` or ``"optimizer"``.
     phase: str
     #: The node that ran.
     node: str
@@ -43,19 +47,22 @@ class SimResult:
     peak_bytes: int
     #: Node at which the peak is reached (:data:`END_OF_BACKWARD` for the gradient reduction).
     peak_node: str
-    #: Phase of ``peak_node``: ``"forward"`` or ``"backward"``.
+    #: Phase of ``peak_node``: ``"forward"``, ``"loss"``, ``"backward"`` or ``"optimizer"``.
     peak_phase: str
     #: Bytes of parameters, buffers and inputs (live for the whole step).
     static_bytes: int
     #: Live bytes after each node, when asked for (``simulate(..., timeline=True)``).
     timeline: tuple[TimelinePoint, ...] = ()
-    #: Storage ids live at the peak besides parameters, buffers and inputs (what
-    #: :func:`planner.order.improve_order` tries to free or delay there).
+    #: Storage ids live at the peak besides parameters, buffers and inputs, when asked
+    #: for (``simulate(..., track_peak=True)``: what :func:`planner.order.improve_order`
+    #: tries to free or delay there).
     peak_storages: frozenset[int] = frozenset()
 
 
 #: ``SimResult.peak_node`` when the peak is the gradient reduction after backward.
 END_OF_BACKWARD = "(end of backward: gradient reduction)"
+#: ``SimResult.peak_node`` (phase ``"optimizer"``) when the peak is ``opt.step()``.
+OPTIMIZER_STEP = "(opt.step())"
 
 
 def held_tangents(gp: GraphProfile) -> frozenset[str]:
@@ -78,7 +85,8 @@ class _Liveness:
     """The simulation's state: reference counts of live storages, the live bytes,
     and the peak so far."""
 
-    def __init__(self, gp: GraphProfile, granularity: int, engine: EngineBytes | None, timeline: bool):
+    def __init__(self, gp: GraphProfile, granularity: int, engine: EngineBytes | None, timeline: bool, held: int,
+                 track: bool = False):
         self.info = gp.nodes
         self.sizes = [round_bytes(b, granularity) for b in gp.storage_bytes]
         self.static = set(gp.static_storages)
@@ -87,9 +95,13 @@ class _Liveness:
         self.live = 0
         #: The single model's live bytes at the last node run, its temporaries included.
         self.level = 0
-        self.extra = {"forward": engine.forward if engine else 0, "backward": engine.backward if engine else 0}
+        #: Per phase, bytes beyond the model's step: the engine's, and what the loop holds all step.
+        self.extra = {"forward": held + (engine.forward if engine else 0), "backward": held + (engine.backward if engine else 0)}
+        self.extra["loss"] = self.extra["forward"]
         self.peak, self.peak_node, self.peak_phase = 0, "", ""
         self.peak_storages: frozenset[int] = frozenset()
+        #: Whether ``peak_storages`` is recorded at each new peak.
+        self.track = track
         self.points: list[TimelinePoint] | None = [] if timeline else None
 
     def acquire(self, storages) -> None:
@@ -111,12 +123,20 @@ class _Liveness:
     def record(self, name: str, phase: str, temp_bytes: int) -> None:
         """The level just after ``name`` ran; a new peak when above the last."""
         self.level = self.static_bytes + self.live + temp_bytes
-        total = self.level + self.extra[phase]
+        self.point(name, phase, self.level + self.extra[phase])
+
+    def point(self, name: str, phase: str, total: int) -> None:
+        """``total`` bytes live at ``name``; a new peak when above the last."""
         if self.points is not None:
             self.points.append(TimelinePoint(phase=phase, node=name, live_bytes=total))
         if total > self.peak:
             self.peak, self.peak_node, self.peak_phase = total, name, phase
-            self.peak_storages = frozenset(s for s, c in self.refs.items() if c > 0)
+            if self.track:
+                self.peak_storages = self.live_storages()
+
+    def live_storages(self) -> frozenset[int]:
+        """Storage ids live now besides parameters, buffers and inputs."""
+        return frozenset(s for s, c in self.refs.items() if c > 0)
 
     def run(self, order: GraphOrder, phase: str) -> list[str]:
         """Run one graph: allocate each node's storages, free each value after its
@@ -146,16 +166,24 @@ def simulate(
     *,
     granularity: int = 1,
     timeline: bool = False,
+    track_peak: bool = False,
     engine: EngineBytes | None = None,
+    loop: TrainingLoop | None = None,
 ) -> SimResult:
-    """Simulate the step and return its peak of live bytes (per rank with ``engine``)."""
-    state = _Liveness(gp, granularity, engine, timeline)
+    """Simulate the step and return its peak of live bytes (per rank with ``engine``;
+    with the training loop's loss, held gradients and optimizer with ``loop``)."""
+    loop = loop or TrainingLoop()
+    state = _Liveness(gp, granularity, engine, timeline, loop.held_bytes, track_peak)
     fwd_out = state.run(schedule.forward, "forward")
-    _hand_over(state, gp, schedule, fwd_out)
-    state.run(schedule.backward, "backward")
-    if engine is not None and state.level + engine.end > state.peak:
-        state.peak, state.peak_node, state.peak_phase = state.level + engine.end, END_OF_BACKWARD, "backward"
-        state.peak_storages = frozenset(s for s, c in state.refs.items() if c > 0)
+    _hand_over(state, gp, schedule, fwd_out, loop)
+    bwd_out = state.run(schedule.backward, "backward")
+    if engine is not None and state.level + loop.held_bytes + engine.end > state.peak:
+        state.peak, state.peak_node, state.peak_phase = state.level + loop.held_bytes + engine.end, END_OF_BACKWARD, "backward"
+        state.peak_storages = state.live_storages() if state.track else frozenset()
+    if loop.has_optimizer:
+        grads = {s for name in bwd_out for s in state.info[name].storages} - state.static
+        level = state.static_bytes + state.live
+        state.point(OPTIMIZER_STEP, "optimizer", loop.optimizer_peak(level, sum(state.sizes[s] for s in grads)))
     return SimResult(
         peak_bytes=state.peak,
         peak_node=state.peak_node,
@@ -166,10 +194,11 @@ def simulate(
     )
 
 
-def _hand_over(state: _Liveness, gp: GraphProfile, schedule: Schedule, fwd_out: list[str]) -> None:
+def _hand_over(state: _Liveness, gp: GraphProfile, schedule: Schedule, fwd_out: list[str], loop: TrainingLoop) -> None:
     """Between the graphs: the caller holds the model's outputs until the step
     ends; autograd's context holds the saved values until backward's last use
-    frees them; the tangents (gradients of the outputs) are allocated before
+    frees them; the loss outside the model runs on that level and ends with the
+    gradients of the outputs; the tangents (gradients of the outputs) are allocated before
     backward runs, the loss's seed gradient held by the caller until backward returns."""
     info = gp.nodes
     for name in set(fwd_out[: gp.joint.num_fwd_outputs]):
@@ -178,6 +207,9 @@ def _hand_over(state: _Liveness, gp: GraphProfile, schedule: Schedule, fwd_out: 
         state.acquire(info[name].storages)
     for name in set(fwd_out):
         state.release(info[name].storages)
+    level = state.static_bytes + state.live + state.extra["loss"]
+    for _, node, nbytes in loop.loss:
+        state.point(node, "loss", level + nbytes)
     seeds = held_tangents(gp)
     for name, op, _ in schedule.backward.nodes:
         if op == "placeholder" and name.startswith("tangents"):

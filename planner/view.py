@@ -39,7 +39,12 @@ def _budget_text(plan) -> str:
     budget = format_bytes(plan.budget_bytes)
     d = plan.distributed
     if d is not None:
-        budget += (f" per rank of {d.world_size} ({d.sharding}, optimizer {d.optimizer}; the engine adds "
+        engine = d.sharding
+        if d.deepspeed is not None:
+            ds = d.deepspeed
+            engine = (f"DeepSpeed ZeRO-{ds['stage']} {ds['precision']}, micro-batch {ds['micro_batch']} x "
+                      f"{ds['accumulation']} accumulated")
+        budget += (f" per rank of {d.world_size} ({engine}, optimizer {d.optimizer}; the engine adds "
                    f"{format_bytes(d.forward_bytes)} in forward, {format_bytes(d.backward_bytes)} in backward, "
                    f"{format_bytes(d.end_bytes)} while gradients are reduced)")
     return budget
@@ -63,8 +68,26 @@ def headline(plan) -> list[tuple[str, str]]:
                       f"({plan.time_source or 'estimate'})"),
         ("values for backward", f"{len(plan.saved)} saved ({format_bytes(saved)}), "
                                 f"{len(plan.recomputed)} recomputed ({format_bytes(recomputed)})"),
+        *_loop_lines(plan),
         ("solver", _solver_text(plan)),
     ]
+
+
+def _loop_lines(plan) -> list[tuple[str, str]]:
+    """What the budget assumed of the training loop (``Plan.training_loop``), when it
+    adds to the model's own step or leaves the loss out."""
+    loop = getattr(plan, "training_loop", None)
+    if loop is None or (loop.loss == "model" and not loop.grad_accumulation and loop.optimizer == "none"):
+        return []  # nothing beyond the model's own step
+    loss = {"loss_fn": f"loss_fn's forward and backward counted (peak {format_bytes(loop.loss_peak_bytes)})",
+            "model": "the model returns its loss", "output gradients": "loss NOT counted, only the output gradients (pass loss_fn=)"}
+    text = f"{loss[loop.loss]}; gradients {'accumulated (held all step)' if loop.grad_accumulation else 'None at the start'}"
+    lines = [("training loop", text)]
+    if loop.optimizer != "none":
+        lines.append(("optimizer step", f"{loop.optimizer} ({loop.optimizer_implementation}), state "
+                      f"{format_bytes(loop.optimizer_state_bytes)}: opt.step() peak {format_bytes(loop.optimizer_step_peak_bytes)}, "
+                      f"backward peak {format_bytes(loop.backward_peak_bytes)}"))
+    return lines
 
 
 def summary(plan) -> str:
@@ -187,7 +210,9 @@ def _classify(points: Sequence[tuple[str, str, int]], forward_names: set[str]) -
     bwd = [i for i, p in enumerate(points) if p[0] == "backward"]
     last_placeholder = max((i for i in bwd if points[i][1].startswith("tangents")), default=-1)
     for i, (phase, node, _) in enumerate(points):
-        if phase == "forward":
+        if phase in ("loss", "optimizer"):  # the training loop's own points
+            kinds.append(phase)
+        elif phase == "forward":
             kinds.append("input" if node.startswith("primals") else "forward")
         elif node.startswith("tangents"):
             kinds.append("tangent")
@@ -222,13 +247,15 @@ def memory_timeline(plan) -> list[dict]:
     eager's (no checkpointing) by node: a step that runs in only one of them has
     ``None`` for the other's bytes. Each row is a dict:
 
-    - ``step``: position (0, 1, ...); ``phase``: ``"forward"`` or ``"backward"``;
+    - ``step``: position (0, 1, ...); ``phase``: ``"forward"``, ``"loss"`` (the loss
+      computed outside the model), ``"backward"`` or ``"optimizer"`` (``opt.step()``);
       ``node``: fx node name in the joint graph.
     - ``kind``: ``"input"`` (a parameter, buffer or input enters forward),
       ``"forward"`` (a forward op), ``"saved"`` (a value kept from forward is handed
       to backward), ``"tangent"`` (the gradient of a model output enters backward),
-      ``"recompute"`` (backward rebuilds a value the plan did not keep) or
-      ``"gradient"`` (a backward op computing gradients).
+      ``"recompute"`` (backward rebuilds a value the plan did not keep),
+      ``"gradient"`` (a backward op computing gradients), or ``"loss"`` and
+      ``"optimizer"`` for the training loop's points.
     - ``decision``: the plan's ``"save"``/``"recompute"`` for the value this forward
       step makes, when backward needs it; ``""`` otherwise.
     - ``planned_bytes`` / ``eager_bytes``: live bytes just after the step (the exact
@@ -247,7 +274,7 @@ def memory_timeline(plan) -> list[dict]:
     eager_kinds = _classify(plan.baseline_timeline, forward_names)
     rows: list[dict] = []
     saved_so_far = 0
-    for phase in ("forward", "backward"):
+    for phase in ("forward", "loss", "backward", "optimizer"):
         planned = [(k, p) for k, p in zip(planned_kinds, plan.timeline) if p[0] == phase]
         eager = [(k, p) for k, p in zip(eager_kinds, plan.baseline_timeline) if p[0] == phase]
         merged = _aligned([f"{k}:{p[1]}" for k, p in eager], [f"{k}:{p[1]}" for k, p in planned])

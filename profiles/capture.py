@@ -13,14 +13,15 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
-from ._torch_private import aot_autograd, allow_recompiles, copy_graph_module, default_partition
+from ._torch_private import allow_recompiles, backward_without_autocast, copy_graph_module, no_aot_autograd_cache
 from .capture_errors import explain_capture_failure
 from .dropout_pass import rewrite_dropout
+from .executors import check_executor, recording_backend
 from .joint import CaptureError, JointGraph, mutated_primals
 from .meta import capture_meta, uses_meta
 from .signature import check_input_devices, graph_fingerprint, node_digests, structure_fingerprint
 
-__all__ = ["capture", "normalize_inputs", "prepare_joint", "with_dropout"]
+__all__ = ["capture", "normalize_inputs", "prepare_joint", "with_dropout", "state_kept"]
 
 
 def normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
@@ -86,29 +87,21 @@ def _state_kept(model: torch.nn.Module) -> Iterator[None]:
                     b.copy_(buffers[k])
 
 
-def _record_step(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, int, list]:
+#: ``_state_kept`` for other layers: a forward of the model that leaves no trace (the planner's look at its outputs).
+state_kept = _state_kept
+
+
+def _record_step(model: torch.nn.Module, args: tuple, kwargs: dict, executor: str = "eager",
+                 options: dict | None = None) -> tuple[fx.GraphModule, int, list]:
     """Run one training step of ``model`` through ``torch.compile``; return the joint
-    graph AOTAutograd handed to the partitioner, its number of forward outputs and
-    the tensors the compiled forward was called with."""
+    graph handed to the partitioner (by AOTAutograd, or by Inductor for
+    ``executor="inductor"``), its number of forward outputs and the tensors the
+    compiled forward was called with."""
     recorded: dict[str, Any] = {}
-
-    def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
-        recorded["joint"] = joint
-        recorded["num_fwd_outputs"] = num_fwd_outputs
-        return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
-
-    def fw_compiler(gm, example):
-        def run(*fw_args):
-            recorded.setdefault("primals", list(fw_args))
-            return gm(*fw_args)
-
-        return run
-
-    backend = aot_autograd(fw_compiler=fw_compiler, bw_compiler=lambda gm, ex: gm, partition_fn=partition)
-    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    compiled = torch.compile(model, backend=recording_backend(recorded, executor, options), fullgraph=True, dynamic=False)
     with _state_kept(model):
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), backward_without_autocast(), no_aot_autograd_cache():
                 compiled(*args, **kwargs)
         except Exception as e:  # torch.compile wraps every failure; say which step failed and why
             err = explain_capture_failure(model, args, kwargs, e)
@@ -139,18 +132,24 @@ def _primal_roles(model: torch.nn.Module, primals: list) -> tuple[list[str], lis
     return roles, names
 
 
-def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str = "mask") -> JointGraph:
+def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str = "mask", executor: str = "eager",
+            compile_options: dict | None = None) -> JointGraph:
     """Capture one training step of ``model`` on ``example_inputs`` as a joint graph.
 
     ``dropout`` picks how dropout outputs are made recomputable (see
-    :mod:`profiles.dropout_pass`). A model or inputs on the meta device are captured
-    on fake tensors, allocating nothing (see :mod:`profiles.meta`)."""
+    :mod:`profiles.dropout_pass`). ``executor="inductor"`` captures the joint graph
+    Inductor partitions (after its decompositions and joint-graph passes, with
+    Inductor options ``compile_options``), without generating code. A model or
+    inputs on the meta device are captured on fake tensors, allocating nothing
+    (see :mod:`profiles.meta`)."""
+    check_executor(executor)
     args, kwargs = normalize_inputs(model, example_inputs)
     if uses_meta(model, args, kwargs):
-        return capture_meta(model, args, kwargs, capture, dropout=dropout)
+        return capture_meta(model, args, kwargs, capture, dropout=dropout, executor=executor,
+                            compile_options=compile_options)
     check_input_devices(model, args, kwargs, allow_meta=True)
     allow_recompiles()
-    gm, num_fwd_outputs, primals = _record_step(model, args, kwargs)
+    gm, num_fwd_outputs, primals = _record_step(model, args, kwargs, executor, compile_options)
     roles, names = _primal_roles(model, primals)
     fingerprint = graph_fingerprint(gm, num_fwd_outputs)  # of the graph as captured, before prepare_joint
     structure = structure_fingerprint(gm, num_fwd_outputs)
@@ -169,6 +168,7 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
         dropout=dropout,
         num_dropouts=num_dropouts,
         raw_gm=raw_gm,
+        executor=executor,
     )
 
 
@@ -191,4 +191,5 @@ def with_dropout(joint: JointGraph, dropout: str) -> JointGraph:
         num_dropouts=prepare_joint(gm, dropout=dropout, num_fwd_outputs=joint.num_fwd_outputs),
         raw_gm=joint.raw_gm,
         fake=joint.fake,
+        executor=joint.executor,
     )

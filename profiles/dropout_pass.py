@@ -4,9 +4,9 @@
 Running it again in backward would draw a new mask, so the op itself is never
 recomputed. Two rewrites of the joint graph make ``out`` a deterministic function:
 
-``"mask"`` (default): every use of ``out`` reads ``where(mask, x, 0) * scale``
-instead, the same values bit for bit. The planner can then save the 1-byte mask
-and rebuild the output, or save the output.
+``"mask"`` (default): every use of ``out`` reads ``x * mask * scale`` instead, the
+same values bit for bit. The planner can then save the 1-byte mask and rebuild the
+output, or save the output.
 
 ``"replay"``: forward also records the generator state before the draw
 (``planner_rng::state``), and every use of the mask reads a mask regenerated from
@@ -14,6 +14,21 @@ that state (``planner_rng::replay_dropout_mask``), every use of ``out`` the outp
 rebuilt from it. Both are deterministic, so the planner may recompute the mask from
 a few bytes of RNG state instead of keeping it. Costs one extra mask draw per
 dropout in forward, and one per recomputation.
+
+On the CPU, eager PyTorch does not run ``native_dropout`` for ``F.dropout`` (nor for
+``nn.Dropout`` or the math attention kernel): it draws ``noise`` in ``x``'s dtype,
+divides it in place by ``1 - p`` and returns ``x * noise``, whose backward is
+``grad * noise``. AOTAutograd's decomposition records ``native_dropout`` and
+``native_dropout_backward(grad, mask, 1 / (1 - p))`` instead: the same mask, but
+``native_dropout_backward`` scales by the double ``1 / (1 - p)`` where eager scales by
+``noise``'s value, ``1 / (1 - p)`` divided in ``x``'s dtype and rounded to it. Under
+bf16 or fp16 (autocast, or bf16 parameters) they differ for every ``p`` whose scale is
+not exact in that dtype, and in fp32 for some (``p = 0.15``). So on the CPU both the
+output and the gradient are rebuilt as eager computes them: ``x * mask * s`` and
+``grad * mask * s`` with ``s`` eager's rounded scale (``x * mask`` is exact, zeros
+keep their sign, and the product with ``s`` rounds once, as ``x * noise`` does). On
+CUDA eager runs the fused ``native_dropout`` kernel itself, which scales in float:
+``s`` is the unrounded scale there and its backward stays.
 
 The same rewrite is applied when planning and when running, so node names agree.
 """
@@ -26,6 +41,7 @@ import torch
 import torch.fx as fx
 
 from . import rng_ops  # noqa: F401  (registers the planner_rng ops)
+from ._torch_private import real_tensors
 
 __all__ = ["rewrite_dropout", "DROPOUT_MODES"]
 
@@ -59,13 +75,45 @@ def _meta_from(new: fx.Node, model: fx.Node, val, *, tag: str | None = None) -> 
 
 
 def _scale(p: float, like: torch.Tensor) -> float:
-    """The factor native_dropout multiplies by: on CPU ``1/(1-p)`` rounded to the
-    tensor's dtype first (the kernel multiplies by a dtype-typed mask), on CUDA in
-    float (the fused kernel scales in its accumulation type)."""
-    scale = 0.0 if p == 1 else 1.0 / (1.0 - p)
+    """The factor eager dropout multiplies by: on the CPU the value of its ``noise``
+    tensor, ``1`` divided by ``1 - p`` in ``like``'s dtype (``noise.div_(1 - p)``); on
+    CUDA ``1/(1-p)`` in float (the fused kernel scales in its accumulation type)."""
+    if p == 1:
+        return 0.0
     if like.device.type == "cpu":
-        return float(torch.tensor(scale, dtype=like.dtype))
-    return scale
+        with real_tensors():  # the partitioner runs under AOTAutograd's fake mode
+            return float(torch.ones((), dtype=like.dtype).div_(1.0 - p))
+    return 1.0 / (1.0 - p)
+
+
+def _rebuild(graph: fx.Graph, after: fx.Node, x: fx.Node, mask: fx.Node, scale: float, model: fx.Node) -> fx.Node:
+    """``x * mask * scale`` after ``after``, as eager's ``x * noise`` computes it."""
+    with graph.inserting_after(after):
+        kept = graph.call_function(aten.mul.Tensor, (x, mask))
+    with graph.inserting_after(kept):
+        scaled = graph.call_function(aten.mul.Tensor, (kept, scale))
+    _meta_from(kept, model, _fake(model.meta["val"]))
+    _meta_from(scaled, model, _fake(model.meta["val"]))
+    return scaled
+
+
+def _eager_backward(graph: fx.Graph, mask: fx.Node, p: float) -> int:
+    """On the CPU, ``native_dropout_backward(grad, mask, _)`` becomes eager's
+    ``grad * noise``: ``grad * mask * s`` with ``s`` eager's rounded scale. Returns
+    how many were rewritten."""
+    count = 0
+    for user in list(mask.users):
+        if user.target is not aten.native_dropout_backward.default:
+            continue
+        grad = user.args[0]
+        gval = grad.meta["val"]
+        if gval.device.type != "cpu":
+            continue
+        rebuilt = _rebuild(graph, user, grad, mask, _scale(p, gval), user)
+        user.replace_all_uses_with(rebuilt)
+        graph.erase_node(user)
+        count += 1
+    return count
 
 
 def rewrite_dropout(gm: fx.GraphModule, mode: str = "mask") -> int:
@@ -73,7 +121,7 @@ def rewrite_dropout(gm: fx.GraphModule, mode: str = "mask") -> int:
     if mode not in DROPOUT_MODES:
         raise ValueError(f"unknown dropout mode {mode!r}: choose one of {', '.join(DROPOUT_MODES)}")
     graph = gm.graph
-    count = 0
+    count = backward = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten.native_dropout.default:
             continue
@@ -90,16 +138,11 @@ def rewrite_dropout(gm: fx.GraphModule, mode: str = "mask") -> int:
             continue
         xval = x.meta["val"]
         scale = _scale(p, xval)
+        backward += _eager_backward(graph, mask, float(p))
         if mode == "mask":
             if not out.users:
                 continue
-            with graph.inserting_after(mask):
-                kept = graph.call_function(aten.where.ScalarOther, (mask, x, 0.0))
-            with graph.inserting_after(kept):
-                scaled = graph.call_function(aten.mul.Tensor, (kept, scale))
-            _meta_from(kept, out, _fake(out.meta["val"]))
-            _meta_from(scaled, out, _fake(out.meta["val"]))
-            out.replace_all_uses_with(scaled)
+            out.replace_all_uses_with(_rebuild(graph, mask, x, mask, scale, out))
         else:
             if not out.users and not mask.users:
                 continue
@@ -114,17 +157,11 @@ def rewrite_dropout(gm: fx.GraphModule, mode: str = "mask") -> int:
                     torch.ops.planner_rng.replay_dropout_mask.default,
                     (state, list(xval.shape), list(xval.stride()), xval.dtype, xval.device, float(p)),
                 )
-            with graph.inserting_after(replay):
-                kept = graph.call_function(aten.where.ScalarOther, (replay, x, 0.0))
-            with graph.inserting_after(kept):
-                scaled = graph.call_function(aten.mul.Tensor, (kept, scale))
             _meta_from(replay, mask, _fake(xval, dtype=torch.bool))
-            _meta_from(kept, out, _fake(out.meta["val"]))
-            _meta_from(scaled, out, _fake(out.meta["val"]))
-            out.replace_all_uses_with(scaled)
+            out.replace_all_uses_with(_rebuild(graph, replay, x, replay, scale, out))
             mask.replace_all_uses_with(replay)
         count += 1
-    if count:
+    if count or backward:
         graph.lint()
         gm.recompile()
     return count

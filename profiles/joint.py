@@ -53,6 +53,9 @@ class JointGraph:
     #: True when captured from a meta-device model on fake tensors (:mod:`profiles.meta`):
     #: shapes and dtypes only, no values to run.
     fake: bool = False
+    #: What runs the split graphs: ``"eager"`` (op by op) or ``"inductor"`` (the joint
+    #: graph after Inductor's decompositions and joint-graph passes, compiled by Inductor).
+    executor: str = "eager"
 
     def drop_tensors(self) -> None:
         """Forget the real tensors so the graph no longer keeps them alive."""

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ._torch_private import allocator_events, record_function_span
+from .profiler_notices import quiet_profiler_notices
 
 __all__ = ["measure_peak", "allocator_peak", "running_peak", "storage_bytes"]
 
@@ -46,7 +47,7 @@ def measure_peak(fn: Callable[[], Any], *, device: torch.device | str = "cpu") -
         return torch.cuda.max_memory_allocated(device) - start, result
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler_notices(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     peak, _ = allocator_peak(prof)
     return peak, result

@@ -26,6 +26,7 @@ from . import rng_ops  # noqa: F401  (the planner_rng ops)
 from ._torch_private import profiler_cpu_memory_events, record_function_ranges, tree_map
 from .allocator import graph_device
 from .joint import JointGraph
+from .profiler_notices import quiet_profiler_notices
 
 __all__ = ["run_nodes", "synthetic_cpu_temps"]
 
@@ -175,7 +176,7 @@ def _cpu_temps(joint: JointGraph, device: torch.device) -> dict[str, int]:
         key = _signature(n)
         by_sig.setdefault(key, []).append(n.name)
         first.setdefault(key, n)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler_notices(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for key, n in first.items():
             args = tree_map(lambda a: _synthetic(a.meta.get("val"), device) if isinstance(a, fx.Node) else a, n.args)
             kwargs = tree_map(lambda a: _synthetic(a.meta.get("val"), device) if isinstance(a, fx.Node) else a, n.kwargs)

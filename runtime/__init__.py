@@ -1,5 +1,5 @@
 """Apply a plan: ``apply(model, plan)`` returns a module that trains within the budget."""
 
-from .module import BudgetWarning, PlanMismatch, PlannedModule, ShapeEntry, ShapeWarning, apply
+from .module import AutocastMismatch, BudgetWarning, PlanMismatch, PlannedModule, ShapeEntry, ShapeWarning, apply
 
-__all__ = ["apply", "PlannedModule", "ShapeEntry", "PlanMismatch", "ShapeWarning", "BudgetWarning"]
+__all__ = ["apply", "PlannedModule", "ShapeEntry", "PlanMismatch", "AutocastMismatch", "ShapeWarning", "BudgetWarning"]

@@ -6,6 +6,11 @@ and runs both graphs with the boxed calling convention so every value, inputs
 included, is freed after its last use. In ``eval()`` mode or under
 ``torch.no_grad()`` it calls the original model directly.
 
+With ``compile="inductor"`` (the default for a plan made with
+``executor="inductor"``, or for a ``torch.compile``-d model) the same split is
+compiled by Inductor instead of run op by op (:mod:`runtime.inductor`);
+inference calls then run the model compiled by Inductor.
+
 Inputs of other shapes than planned (the last, smaller batch of an epoch) compile
 again: when the graph is the plan's apart from sizes the plan's decisions are
 reused (with a :class:`BudgetWarning` when the re-simulated peak is over the
@@ -14,6 +19,7 @@ budget); otherwise the model is planned again for those shapes at the plan's bud
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import warnings
@@ -24,19 +30,23 @@ from torch import nn
 
 from planner import plan as plan_model
 from planner import resimulate
+from planner.deepspeed_config import DeepSpeedSettings
+from planner.distributed import from_record
 from planner.plan_type import GiB, Plan
 from profiles import available_targets
 from profiles._torch_private import (
     aot_autograd,
     allow_recompiles,
     backend_error_cause,
+    backward_without_autocast,
     graph_break_info,
     make_boxed,
     no_ddp_graph_split,
 )
-from planner.distributed import from_record
 from profiles.allocator import granularity, graph_device_type
+from profiles.autocast_state import autocast_mismatch, step_autocast
 from profiles.capture import prepare_joint
+from profiles.executors import EXECUTORS, unwrap_compiled
 from profiles.capture_errors import explain_capture_failure
 from profiles.device import target_device_type
 from profiles.signature import (
@@ -50,13 +60,18 @@ from profiles.signature import (
 
 from .arrange import arrange_graphs
 from .distributed import check_wrapping
+from .inductor import PlanPartitioner, compile_inference, compile_planned, compiling, plans_key
 from .partition import split_joint
 
-__all__ = ["PlannedModule", "ShapeEntry", "PlanMismatch", "ShapeWarning", "BudgetWarning", "apply"]
+__all__ = ["PlannedModule", "ShapeEntry", "PlanMismatch", "AutocastMismatch", "ShapeWarning", "BudgetWarning", "apply"]
 
 
 class PlanMismatch(ValueError):
     """The plan was made for another model, another device, or the model changed since."""
+
+
+class AutocastMismatch(PlanMismatch):
+    """The training step runs under another ``torch.autocast`` (or none) than the plan was made under."""
 
 
 class ShapeWarning(UserWarning):
@@ -99,12 +114,17 @@ class PlannedModule(nn.Module):
     """``model`` trained under ``plan``; shares its parameters and buffers.
 
     ``shapes`` maps each input signature seen in training (JSON of
-    ``[name, shape, dtype]`` per input) to how it runs: a :class:`ShapeEntry`."""
+    ``[name, shape, dtype]`` per input) to how it runs: a :class:`ShapeEntry`.
+    ``executor`` is what runs the graphs (``"eager"``: op by op, or ``"inductor"``),
+    ``compile_options`` the Inductor options."""
 
-    def __init__(self, model: nn.Module, plan: Plan):
+    def __init__(self, model: nn.Module, plan: Plan, *, compile: str | None = None, compile_options: dict | None = None):
         super().__init__()
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be a planner.Plan, not {type(plan).__name__}")
+        model, compiled_options = unwrap_compiled(model)
+        self.executor = _executor(plan, compile, compiled_options is not None)
+        self.compile_options = dict(compile_options if compile_options is not None else compiled_options or {})
         check_wrapping(model)
         plan.check()  # a Plan built or edited in code gets the checks from_json makes
         why = parameter_mismatch(model, plan.model.parameters)
@@ -147,16 +167,29 @@ class PlannedModule(nn.Module):
                         BudgetWarning,
                         stacklevel=2,
                     )
-            fwd, bwd = arrange_graphs(joint, num_fwd_outputs, fwd, bwd, dropout=use.dropout,
-                                      granularity=granularity(graph_device_type(joint)),
-                                      engine=from_record(use.distributed))
+            if self.executor == "eager":  # as the planner simulated it (Inductor orders the graphs itself)
+                fwd, bwd = arrange_graphs(joint, num_fwd_outputs, fwd, bwd, dropout=use.dropout,
+                                          granularity=granularity(graph_device_type(joint)),
+                                          engine=from_record(use.distributed))
             graphs.append((fwd, bwd))
             return fwd, bwd
 
         allow_recompiles()
-        backend = aot_autograd(fw_compiler=_boxed_compiler, bw_compiler=_boxed_compiler, partition_fn=partition)
-        # Not a submodule: the compiled wrapper would list the parameters twice.
-        object.__setattr__(self, "_compiled", torch.compile(model, backend=backend, fullgraph=True, dynamic=False))
+        if self.executor == "inductor":
+            compiled = compile_planned(model, PlanPartitioner(partition, self._plans_key), self.compile_options)
+        else:
+            backend = aot_autograd(fw_compiler=_boxed_compiler, bw_compiler=_boxed_compiler, partition_fn=partition)
+            compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+        # Not submodules: the compiled wrappers would list the parameters again.
+        object.__setattr__(self, "_compiled", compiled)
+        object.__setattr__(self, "_inference", None)
+
+    def _plans_key(self) -> str:
+        """What the partition hook applies to the call being compiled: the plan, and
+        the plan chosen for these inputs' shapes (Inductor's cache key)."""
+        entry = self.shapes.get(self._call_key)
+        chosen = [entry.plan] if entry is not None and entry.plan is not self.plan else []
+        return plans_key([self.plan, *chosen]) + ("" if entry is None else ":" + entry.how)
 
     # -- which decisions a newly compiled graph gets ------------------------------
     def _choose(self, joint, num_fwd_outputs: int) -> Plan:
@@ -201,19 +234,39 @@ class PlannedModule(nn.Module):
         # the plan's device profile when it is a shipped one (a profile given by path records only its name)
         target = self.plan.target if self.plan.target in available_targets() else None
         dist = self.plan.distributed  # a per-rank plan is planned again per rank, for the same engine
-        per_rank = {} if dist is None else {"world_size": dist.world_size, "sharding": dist.sharding, "optimizer": dist.optimizer}
+        if dist is None:
+            per_rank = {}
+        elif dist.deepspeed is not None:  # the same DeepSpeed engine's settings
+            per_rank = {"deepspeed": DeepSpeedSettings(**dist.deepspeed)}
+        else:
+            per_rank = {"world_size": dist.world_size, "sharding": dist.sharding, "optimizer": dist.optimizer}
         new = plan_model(self.module, self.plan.budget_bytes / GiB, inputs, target=target,
-                           objective=self.plan.solver.objective, **per_rank)
+                           objective=self.plan.solver.objective, executor=self.executor,
+                           compile_options=self.compile_options or None, **per_rank)
         self.shapes[self._call_key] = ShapeEntry(how="replanned", plan=new, predicted_peak_bytes=new.predicted_peak_bytes)
+
+    def _infer(self, *args, **kwargs):
+        """An ``eval()`` or ``torch.no_grad()`` call: the model itself, or compiled by
+        Inductor when the plan's graphs are."""
+        if self.executor != "inductor":
+            return self.module(*args, **kwargs)
+        if self._inference is None:
+            object.__setattr__(self, "_inference", compile_inference(self.module, self.compile_options))
+        return self._inference(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled()):
-            return self.module(*args, **kwargs)
+            return self._infer(*args, **kwargs)
         check_input_devices(self.module, args, kwargs, allow_meta=False)
+        why = autocast_mismatch(self.plan.model.autocast, step_autocast(self.module, args, kwargs))
+        if why:
+            raise AutocastMismatch(why)
         self._call_key = _key(describe_inputs(args, kwargs))
         for attempt in range(2):
             try:
-                with no_ddp_graph_split():  # one graph even inside DistributedDataParallel's forward
+                # one graph even inside DistributedDataParallel's forward; backward traced as eager runs it
+                with no_ddp_graph_split(), backward_without_autocast(), \
+                        (compiling() if self.executor == "inductor" else contextlib.nullcontext()):
                     return self._compiled(*args, **kwargs)
             except Exception as e:
                 inner = backend_error_cause(e)
@@ -233,9 +286,33 @@ class PlannedModule(nn.Module):
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-def apply(model: nn.Module, plan: Plan) -> PlannedModule:
+def _executor(plan: Plan, compile: str | None, compiled: bool) -> str:
+    """What runs the plan's graphs: ``compile`` when given, else the plan's executor
+    (Inductor for a ``torch.compile``-d model). :class:`PlanMismatch` when the plan
+    was made for another executor: its node names are another joint graph's."""
+    if compile is not None and compile not in EXECUTORS:
+        raise ValueError(f"compile must be one of {', '.join(map(repr, EXECUTORS))} or None, not {compile!r}")
+    executor = compile or ("inductor" if compiled else plan.executor)
+    if executor != plan.executor:
+        why = "the model is compiled by torch.compile, so it runs under Inductor" if compile is None else f"compile={compile!r}"
+        raise PlanMismatch(
+            f"this plan was made for the {plan.executor!r} executor but {why}; the graphs differ (Inductor "
+            f"partitions its decomposed joint graph): plan with planner.plan(model, budget_gb, inputs, "
+            f"executor={executor!r})" + ("" if compile is None else f", or apply with compile={plan.executor!r}")
+        )
+    return executor
+
+
+def apply(model: nn.Module, plan: Plan, *, compile: str | None = None, compile_options: dict | None = None) -> PlannedModule:
     """Wrap ``model`` so that training steps follow ``plan``.
 
+    ``compile``: ``"inductor"`` compiles the plan's graphs with Inductor (fused kernels;
+    ``compile_options`` are its options, as ``torch.compile(options=...)`` takes), ``"eager"``
+    runs them op by op; by default the plan's executor (``plan.executor``). A model
+    already wrapped in ``torch.compile`` is unwrapped and runs under Inductor with the
+    options it was compiled with (unless ``compile_options`` are given).
+
     Raises :class:`PlanMismatch` when the model's parameters or device differ from
-    the planned model's; a changed forward is refused at the first training call."""
-    return PlannedModule(model, plan)
+    the planned model's, or the plan was made for another executor; a changed
+    forward is refused at the first training call."""
+    return PlannedModule(model, plan, compile=compile, compile_options=compile_options)

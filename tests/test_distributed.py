@@ -143,7 +143,8 @@ def test_engine_bytes_per_rank():
         ({"world_size": 2}, "needs sharding"),
         ({"world_size": 0, "sharding": "ddp"}, "world_size"),
         ({"world_size": 2, "sharding": "zero3"}, "unknown sharding"),
-        ({"optimizer": "sgd"}, "unknown optimizer"),
+        ({"optimizer": "rmsprop"}, "unknown optimizer"),
+        ({"world_size": 2, "sharding": "ddp", "optimizer": "sgd"}, "unknown optimizer"),
     ],
 )
 def test_bad_distributed_options(kwargs, match):

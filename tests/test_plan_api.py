@@ -58,7 +58,8 @@ def test_example_input_array_is_used():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     model.example_input_array = torch.randn(4, 8)
-    p = planner.plan(model, 1.0)
+    with pytest.warns(planner.LossNotCountedWarning, match="loss_fn="):  # its output is (4, 1), not a loss
+        p = planner.plan(model, 1.0)
     assert p.model.inputs == (("0", (4, 8), "float32"),)
     assert p.to_dict()["model"]["inputs"] == [["0", [4, 8], "float32"]]
 

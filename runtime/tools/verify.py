@@ -142,10 +142,12 @@ def _loss(out):
     return _loss(tensors[0])
 
 
-def _step(module, args, kwargs, seed: int) -> float:
-    """One forward and backward under ``torch.manual_seed(seed)``; the loss."""
+def _step(module, args, kwargs, seed: int, loss_fn=None) -> float:
+    """One forward and backward under ``torch.manual_seed(seed)``, the loss computed
+    by ``loss_fn`` (default :func:`_loss`) with the outputs held until backward ends; the loss."""
     torch.manual_seed(seed)
-    loss = _loss(module(*args, **kwargs))
+    out = module(*args, **kwargs)
+    loss = (loss_fn or _loss)(out)
     loss.backward()
     return float(loss.detach())
 
@@ -168,13 +170,15 @@ def _compare_grads(planned_model, eager_model, rtol: float, atol: float) -> tupl
     return mismatched, worst
 
 
-def verify(model, example_inputs: Any, plan: Plan, *, seed: int = 0, rtol: float = 1e-5, atol: float = 1e-6) -> Verification:
+def verify(model, example_inputs: Any, plan: Plan, *, seed: int = 0, rtol: float = 1e-5, atol: float = 1e-6,
+           loss_fn=None) -> Verification:
     """Apply ``plan`` to a copy of ``model``, run one training step and compare it with
     eager PyTorch on another copy: measured peak against the prediction and the
     budget, FLOPs, loss and gradients. ``model`` itself is not changed.
 
-    The loss is the output when it is a scalar, its ``loss`` entry when it has one,
-    otherwise the mean square of the first output tensor. Each copy runs a warm-up
+    The loss is ``loss_fn(outputs)`` when given (as the plan was made with
+    ``plan(..., loss_fn=)``), else the output when it is a scalar, its ``loss`` entry
+    when it has one, otherwise the mean square of the first output tensor. Each copy runs a warm-up
     step first (the planned one compiles there), then the measured step, both with
     ``torch.manual_seed(seed)``. Raises ``runtime.PlanMismatch`` if the plan was
     made for another model or input shapes.
@@ -189,13 +193,13 @@ def verify(model, example_inputs: Any, plan: Plan, *, seed: int = 0, rtol: float
     def peak(module, owner) -> tuple[int, float]:
         for p in owner.parameters():
             p.grad = None
-        delta, loss = measure_peak(lambda: _step(module, args, kwargs, seed), device=device)
+        delta, loss = measure_peak(lambda: _step(module, args, kwargs, seed, loss_fn), device=device)
         static = storage_bytes([*owner.parameters(), *owner.buffers(), *args, *kwargs.values()])
         return static + delta, loss
 
-    _step(wrapped, args, kwargs, seed)  # compiles; raises PlanMismatch for another model
+    _step(wrapped, args, kwargs, seed, loss_fn)  # compiles; raises PlanMismatch for another model
     with FlopCounterMode(display=False) as counter:
-        _step(eager, args, kwargs, seed)
+        _step(eager, args, kwargs, seed, loss_fn)
     measured_planned, loss_p = peak(wrapped, planned_model)
     measured_eager, loss_e = peak(eager, eager)
     mismatched, worst = _compare_grads(planned_model, eager, rtol, atol)

@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         a = parser().parse_args(argv)
         if a.command is None:
-            raise CliError("give a command: plan, show, sweep, verify, targets or calibrate (see 'planner --help')")
+            raise CliError("give a command: plan, show, sweep, batch, verify, targets or calibrate (see 'planner --help')")
         return a.run(a, Out(quiet=getattr(a, "quiet", False)))
     except CliError as e:
         print(f"planner: error: {e}", file=sys.stderr)

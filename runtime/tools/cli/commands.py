@@ -55,9 +55,11 @@ def planning_errors(model) -> Iterator[None]:
         raise CliError(f"cannot plan {type(model).__name__}: {first_line(e)}") from e
 
 
-def _plan(model, budget_gb: float, inputs, a, target_name: str | None, out: Out) -> planner.Plan:
+def _plan(model, budget_gb: float, inputs, loss_fn, a, target_name: str | None, out: Out) -> planner.Plan:
     """``planner.plan`` with the command's options; a budget below the minimum names one that works."""
-    per_rank = {k: getattr(a, k) for k in ("world_size", "sharding", "optimizer", "objective")}
+    per_rank = {k: getattr(a, k) for k in ("world_size", "sharding", "optimizer", "objective", "grad_accumulation", "deepspeed")}
+    if loss_fn is not None:
+        per_rank["loss_fn"] = loss_fn
     with planning_errors(model):
         try:
             return planner.plan(model, budget_gb, inputs, solver=a.solver, target=target_name, time_limit_s=a.time_limit,
@@ -75,8 +77,8 @@ def cmd_plan(a, out: Out) -> int:
     check_output_path(a.output)
     out.step(f"loading {a.model}")
     with out.busy():
-        model, inputs = load_model(a.model)
-        p = _plan(model, budget_gb, inputs, a, target_name, out)
+        model, inputs, loss_fn = load_model(a.model)
+        p = _plan(model, budget_gb, inputs, loss_fn, a, target_name, out)
     text = p.to_json()
     if a.output:
         Path(a.output).write_text(text + "\n")
@@ -112,7 +114,7 @@ def cmd_sweep(a, out: Out) -> int:
         check_plot_path(a.plot)
     out.step(f"loading {a.model}")
     with out.busy():
-        model, inputs = load_model(a.model)
+        model, inputs, _ = load_model(a.model)
         with planning_errors(model):
             result = sweep(model, inputs, budgets_gb=budgets, points=a.points or 6, solver=a.solver, target=target_name,
                            time_limit_s=a.time_limit, measure_time=a.measure_time, log=out.step)
@@ -127,10 +129,10 @@ def cmd_verify(a, out: Out) -> int:
     p = read_plan(a.plan)
     out.step(f"loading {a.model}")
     with out.busy():
-        model, inputs = load_model(a.model)
+        model, inputs, loss_fn = load_model(a.model)
         out.step("applying the plan; one warm-up step (compiles), then measured planned and eager steps")
         try:
-            result = verify(model, inputs, p, seed=a.seed)
+            result = verify(model, inputs, p, seed=a.seed, loss_fn=loss_fn)
         except PlanMismatch as e:
             raise CliError(f"{a.plan} does not fit {a.model}: {e}") from e
     print(result.summary())

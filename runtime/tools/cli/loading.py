@@ -36,10 +36,14 @@ def _import_file(where: str) -> ModuleType:
     folder = str(path.resolve().parent)
     spec = importlib.util.spec_from_file_location(f"_planner_factory_{abs(hash(str(path.resolve())))}", path)
     module = importlib.util.module_from_spec(spec)
+    # registered, as an import does: torch.compile looks functions' modules up by name
+    # (a loss_fn the factory defines is traced when the loss is planned)
+    sys.modules[spec.name] = module
     sys.path.insert(0, folder)  # let the file import its neighbours
     try:
         spec.loader.exec_module(module)
     except Exception as e:  # the user's code: whatever it raises is bad input, named in one line
+        sys.modules.pop(spec.name, None)
         raise CliError(f"importing {where} failed: {type(e).__name__}: {first_line(e)}") from e
     finally:
         with contextlib.suppress(ValueError):
@@ -80,21 +84,26 @@ def load_factory(spec: str) -> Callable[[], Any]:
 
 
 def load_model(spec: str):
-    """Call the factory named by ``spec``; check it returned ``(model, example_inputs)``."""
+    """Call the factory named by ``spec``; check it returned ``(model, example_inputs)``
+    or ``(model, example_inputs, loss_fn)``; returns the three (``loss_fn`` None when
+    not given: the model returns its loss, or only its outputs' gradients are counted)."""
     factory = load_factory(spec)
     try:
         result = factory()
     except Exception as e:  # the user's code: whatever it raises is bad input, named in one line
         raise CliError(f"{spec}() raised {type(e).__name__}: {first_line(e)}") from e
-    want = "(model, example_inputs): an nn.Module and a tuple, dict or tensor of inputs"
-    if not isinstance(result, (tuple, list)) or len(result) != 2:
+    want = ("(model, example_inputs) or (model, example_inputs, loss_fn): an nn.Module, a tuple, dict or tensor "
+            "of inputs, and the loss as the training loop computes it from the outputs")
+    if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
         raise CliError(f"{spec}() must return {want}; it returned {describe(result)}")
-    model, inputs = result
+    model, inputs, loss_fn = (*result, None) if len(result) == 2 else result
     if not isinstance(model, torch.nn.Module):
         raise CliError(f"{spec}() must return {want}; its first item is {describe(model)}")
     if not (inputs is None or isinstance(inputs, (tuple, list, dict, torch.Tensor))):
         raise CliError(f"{spec}() must return {want}; its second item is {describe(inputs)}")
-    return model, (tuple(inputs) if isinstance(inputs, list) else inputs)
+    if loss_fn is not None and not callable(loss_fn):
+        raise CliError(f"{spec}() must return {want}; its third item is {describe(loss_fn)}, not a function")
+    return model, (tuple(inputs) if isinstance(inputs, list) else inputs), loss_fn
 
 
 def _read_text(path: str) -> str:

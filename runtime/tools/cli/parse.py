@@ -10,6 +10,7 @@ import argparse
 
 from profiles import available_targets
 
+from .batch import add_batch
 from .checks import CliError
 from .commands import cmd_calibrate, cmd_plan, cmd_show, cmd_sweep, cmd_targets, cmd_verify
 
@@ -38,7 +39,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
-    p.add_argument("--solver", choices=["auto", "ilp", "sqrt"], default="auto", help="default: auto (ILP, sqrt(L) if it fails)")
+    p.add_argument("--solver", choices=["auto", "ilp", "blocks", "sqrt"], default="auto", help="default: auto (ILP, block by block for deep models; sqrt(L) if it fails)")
     p.add_argument("--target", metavar="NAME",
                    help="device profile for op times: " + ", ".join(available_targets()) + ", or a JSON path")
     p.add_argument("--time-limit", type=float, default=60.0, metavar="S", help="solver time limit in seconds (default 60)")
@@ -56,7 +57,12 @@ def _add_plan(sub) -> None:
     p.add_argument("-o", "--output", metavar="PATH", help="write the plan here (default: stdout)")
     p.add_argument("--world-size", type=int, default=1, metavar="N", help="data-parallel processes; the budget is then per rank")
     p.add_argument("--sharding", choices=["none", "ddp", "fsdp"], default="none", help="engine holding the model on each rank")
-    p.add_argument("--optimizer", choices=["none", "adamw"], default="none", help="count this optimizer's state in the budget")
+    p.add_argument("--optimizer", choices=["none", "adamw", "adam", "sgd"], default="none",
+                   help="count this optimizer's state and its step (torch's default implementation on the model's device)")
+    p.add_argument("--grad-accumulation", action="store_true",
+                   help="gradients already exist when the step starts (a micro-step after the first)")
+    p.add_argument("--deepspeed", metavar="CONFIG_JSON",
+                   help="DeepSpeed config (ZeRO 0-2) the model trains under: the budget is per rank and holds what the engine keeps")
     p.add_argument("--objective", choices=["time", "flops"], default="time",
                    help="minimise estimated recompute time (default) or recomputed FLOPs, then time")
     _quiet(p)
@@ -118,6 +124,7 @@ def parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_show(sub)
     _add_sweep(sub)
+    add_batch(sub, _model_options, _quiet)
     _add_verify(sub)
     p = sub.add_parser("targets", help="list the device profiles for --target")
     p.set_defaults(run=cmd_targets, quiet=False)

@@ -1,0 +1,132 @@
+"""What ``plan(..., loss_fn=, grad_accumulation=, optimizer=)`` adds around the step, measured on the model.
+
+:func:`loop_setup` turns ``plan()``'s training-loop options into a
+:class:`~planner.training_loop.TrainingLoop` (what the simulator and the memory
+model read) and what the plan records of it: the loss captured on the model's
+outputs (one forward without grad, its RNG state and buffers restored), the
+parameters' gradients when they are accumulated, and the optimizer's state and
+step from the parameters (:mod:`planner.optimizer_memory`). Without ``loss_fn``,
+when no output of the model is a one-element tensor (its loss),
+:class:`~planner.loss_phase.LossNotCountedWarning` says once per call that the
+loss's own memory is not in the budget.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from profiles._torch_private import tree_map
+from profiles.allocator import round_bytes
+from profiles.capture import state_kept
+from profiles.graph_profile import profile_graph
+from profiles.joint import JointGraph
+
+from .loss_phase import LossNotCountedWarning, capture_loss, loss_timeline
+from .optimizer_memory import OPTIMIZER_NAMES, OptimizerSpec, optimizer_memory
+from .training_loop import TrainingLoop, TrainingLoopInfo, loop_info
+
+__all__ = ["LoopSetup", "loop_setup", "optimizer_spec"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoopSetup:
+    """The training loop a plan is made for."""
+
+    #: What the simulator and the memory model count.
+    loop: TrainingLoop
+    #: ``TrainingLoopInfo.loss``: ``"loss_fn"``, ``"model"`` or ``"output gradients"``.
+    loss: str
+    #: ``plan()``'s ``grad_accumulation``.
+    grad_accumulation: bool
+    #: The optimizer's name (``"none"`` without one) and the implementation assumed.
+    optimizer: str
+    implementation: str
+
+    def info(self, timeline) -> TrainingLoopInfo:
+        """The plan's record, from its predicted ``timeline``."""
+        return loop_info(timeline, loss=self.loss, grad_accumulation=self.grad_accumulation, optimizer=self.optimizer,
+                         implementation=self.implementation, state_bytes=self.loop.optimizer_state_bytes)
+
+
+def optimizer_spec(optimizer: Any) -> OptimizerSpec | None:
+    """``plan()``'s ``optimizer``: ``"none"``, a name (torch's defaults for it) or an
+    :class:`~planner.optimizer_memory.OptimizerSpec`."""
+    if isinstance(optimizer, OptimizerSpec):
+        return optimizer
+    if optimizer == "none":
+        return None
+    if optimizer in OPTIMIZER_NAMES:
+        return OptimizerSpec(name=optimizer)
+    raise ValueError(
+        f"unknown optimizer {optimizer!r}: choose one of none, {', '.join(OPTIMIZER_NAMES)}, or pass "
+        "planner.OptimizerSpec(name=..., implementation=..., momentum=...) for another configuration"
+    )
+
+
+def loop_setup(model: torch.nn.Module, args: tuple, kwargs: dict, captured: JointGraph, *,
+               loss_fn: Callable[[Any], torch.Tensor] | None, grad_accumulation: bool, optimizer: OptimizerSpec | None,
+               device_type: str, granularity: int) -> LoopSetup:
+    """The loop around ``captured``'s step (``device_type``: where the step runs;
+    ``granularity``: the allocator's block size there)."""
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a callable taking the model's outputs, not {type(loss_fn).__name__}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    held = sum(round_bytes(p.numel() * p.element_size(), granularity) for p in trainable) if grad_accumulation else 0
+    state = step = first = 0
+    implementation = ""
+    if optimizer is not None:
+        mem = optimizer_memory(trainable, optimizer, device_type=device_type, granularity=granularity)
+        state, step, first, implementation = mem.state_bytes, mem.step_peak_bytes, mem.first_step_peak_bytes, mem.implementation
+    loss_points: tuple = ()
+    if loss_fn is not None:
+        loss_points = _loss_points(model, args, kwargs, loss_fn)
+        loss = "loss_fn"
+    elif _returns_loss(captured):
+        loss = "model"
+    else:
+        loss = "output gradients"
+        warnings.warn(
+            f"{type(model).__name__} returns no one-element output (no loss): the budget counts the gradients of "
+            "its outputs that backward starts from, but not the memory of the loss computed from them (what it "
+            "saves, its backward); pass loss_fn=<the loss as your loop computes it from the outputs> to plan() "
+            "to count it",
+            LossNotCountedWarning,
+            stacklevel=3,
+        )
+    loop = TrainingLoop(loss=loss_points, held_grad_bytes=held, optimizer_state_bytes=state, optimizer_step_bytes=step,
+                        optimizer_first_step_bytes=first, has_optimizer=optimizer is not None)
+    return LoopSetup(loop=loop, loss=loss, grad_accumulation=grad_accumulation,
+                     optimizer=optimizer.name if optimizer is not None else "none", implementation=implementation)
+
+
+def _returns_loss(captured: JointGraph) -> bool:
+    """Whether one of the model's outputs is a one-element tensor: its loss, which
+    ``backward()`` starts from."""
+    out = captured.gm.graph.find_nodes(op="output")[0]
+    vals = [a.meta.get("val") for a in out.args[0][: captured.num_fwd_outputs] if isinstance(a, torch.fx.Node)]
+    return any(isinstance(v, torch.Tensor) and v.numel() == 1 for v in vals)
+
+
+def _loss_points(model: torch.nn.Module, args: tuple, kwargs: dict, loss_fn) -> tuple:
+    """The loss's points above the level the model's forward leaves
+    (:func:`planner.loss_phase.loss_timeline`), on the outputs of one forward
+    without grad."""
+    with state_kept(model), torch.no_grad():
+        outputs = model(*args, **kwargs)
+    return loss_timeline(profile_graph(capture_loss(loss_fn, _requiring_grad(outputs)))).points
+
+
+def _requiring_grad(outputs: Any) -> Any:
+    """``outputs`` with every floating-point tensor detached and requiring grad,
+    as the model's outputs reach the loss in a training step."""
+
+    def leaf(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.detach().requires_grad_(True)
+        return t
+
+    return tree_map(leaf, outputs)

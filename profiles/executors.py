@@ -1,0 +1,95 @@
+"""What runs a plan's graphs, and the capture backend for each: op by op or Inductor.
+
+``"eager"`` runs the split forward and backward graphs op by op (one kernel per
+aten op); the joint graph is AOTAutograd's. ``"inductor"`` compiles them with
+Inductor, which partitions its own joint graph: the one after its decompositions
+and joint-graph passes (other node names and ops), so a plan for Inductor is made
+on that graph. A ``torch.compile``-d module is unwrapped to the module it wraps
+and the Inductor options it was compiled with.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ._torch_private import (
+    CustomPartitionerFn,
+    aot_autograd,
+    default_partition,
+    inductor_capture_backend,
+    inductor_options_of,
+    is_compiled_module,
+)
+
+__all__ = ["EXECUTORS", "check_executor", "unwrap_compiled", "recording_backend"]
+
+#: What can run a plan's graphs: ``"eager"`` (op by op) or ``"inductor"`` (compiled by Inductor).
+EXECUTORS = ("eager", "inductor")
+
+
+def check_executor(executor: str) -> str:
+    """``executor`` when it is one of :data:`EXECUTORS`, else ``ValueError``."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}: choose one of {', '.join(map(repr, EXECUTORS))}")
+    return executor
+
+
+def unwrap_compiled(model: torch.nn.Module) -> tuple[torch.nn.Module, dict | None]:
+    """``(module, options)``: for a ``torch.compile``-d module, the module it wraps and
+    the Inductor options it was compiled with (``{}`` for the defaults); for any
+    other module, itself and ``None``. ``ValueError`` when it was compiled with a
+    backend other than Inductor: the planner compiles the model with its own."""
+    if not is_compiled_module(model):
+        return model, None
+    options = inductor_options_of(model)
+    if options is None:
+        raise ValueError(
+            f"{type(model._orig_mod).__name__} is compiled with a backend other than Inductor; the planner compiles "
+            "the model itself (op by op, or with Inductor): pass the module before torch.compile (compiled._orig_mod)"
+        )
+    return model._orig_mod, options
+
+
+class _RecordingPartitioner(CustomPartitionerFn):
+    """Records the joint graph it is given, then splits it as AOTAutograd's default
+    partition does (a capture runs the forward graph only)."""
+
+    def __init__(self, recorded: dict):
+        self.recorded = recorded
+
+    def __call__(self, joint, joint_inputs, *, num_fwd_outputs, compiler=None, **kw):
+        self.recorded["joint"] = joint
+        self.recorded["num_fwd_outputs"] = num_fwd_outputs
+        return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+
+    def uuid(self):
+        return None  # a capture runs with AOTAutograd's cache off: never served from a cache
+
+
+def recording_backend(recorded: dict, executor: str, options: dict | None) -> Callable:
+    """A ``torch.compile`` backend that records, in ``recorded``, the joint graph
+    (``"joint"``), its number of forward outputs (``"num_fwd_outputs"``) and the
+    tensors the forward graph is first called with (``"primals"``): AOTAutograd's
+    joint graph for ``"eager"``, Inductor's (its graph passes with ``options``, no
+    code generated) for ``"inductor"``. The forward graph runs op by op. Call it with
+    AOTAutograd's cache off (``no_aot_autograd_cache``): a cache hit records nothing."""
+    partition = _RecordingPartitioner(recorded)
+
+    def run_forward(gm):
+        def run(*fw_args):
+            recorded.setdefault("primals", list(fw_args))
+            return gm(*fw_args)
+
+        return run
+
+    if check_executor(executor) == "inductor":
+        def run_graph(gm, example, is_backward):
+            run = run_forward(gm)
+            boxed = lambda args: run(*args)  # noqa: E731  Inductor calls graphs with one list
+            boxed._boxed_call = True
+            return boxed
+
+        return inductor_capture_backend(partition, run_graph, options)
+    return aot_autograd(fw_compiler=lambda gm, ex: run_forward(gm), bw_compiler=lambda gm, ex: gm, partition_fn=partition)

@@ -1,0 +1,136 @@
+"""Compile a planned model with Inductor: the plan's split, Inductor's kernels.
+
+``torch.compile(model, backend="inductor", options={"custom_partitioner_fn": ...})``
+hands Inductor's joint graph (after its decompositions and joint-graph passes) to a
+:class:`PlanPartitioner`, which splits it as the plan says (forward saves exactly
+the plan's values, backward recomputes the rest); Inductor then generates fused
+kernels for both graphs. Plans for this route are made on the same joint graph
+(``planner.plan(..., executor="inductor")``), so node names agree, and the graph's
+fingerprint is checked as on the op-by-op route.
+
+Every compiled call runs in :func:`compiling`. AOTAutograd's cache of whole
+compiled steps is bypassed: a hit there would skip the partitioner with its checks
+and shape bookkeeping. Inductor's FX graph cache stays on: it is keyed by each
+split graph, and by :meth:`PlanPartitioner.uuid`, which covers the plans in use
+(fingerprint, recompute set, dropout mode) and the fusion rules. Those rules keep
+recomputation where the plan puts it: Inductor fuses a recomputed op into the
+kernels that consume it, not horizontally into an unrelated kernel that shares an
+input (which would run it early and hold its outputs, above the simulated peak).
+
+Inference (``eval()`` or ``torch.no_grad()``) runs the model compiled by Inductor
+with the same options and its own partition: there is no backward to plan for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from planner.plan_type import Plan
+from planner.schedule import forward_node_names
+from profiles._torch_private import (
+    RECOMPUTED,
+    CustomPartitionerFn,
+    import_inductor_passes,
+    no_aot_autograd_cache,
+    recompute_where_planned,
+)
+
+__all__ = [
+    "PlanPartitioner",
+    "plans_key",
+    "compile_planned",
+    "compile_inference",
+    "compiling",
+    "FUSION_RULES",
+]
+
+#: Part of every cache key: the fusion rules :func:`compiling` sets (Inductor's cache
+#: key does not see them), so graphs compiled under other rules are not served.
+FUSION_RULES = "recompute-fused-into-consumers-only-v1"
+
+
+class PlanPartitioner(CustomPartitionerFn):
+    """Inductor's partitioner for a planned module: ``split(joint, joint_inputs,
+    num_fwd_outputs=..., **kw)`` returns the forward and backward graphs; ``key()``
+    identifies the decisions it applies (Inductor's cache key)."""
+
+    def __init__(self, split: Callable, key: Callable[[], str]):
+        self._split = split
+        self._key = key
+
+    def __call__(self, gm, joint_inputs, **kwargs):
+        fwd, bwd = self._split(gm, joint_inputs, **kwargs)
+        recomputed = forward_node_names(gm)
+        for node in bwd.graph.nodes:
+            if node.name in recomputed:
+                node.meta[RECOMPUTED] = True
+        return fwd, bwd
+
+    def uuid(self) -> str:
+        return self._key()
+
+    # Inductor pickles its options, this partitioner included, into its cache key:
+    # what identifies the partitioner there is its key, not the module it splits for.
+    def __getstate__(self) -> dict:
+        return {"key": self._key()}
+
+    def __setstate__(self, state: dict) -> None:
+        self._split = _unpickled_split
+        self._key = _Key(state["key"])
+
+
+class _Key:
+    """A fixed key (a partitioner rebuilt from its pickled cache-key form)."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __call__(self) -> str:
+        return self.key
+
+
+def _unpickled_split(*args, **kwargs):
+    raise RuntimeError("a PlanPartitioner rebuilt from its pickled cache key cannot split graphs; apply the plan again")
+
+
+def plans_key(plans: Iterable[Plan]) -> str:
+    """A digest of what splits a graph: each plan's fingerprint, recompute set and dropout mode."""
+    h = hashlib.sha256()
+    for p in plans:
+        h.update(json.dumps([p.fingerprint, sorted(p.recomputed), p.dropout, p.executor]).encode())
+    return f"checkpoint-planner:{FUSION_RULES}:" + h.hexdigest()[:24]
+
+
+def compile_planned(model: nn.Module, partitioner: PlanPartitioner, options: dict | None):
+    """``model`` compiled by Inductor (with ``options``) as one graph for static
+    shapes, its joint graph split by ``partitioner``."""
+    import_inductor_passes()
+    opts = {**(options or {}), "custom_partitioner_fn": partitioner}
+    return torch.compile(model, backend="inductor", options=opts, fullgraph=True, dynamic=False)
+
+
+def compiling():
+    """Context for every call of a module from :func:`compile_planned`: AOTAutograd's
+    cache bypassed (the partitioner always runs), the backward graph compiled with
+    the forward graph, and recomputations fused only into their consumers, so they
+    run where the plan puts them (:func:`profiles._torch_private.recompute_where_planned`)."""
+    return _both(no_aot_autograd_cache(), recompute_where_planned())
+
+
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
+
+
+def compile_inference(model: nn.Module, options: dict | None):
+    """``model`` compiled by Inductor with ``options`` and Inductor's own partition:
+    what ``eval()`` and ``torch.no_grad()`` calls of an Inductor-planned module run."""
+    import_inductor_passes()
+    return torch.compile(model, backend="inductor", options=dict(options or {}))

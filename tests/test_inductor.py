@@ -1,0 +1,166 @@
+"""Plans compiled by Inductor (``planner.plan(..., executor="inductor")``, ``runtime.apply``).
+
+A one-layer GPT-2 without dropout is exact against eager and within its budget; a
+small MLP with dropout is exact against ``torch.compile``'s default run (Inductor's
+own RNG, seeded the same way), also at another batch size, and runs ``no_grad``
+calls compiled. Inductor compiles take tens of seconds each on a CPU, so the
+compiled cases are few and small; what needs no compilation (an executor mismatch,
+an already compiled model, the cost model, the plan's JSON) is checked without one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import jsonschema
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import planner
+import runtime
+from helpers import grads_of, measured_step_peak, run_step
+from planner.executor import is_extern, recompute_costs
+from profiles import capture, profile_graph
+from runtime.inductor import plans_key
+
+SCHEMA = json.loads((__import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "plan.schema.json").read_text())
+
+
+def _assert_same(wrapped_model, ref_model, loss_p, loss_r, *, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(loss_p, loss_r, rtol=rtol, atol=atol)
+    gr, gp = grads_of(ref_model), grads_of(wrapped_model)
+    for k in gr:
+        assert (gr[k] is None) == (gp[k] is None), k
+        if gr[k] is not None:
+            torch.testing.assert_close(gp[k], gr[k], rtol=rtol, atol=atol, msg=lambda m: f"grad of {k}: {m}")
+    for (k, br), (_, bp) in zip(ref_model.named_buffers(), wrapped_model.named_buffers()):
+        torch.testing.assert_close(bp, br, rtol=rtol, atol=atol, msg=lambda m: f"buffer {k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    """A one-layer GPT-2 without dropout (eager is the reference), planned for Inductor at 85% of its activations."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=64, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg).train()
+    ids = torch.randint(0, 64, (8, 64))
+    inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    probe = copy.deepcopy(model)
+    eager = measured_step_peak(probe, probe, inputs)
+    static = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers(), ids])
+    p = planner.plan(model, (static + 0.85 * (eager - static)) / planner.GiB, inputs, executor="inductor")
+    return model, inputs, p
+
+
+def test_planned_inductor_gpt2_step_is_exact_and_within_budget(gpt):
+    model, inputs, p = gpt
+    assert p.executor == "inductor" and p.recomputed
+    ref_model, planned_model = copy.deepcopy(model), copy.deepcopy(model)
+    _, loss_r = run_step(ref_model, inputs)
+    wrapped = runtime.apply(planned_model, p)
+    assert wrapped.executor == "inductor"
+    _, loss_p = run_step(wrapped, inputs)
+    _assert_same(planned_model, ref_model, loss_p, loss_r, rtol=1e-4, atol=1e-5)
+    (fwd, bwd), = wrapped.compiled_graphs  # the split Inductor compiled is the plan's
+    saved = {n.name for n in bwd.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents")}
+    assert saved and not saved & set(p.recomputed)
+    assert set(p.recomputed) <= {n.name for n in bwd.graph.nodes} | {n.name for n in fwd.graph.nodes}
+    measured = measured_step_peak(wrapped, planned_model, inputs)
+    assert measured <= p.predicted_peak_bytes <= p.budget_bytes, (measured, p.predicted_peak_bytes, p.budget_bytes)
+
+
+def _mlp():
+    """BatchNorm (a buffer update), GELU, dropout and ReLU: a few Inductor kernels, activations over half the peak."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 128), nn.BatchNorm1d(128), nn.GELU(), nn.Dropout(0.1), nn.Linear(128, 128),
+                         nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 8))
+
+
+@pytest.mark.filterwarnings("ignore::planner.LossNotCountedWarning")  # the model's output is not a loss; the loss is not what this tests
+def test_dropout_and_another_batch_size_equal_torch_compile_and_no_grad_runs_compiled():
+    model = _mlp()
+    g = torch.Generator().manual_seed(0)
+    inputs, small = (torch.randn(2048, 32, generator=g),), (torch.randn(600, 32, generator=g),)
+    with pytest.raises(planner.BudgetTooSmall) as low:
+        planner.plan(model, 1e-6, inputs, executor="inductor")
+    p = planner.plan(model, 1.03 * low.value.min_budget_bytes / planner.GiB, inputs, executor="inductor")  # near the minimum
+    assert p.recomputed
+    ref_model, planned_model, eager_model = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    ref, wrapped = torch.compile(ref_model, dynamic=False), runtime.apply(planned_model, p, compile="inductor")
+    for batch in (inputs, small):  # dropout draws Inductor's own masks: torch.compile's run is the reference
+        for m in (ref_model, planned_model):
+            for q in m.parameters():
+                q.grad = None
+        _, loss_r = run_step(ref, batch)
+        _, loss_p = run_step(wrapped, batch)
+        _assert_same(planned_model, ref_model, loss_p, loss_r, rtol=1e-4, atol=1e-5)
+    _, loss_e = run_step(eager_model, inputs)
+    loss_r = run_step(ref, inputs)[1]  # eager's masks differ: the checks above compared Inductor's
+    assert not torch.allclose(loss_e, loss_r, rtol=1e-4, atol=1e-5), (loss_e, loss_r)
+    assert measured_step_peak(wrapped, planned_model, inputs) <= p.predicted_peak_bytes <= p.budget_bytes
+    reused = [e for e in wrapped.shapes.values() if e.how == "reused"]
+    assert len(reused) == 1 and reused[0].plan is p and reused[0].predicted_peak_bytes <= p.budget_bytes
+    assert measured_step_peak(wrapped, planned_model, small) <= reused[0].predicted_peak_bytes
+    graphs = len(wrapped.compiled_graphs)
+    wrapped.eval()
+    with torch.no_grad():  # no backward: the model compiled by Inductor with its own partition, nothing planned
+        got, want = wrapped(*small), planned_model(*small)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert len(wrapped.compiled_graphs) == graphs and wrapped._inference is not None
+
+
+@pytest.mark.filterwarnings("ignore::planner.LossNotCountedWarning")  # the model's output is not a loss; the loss is not what this tests
+def test_executor_mismatches_and_compiled_models_are_handled_before_compiling(gpt):
+    model, inputs, p = gpt
+    with pytest.raises(runtime.PlanMismatch, match="apply with compile='inductor'"):
+        runtime.apply(model, p, compile="eager")
+    small = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.randn(32, 8)
+    op_by_op = planner.plan(small, 1.0, (x,))
+    assert op_by_op.executor == "eager" and "executor" not in op_by_op.to_dict()
+    with pytest.raises(runtime.PlanMismatch, match=r"planner.plan\(.*executor='inductor'"):
+        runtime.apply(small, op_by_op, compile="inductor")
+    with pytest.raises(runtime.PlanMismatch, match="compiled by torch.compile"):
+        runtime.apply(torch.compile(small), op_by_op)
+    with pytest.raises(ValueError, match="backend other than Inductor"):
+        runtime.apply(torch.compile(small, backend="aot_eager"), op_by_op)
+    with pytest.raises(ValueError, match="compile must be one of"):
+        runtime.apply(small, op_by_op, compile="tvm")
+    # a torch.compile-d model: planned for Inductor with its options, applied to the module it wraps
+    compiled = torch.compile(small, options={"max_autotune": False, "epilogue_fusion": False})
+    p_small = planner.plan(compiled, 1.0, (x,))
+    assert p_small.executor == "inductor"
+    wrapped = runtime.apply(compiled, p_small)
+    assert wrapped.module is small and wrapped.executor == "inductor"
+    assert wrapped.compile_options == {"epilogue_fusion": False}
+
+
+def test_plan_json_records_the_executor_and_the_cache_key_covers_the_plan(gpt):
+    model, inputs, p = gpt
+    d = json.loads(p.to_json())
+    assert d["executor"] == "inductor"
+    jsonschema.validate(d, SCHEMA, cls=jsonschema.Draft202012Validator)
+    assert planner.Plan.from_json(p.to_json()) == p
+    edited = planner.Plan.from_dict({**d, "nodes": [{**n, "decision": "save"} for n in d["nodes"]]})
+    assert edited.fingerprint == p.fingerprint and plans_key([edited]) != plans_key([p])
+    with pytest.raises(ValueError, match="executor"):
+        planner.Plan.from_dict({**d, "executor": "tvm"})
+
+
+def test_inductor_cost_model_prices_fused_ops_at_their_arithmetic():
+    joint = capture(_mlp(), (torch.randn(64, 32),), executor="inductor")
+    try:
+        gp = profile_graph(joint)
+    finally:
+        joint.drop_tensors()
+    costs = recompute_costs(gp)
+    extern = [n for n in costs if is_extern(gp.nodes[n].op)]
+    fused = [n for n in costs if not is_extern(gp.nodes[n].op) and gp.nodes[n].bytes]
+    assert any(gp.nodes[n].op.startswith(("aten.mm", "aten.addmm")) for n in extern)
+    assert all(costs[n] == gp.nodes[n].time_s for n in extern)
+    assert fused and all(costs[n] < gp.nodes[n].time_s for n in fused)
+    assert not is_extern("aten.mul.Tensor") and is_extern("aten.bmm.default") and is_extern("planner_rng.state.default")

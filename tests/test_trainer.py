@@ -1,0 +1,49 @@
+"""A tiny GPT-2 planned by ``runtime.tools.trainer.plan_trainer`` trains through ``transformers.Trainer``
+(2 accumulated micro-batches per step, AdamW) to the same weights as the same Trainer run without a plan."""
+
+from __future__ import annotations
+
+import torch
+
+import planner
+from runtime.module import PlannedModule
+from runtime.tools.trainer import plan_trainer
+from test_batch import _gpt2
+
+#: Bytes in which the tiny GPT-2's step of 2 sequences fits only by recomputing.
+BUDGET = 400_000
+
+
+def _dataset() -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(8):
+        ids = torch.randint(0, 64, (32,), generator=g)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def _train(tmp_path, planned: bool):
+    import transformers
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
+        learning_rate=1e-3, logging_strategy="no", save_strategy="no", report_to=[], use_cpu=True, seed=0,
+        remove_unused_columns=False, disable_tqdm=True,
+    )
+    model = _gpt2()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset())
+    plan = plan_trainer(trainer, BUDGET / planner.GiB) if planned else None
+    trainer.train()
+    return plan, trainer, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_trainer_with_plan_equals_trainer_without(tmp_path):
+    _, _, ref = _train(tmp_path / "ref", planned=False)
+    plan, trainer, got = _train(tmp_path / "planned", planned=True)
+    assert plan.recomputed, "the budget should force recomputation"
+    assert isinstance(trainer.model, PlannedModule)
+    assert trainer.state.global_step == 2
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert any(not torch.equal(got[n], _gpt2().state_dict()[n]) for n in got), "the weights should have changed"
