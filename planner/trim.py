@@ -1,14 +1,19 @@
 """Save again what a fitting plan recomputes without need, checked by exact simulation.
 
-The ILP's memory rows describe the graphs the partition emits, in the order it
-emits them. The runtime then arranges those graphs for memory
-(:func:`planner.order.arrange`), which lowers the step's peak, so a plan the ILP
-found for a budget often fits with room to spare and recomputes values it could
-keep. :func:`trim` hands that room back: it keeps values again, the costliest
-recomputation first, as long as the exact simulation of the arranged step
-(:meth:`planner.problem.Problem.evaluate`) stays within the budget. Keeping a value
-instead of recomputing it is always a valid plan (a kept value needs no inputs in
-backward), and the result is never costlier than the plan it starts from.
+The solvers search the graphs the partition emits, in the order it emits them
+(:meth:`planner.problem.Problem.unarranged`). The runtime then arranges those
+graphs for memory (:func:`planner.order.arrange`), which lowers the step's peak,
+so a plan found for a budget often fits with room to spare and recomputes values
+it could keep. :func:`trim` hands that room back: it keeps values again, the
+costliest recomputation first, as long as the exact simulation of the arranged
+step (:meth:`planner.problem.Problem.evaluate`) stays within the budget.
+
+Arranging a step costs tens of simulations, so candidates are first judged on
+the unarranged step (one simulation each) less what arrangement saved on the
+plan trimmed, and only the likely ones are arranged: at most :data:`MAX_ARRANGED`.
+Keeping a value instead of recomputing it is always a valid plan (a kept value
+needs no inputs in backward), and the result is never costlier than the plan it
+starts from.
 """
 
 from __future__ import annotations
@@ -16,39 +21,69 @@ from __future__ import annotations
 from .evaluation import Evaluation
 from .problem import Problem
 
-__all__ = ["trim", "MAX_SINGLES"]
+__all__ = ["trim", "MAX_ARRANGED", "MAX_SINGLES"]
 
-#: Single values :func:`trim` tries to keep after its bisection over the costliest ones.
+#: Arranged evaluations one :func:`trim` makes at most.
+MAX_ARRANGED = 6
+#: Single values :func:`trim` considers keeping after its bisection.
 MAX_SINGLES = 12
 
 
-def _fits(prob: Problem, recompute: frozenset[str], budget: int) -> Evaluation | None:
-    ev = prob.evaluate(recompute)
-    return ev if ev.sim.peak_bytes <= budget else None
+class _Probe:
+    """Evaluations of candidate recompute sets: a cheap estimate, and the exact
+    arranged peak within a budget of calls."""
+
+    def __init__(self, prob: Problem, ev: Evaluation, budget: int, calls: int):
+        self.prob, self.budget, self.calls = prob, budget, calls
+        self.search = prob.unarranged()
+        #: What arrangement saved on the plan being trimmed (bytes).
+        self.gain = max(0, self.search.evaluate(ev.recompute).sim.peak_bytes - ev.sim.peak_bytes)
+
+    def likely(self, recompute: frozenset[str]) -> bool:
+        """Whether the unarranged step, less the gain, fits."""
+        return self.search.evaluate(recompute).sim.peak_bytes - self.gain <= self.budget
+
+    def fits(self, recompute: frozenset[str]) -> Evaluation | None:
+        """The arranged evaluation when it fits (None when not, or no calls are left)."""
+        if self.calls <= 0:
+            return None
+        self.calls -= 1
+        ev = self.prob.evaluate(recompute)
+        return ev if ev.sim.peak_bytes <= self.budget else None
 
 
-def trim(prob: Problem, ev: Evaluation, budget: int) -> Evaluation:
-    """``ev`` or a plan that recomputes a subset of its values, fits ``budget`` (bytes,
-    exact simulation) and ranks no worse under ``prob``'s objective.
+def trim(prob: Problem, ev: Evaluation, budget: int, *, max_arranged: int = MAX_ARRANGED) -> Evaluation:
+    """``ev`` (evaluated by ``prob``) or a plan that recomputes a subset of its values,
+    fits ``budget`` (bytes, exact simulation as ``prob`` evaluates) and ranks no worse
+    under ``prob``'s objective.
 
-    First the largest ``k`` such that keeping the ``k`` costliest recomputed values
-    still fits (bisection), then up to :data:`MAX_SINGLES` of the rest one at a time,
-    costliest first."""
-    if not ev.recompute or ev.sim.peak_bytes > budget:
+    The largest ``k`` such that keeping the ``k`` costliest recomputed values likely
+    fits (bisection on the estimate), confirmed or lowered by bisection on arranged
+    evaluations; then up to :data:`MAX_SINGLES` single values, costliest first, while
+    calls are left."""
+    if not ev.recompute or ev.sim.peak_bytes > budget or not prob.arrange:
         return ev
+    probe = _Probe(prob, ev, budget, max_arranged)
     nodes = prob.gp.nodes
     order = sorted(ev.recompute, key=lambda n: (-nodes[n].time_s, -nodes[n].flops, n))
-    best, lo, hi = ev, 0, len(order)  # keeping order[:lo] fits; keeping order[:hi + 1] is untested or does not
+    lo, hi = 0, len(order)  # keeping order[:lo] is likely to fit; keeping order[:hi + 1] is not
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        got = _fits(prob, frozenset(order[mid:]), budget)
+        lo, hi = (mid, hi) if probe.likely(frozenset(order[mid:])) else (lo, mid - 1)
+    best, low, k = ev, 0, lo  # keeping order[:low] fits; k: the next count to try
+    while k > low:
+        got = probe.fits(frozenset(order[k:]))
         if got is not None:
-            best, lo = got, mid
-        else:
-            hi = mid - 1
-    rest = [n for n in order[lo:] if n in best.recompute]
-    for n in rest[:MAX_SINGLES]:
-        got = _fits(prob, best.recompute - {n}, budget)
-        if got is not None:
-            best = got
+            best, low = got, k
+            break
+        if probe.calls <= 0:
+            break
+        k = (low + k) // 2 if k - low > 1 else low
+    for n in order[low:][:MAX_SINGLES]:
+        if probe.calls <= 0:
+            break
+        if n in best.recompute and probe.likely(best.recompute - {n}):
+            got = probe.fits(best.recompute - {n})
+            if got is not None:
+                best = got
     return best if prob.rank(best) <= prob.rank(ev) else ev
