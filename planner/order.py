@@ -252,15 +252,17 @@ def improve_order(gp: GraphProfile, schedule: Schedule, *, profile_of=None, gran
         order = getattr(schedule, graph)
         if best.peak_node not in {n for n, _, _ in order.nodes}:
             break  # the gradient reduction after backward: no order changes its level
-        found = (best, None)
+        found = (best.peak_bytes, None)
         for i, j in _moves(profile_of(schedule), order, best.peak_node, set(best.peak_storages), limit):
             cand = replace(schedule, **{graph: _moved(order, i, j)})
-            res = simulate(profile_of(cand), cand, granularity=granularity, engine=engine, track_peak=True)
-            if res.peak_bytes < found[0].peak_bytes:
-                found = (res, cand)
+            # stopped at the level to beat: a candidate that reaches it is no better
+            res = simulate(profile_of(cand), cand, granularity=granularity, engine=engine, stop_at=found[0])
+            if res.peak_bytes < found[0]:
+                found = (res.peak_bytes, cand)
         if found[1] is None:
             break
-        best, schedule = found
+        schedule = found[1]
+        best = simulate(profile_of(schedule), schedule, granularity=granularity, engine=engine, track_peak=True)
     return schedule, best
 
 

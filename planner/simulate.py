@@ -81,12 +81,16 @@ def held_tangents(gp: GraphProfile) -> frozenset[str]:
     return frozenset(held)
 
 
+class _Stopped(Exception):
+    """Raised inside a simulation when a point reaches its ``stop_at`` bytes."""
+
+
 class _Liveness:
     """The simulation's state: reference counts of live storages, the live bytes,
     and the peak so far."""
 
     def __init__(self, gp: GraphProfile, granularity: int, engine: EngineBytes | None, timeline: bool, held: int,
-                 track: bool = False):
+                 track: bool = False, stop_at: int | None = None):
         self.info = gp.nodes
         self.sizes = [round_bytes(b, granularity) for b in gp.storage_bytes]
         self.static = set(gp.static_storages)
@@ -102,6 +106,8 @@ class _Liveness:
         self.peak_storages: frozenset[int] = frozenset()
         #: Whether ``peak_storages`` is recorded at each new peak.
         self.track = track
+        #: Bytes at which the simulation stops (None: it runs to the end).
+        self.stop_at = stop_at
         self.points: list[TimelinePoint] | None = [] if timeline else None
 
     def acquire(self, storages) -> None:
@@ -133,6 +139,8 @@ class _Liveness:
             self.peak, self.peak_node, self.peak_phase = total, name, phase
             if self.track:
                 self.peak_storages = self.live_storages()
+            if self.stop_at is not None and total >= self.stop_at:
+                raise _Stopped()
 
     def live_storages(self) -> frozenset[int]:
         """Storage ids live now besides parameters, buffers and inputs."""
@@ -167,13 +175,33 @@ def simulate(
     granularity: int = 1,
     timeline: bool = False,
     track_peak: bool = False,
+    stop_at: int | None = None,
     engine: EngineBytes | None = None,
     loop: TrainingLoop | None = None,
 ) -> SimResult:
     """Simulate the step and return its peak of live bytes (per rank with ``engine``;
-    with the training loop's loss, held gradients and optimizer with ``loop``)."""
+    with the training loop's loss, held gradients and optimizer with ``loop``).
+    With ``stop_at`` the simulation stops at the first point of at least that many
+    bytes, whose bytes are then the result's ``peak_bytes`` (for a search that only
+    asks whether a step stays below a level)."""
     loop = loop or TrainingLoop()
-    state = _Liveness(gp, granularity, engine, timeline, loop.held_bytes, track_peak)
+    state = _Liveness(gp, granularity, engine, timeline, loop.held_bytes, track_peak, stop_at)
+    try:
+        _run_step(state, gp, schedule, engine, loop)
+    except _Stopped:
+        pass
+    return SimResult(
+        peak_bytes=state.peak,
+        peak_node=state.peak_node,
+        peak_phase=state.peak_phase,
+        static_bytes=state.static_bytes,
+        timeline=tuple(state.points or ()),
+        peak_storages=state.peak_storages,
+    )
+
+
+def _run_step(state: _Liveness, gp: GraphProfile, schedule: Schedule, engine: EngineBytes | None, loop: TrainingLoop) -> None:
+    """Forward, the hand-over, backward, the gradient reduction and the optimizer step."""
     fwd_out = state.run(schedule.forward, "forward")
     _hand_over(state, gp, schedule, fwd_out, loop)
     bwd_out = state.run(schedule.backward, "backward")
@@ -184,14 +212,6 @@ def simulate(
         grads = {s for name in bwd_out for s in state.info[name].storages} - state.static
         level = state.static_bytes + state.live
         state.point(OPTIMIZER_STEP, "optimizer", loop.optimizer_peak(level, sum(state.sizes[s] for s in grads)))
-    return SimResult(
-        peak_bytes=state.peak,
-        peak_node=state.peak_node,
-        peak_phase=state.peak_phase,
-        static_bytes=state.static_bytes,
-        timeline=tuple(state.points or ()),
-        peak_storages=state.peak_storages,
-    )
 
 
 def _hand_over(state: _Liveness, gp: GraphProfile, schedule: Schedule, fwd_out: list[str], loop: TrainingLoop) -> None:

@@ -9,8 +9,10 @@ costliest recomputation first, as long as the exact simulation of the arranged
 step (:meth:`planner.problem.Problem.evaluate`) stays within the budget.
 
 Arranging a step costs tens of simulations, so candidates are first judged on
-the unarranged step (one simulation each) less what arrangement saved on the
-plan trimmed, and only the likely ones are arranged: at most :data:`MAX_ARRANGED`.
+the unarranged step (one simulation each) less an estimate of what arrangement
+saves (interpolated between what it saves on the plan trimmed and on the step
+that recomputes nothing), and only the likely ones are arranged: at most
+:data:`MAX_ARRANGED` arranged evaluations besides those two.
 Keeping a value instead of recomputing it is always a valid plan (a kept value
 needs no inputs in backward), and the result is never costlier than the plan it
 starts from.
@@ -36,12 +38,18 @@ class _Probe:
     def __init__(self, prob: Problem, ev: Evaluation, budget: int, calls: int):
         self.prob, self.budget, self.calls = prob, budget, calls
         self.search = prob.unarranged()
-        #: What arrangement saved on the plan being trimmed (bytes).
-        self.gain = max(0, self.search.evaluate(ev.recompute).sim.peak_bytes - ev.sim.peak_bytes)
+        self.size = len(ev.recompute)
+        #: What arrangement saves on the plan being trimmed and on the step that
+        #: recomputes nothing (bytes).
+        self.gains = tuple(max(0, self.search.evaluate(r).sim.peak_bytes - prob.evaluate(r).sim.peak_bytes)
+                           for r in (ev.recompute, frozenset()))
 
     def likely(self, recompute: frozenset[str]) -> bool:
-        """Whether the unarranged step, less the gain, fits."""
-        return self.search.evaluate(recompute).sim.peak_bytes - self.gain <= self.budget
+        """Whether the unarranged step, less the gain interpolated between the plan's
+        and the no-recompute step's by the share of values kept, fits."""
+        kept = 1 - len(recompute) / self.size
+        gain = self.gains[0] + (self.gains[1] - self.gains[0]) * kept
+        return self.search.evaluate(recompute).sim.peak_bytes - gain <= self.budget
 
     def fits(self, recompute: frozenset[str]) -> Evaluation | None:
         """The arranged evaluation when it fits (None when not, or no calls are left)."""
