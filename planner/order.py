@@ -292,7 +292,7 @@ def arrange(gp: GraphProfile, schedule: Schedule, *, reuse: bool = True, reorder
         check_order(gp, schedule.forward, new.forward)
         check_order(gp, schedule.backward, new.backward)
     rw = plan_reuse(gp, new, memo=memo) if reuse else Reuse(forward={}, backward={}, storage_map={})
-    profile = profile_with_reuse(gp, rw, memo=memo)
+    profile = profile_with_reuse(gp, rw)  # its own node records: the memo holds the temporary-free ones
     return Arrangement(
         schedule=new, reuse=rw, profile=profile,
         before_bytes=simulate(gp, schedule, granularity=granularity, engine=engine).peak_bytes,

@@ -85,7 +85,8 @@ class Problem:
 
     # -- exact evaluation -------------------------------------------------
     def evaluate(self, recompute) -> Evaluation:
-        """Split the joint graph for ``recompute`` and simulate it exactly."""
+        """Split the joint graph for ``recompute`` and simulate it exactly, arranged
+        as the runtime runs it when ``self.arrange`` (:meth:`arranged`)."""
         key = frozenset(recompute)
         if (key, self.arrange) in self.evaluations:
             return self.evaluations[(key, self.arrange)]

@@ -114,6 +114,10 @@ def _reuse_in(gp: GraphProfile, order: GraphOrder, held: set[int], skip: set[str
     nodes = memo.get("nodes")
     if nodes is None:
         nodes = memo["nodes"] = {n.name: n for n in gp.gm.graph.nodes}
+        # the nodes that may write into an input: one storage, an out= form
+        memo["writers"] = {n.name for n in gp.gm.graph.nodes if n.op == "call_function"
+                           and len(gp.nodes[n.name].storages) == 1 and out_variant(n.target) is not None}
+    writers = memo["writers"]
     fits = memo.setdefault("fits", {})
     last: dict[int, int] = {}
     for i, (n, _, inputs) in enumerate(order.nodes):
@@ -122,7 +126,7 @@ def _reuse_in(gp: GraphProfile, order: GraphOrder, held: set[int], skip: set[str
                 last[s] = i
     out: dict[str, str] = {}
     for i, (n, op, inputs) in enumerate(order.nodes):
-        if op != "call_function" or n in skip or len(gp.nodes[n].storages) != 1 or out_variant(nodes[n].target) is None:
+        if n not in writers or n in skip:
             continue
         for a in dict.fromkeys(inputs):
             sts = gp.nodes[a].storages
@@ -148,8 +152,15 @@ def plan_reuse(gp: GraphProfile, schedule: Schedule, *, memo: dict | None = None
     memo = {} if memo is None else memo
     held_f, held_b = _held(gp, schedule)
     both = {n for n, _, _ in schedule.forward.nodes} & {n for n, _, _ in schedule.backward.nodes}
-    storage_map: dict[int, int] = {}
-    fwd = _reuse_in(gp, schedule.forward, held_f, both, storage_map, memo)
+    # the forward graph's choice, kept for the schedules that share its order (held
+    # sets and the nodes run in both graphs follow from the orders' nodes and outputs)
+    cached = memo.get("forward")
+    if cached is not None and cached[0] is schedule.forward and cached[1] == both:
+        fwd, storage_map = cached[2], dict(cached[3])
+    else:
+        storage_map = {}
+        fwd = _reuse_in(gp, schedule.forward, held_f, both, storage_map, memo)
+        memo["forward"] = (schedule.forward, both, fwd, dict(storage_map))
     bwd = _reuse_in(gp, schedule.backward, held_b, both, storage_map, memo)
     return Reuse(forward=fwd, backward=bwd, storage_map=storage_map)
 
