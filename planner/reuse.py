@@ -166,8 +166,9 @@ def plan_reuse(gp: GraphProfile, schedule: Schedule, *, memo: dict | None = None
 
 
 def profile_with_reuse(gp: GraphProfile, reuse: Reuse, *, memo: dict | None = None) -> GraphProfile:
-    """``gp`` for the rewritten graphs: a rewritten node allocates nothing, and it and
-    its views refer to the buffer it writes into. ``memo`` as for :func:`plan_reuse`."""
+    """``gp`` for the rewritten graphs: a rewritten node allocates nothing (no
+    temporary either), and it and its views refer to the buffer it writes into.
+    ``memo``: a dict kept between calls on the same ``gp`` (node records included)."""
     memo = {} if memo is None else memo
     users = memo.get("storage_users")
     if users is None:
@@ -185,7 +186,9 @@ def profile_with_reuse(gp: GraphProfile, reuse: Reuse, *, memo: dict | None = No
         info = nodes[name]
         key = (name, tuple(m.get(s, s) for s in info.storages), name in reuse.forward or name in reuse.backward)
         if key not in infos:
-            infos[key] = dataclasses.replace(info, storages=key[1], bytes=0 if key[2] else info.bytes)
+            # a rewritten op's out= form allocates nothing, not even a temporary (tests/test_order.py)
+            infos[key] = dataclasses.replace(info, storages=key[1], bytes=0 if key[2] else info.bytes,
+                                             temp_bytes=0 if key[2] else info.temp_bytes)
         nodes[name] = infos[key]
     return dataclasses.replace(gp, nodes=nodes)
 
