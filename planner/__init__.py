@@ -5,7 +5,7 @@ values to keep for backward and which to recompute, found by an ILP (PuLP) or th
 sqrt(L) heuristic, with peaks checked by exact liveness simulation.
 """
 
-from .api import SOLVERS, BudgetTooSmall, minimum_budget_bytes, plan, plan_profile
+from .api import SOLVERS, BudgetTooSmall, PreparedStep, minimum_budget_bytes, plan, plan_profile, prepare
 from .batch import BatchFit, fit_batch
 from .plan_type import GiB, SCHEMA_VERSION, DistributedInfo, ModelInfo, NodeDecision, Plan, SolverInfo
 from .loss_phase import LossNotCountedWarning
@@ -16,6 +16,8 @@ from .training_loop import TrainingLoopInfo
 __all__ = [
     "plan",
     "plan_profile",
+    "prepare",
+    "PreparedStep",
     "fit_batch",
     "BatchFit",
     "minimum_budget_bytes",

@@ -39,6 +39,8 @@ from .trim import trim
 __all__ = [
     "plan",
     "plan_profile",
+    "prepare",
+    "PreparedStep",
     "BudgetTooSmall",
     "minimum_budget_bytes",
     "SOLVERS",
@@ -167,8 +169,71 @@ def plan(
     (:mod:`planner.deepspeed`); ``world_size`` defaults to the config's.
     Raises :class:`BudgetTooSmall` when no plan fits.
     """
-    model, executor, compile_options = _resolve_executor(model, executor, compile_options)
     budget_bytes = check_budget(budget_gb)
+    with prepare(model, example_inputs, solver=solver, target=target, time_limit_s=time_limit_s,
+                 measure_time=measure_time, progress=progress, objective=objective, world_size=world_size,
+                 sharding=sharding, optimizer=optimizer, loss_fn=loss_fn, grad_accumulation=grad_accumulation,
+                 executor=executor, compile_options=compile_options, deepspeed=deepspeed) as step:
+        return step.plan(budget_bytes)
+
+
+class PreparedStep:
+    """A model's training step captured once, to plan at one budget or several
+    (:func:`prepare`). A context manager: leaving it frees the example tensors it holds."""
+
+    __slots__ = ("_captured", "_request", "_closed")
+
+    def __init__(self, captured: JointGraph, request: _Request):
+        self._captured = captured
+        self._request = request
+        self._closed = False
+
+    def plan(self, budget_bytes: int, *, solver: str | None = None) -> Plan:
+        """The plan at ``budget_bytes`` (bytes), as :func:`plan` makes it (with ``solver``
+        instead of :func:`prepare`'s when given); raises :class:`BudgetTooSmall` when no plan fits."""
+        if self._closed:
+            raise RuntimeError("this PreparedStep is closed: plan inside its `with` block")
+        request = dataclasses.replace(self._request, budget_bytes=budget_bytes)
+        if solver is not None:
+            _check_choices(solver, request.objective, request.time_limit_s)
+            request = dataclasses.replace(request, solver=solver)
+        return _plan_dropout_modes(self._captured, request)
+
+    def close(self) -> None:
+        """Free the example tensors the capture holds."""
+        self._captured.drop_tensors()
+        self._closed = True
+
+    def __enter__(self) -> "PreparedStep":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def prepare(
+    model: torch.nn.Module,
+    example_inputs: Any = None,
+    *,
+    solver: str = "auto",
+    target: str | None = None,
+    time_limit_s: float = 60.0,
+    measure_time: bool = False,
+    progress: bool = False,
+    objective: str = "time",
+    world_size: int = 1,
+    sharding: str = "none",
+    optimizer: str | OptimizerSpec = "none",
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    grad_accumulation: bool = False,
+    executor: str | None = None,
+    compile_options: dict | None = None,
+    deepspeed: Any = None,
+) -> PreparedStep:
+    """Check :func:`plan`'s arguments (all but the budget, which means the same), and
+    capture the step once: ``with prepare(model, batch) as step: step.plan(b)`` for
+    each budget ``b`` in bytes gives the plans :func:`plan` would."""
+    model, executor, compile_options = _resolve_executor(model, executor, compile_options)
     single = sharding == "none" and deepspeed is None
     spec = optimizer_spec(optimizer) if single else None
     dist_cfg, engine, info = _engine(model, deepspeed, world_size=world_size, sharding=sharding,
@@ -181,14 +246,11 @@ def plan(
     loop = loop_setup(model, args, kwargs, captured, loss_fn=loss_fn, grad_accumulation=grad_accumulation,
                       optimizer=spec, device_type=device_type, granularity=granularity(device_type)) if single else None
     request = _Request(
-        budget_bytes=budget_bytes, solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time,
+        budget_bytes=0, solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time,
         progress=progress, objective=objective, distributed=dist_cfg, engine=engine, distributed_info=info,
         model_info=_model_info(model, captured, args, kwargs), loop=loop,
     )
-    try:
-        return _plan_dropout_modes(captured, request)
-    finally:
-        captured.drop_tensors()
+    return PreparedStep(captured, request)
 
 
 def _capture(model: torch.nn.Module, inputs, *, executor: str, compile_options: dict | None, progress: bool) -> JointGraph:

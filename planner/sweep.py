@@ -13,7 +13,7 @@ from typing import Any
 
 from . import api
 from .plan_type import Plan
-from .units import GiB, byte_unit, format_bytes, format_flops, percent
+from .units import byte_unit, format_bytes, format_flops, percent
 from .view import pyplot
 
 __all__ = ["sweep", "Sweep", "SweepPoint"]
@@ -134,19 +134,17 @@ def _legend_of_twins(ax) -> None:
     ax.legend(handles, labels, fontsize=8, loc="upper right")
 
 
-def _spread(model, example_inputs: Any, points: int, kw: dict, say: Callable[[str], None]) -> tuple[list[int], dict, int]:
+def _spread(step: api.PreparedStep, points: int, say: Callable[[str], None]) -> tuple[list[int], dict, int]:
     """``points`` budgets from the planner's minimum to the no-checkpoint peak; the plan
     already made at the minimum, by budget; the minimum."""
-    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
-        raise ValueError(f"points must be a whole number of at least 2, not {points!r}")
     say("finding the minimum budget")
     try:
-        api.plan(model, 1 / GiB, example_inputs, **kw)  # 1 byte: below any minimum
+        step.plan(1)  # 1 byte: below any minimum
     except api.BudgetTooSmall as e:
         min_budget = e.min_budget_bytes
     else:  # pragma: no cover - a step that fits in one byte
         min_budget = 1
-    first = api.plan(model, min_budget / GiB, example_inputs, **kw)
+    first = step.plan(min_budget)
     baseline = first.baseline_peak_bytes
     budgets = [round(min_budget + (baseline - min_budget) * i / (points - 1)) for i in range(points)]
     return budgets, {budgets[0]: first}, min_budget
@@ -166,16 +164,28 @@ def sweep(
 ) -> Sweep:
     """Plan ``model`` at each of ``budgets_gb`` (GiB), or at ``points`` budgets spread
     evenly from the planner's minimum to the no-checkpoint peak. A budget below the
-    minimum gives a point with no plan. ``log`` receives a line per step."""
+    minimum gives a point with no plan. ``log`` receives a line per step. The step is
+    captured once (:func:`planner.api.prepare`) and planned at each budget."""
     say = log or (lambda msg: None)
     kw = dict(solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time)
-    min_budget = baseline = None
-    if budgets_gb is None:
-        budgets, done, min_budget = _spread(model, example_inputs, points, kw, say)
-    else:
+    if budgets_gb is not None:
         budgets = [api.check_budget(b) for b in budgets_gb]
         if not budgets:
             raise ValueError("budgets_gb is empty: give at least one budget in GiB")
+    elif isinstance(points, bool) or not isinstance(points, int) or points < 2:
+        raise ValueError(f"points must be a whole number of at least 2, not {points!r}")
+    with api.prepare(model, example_inputs, **kw) as step:
+        return _sweep(step, budgets if budgets_gb is not None else None, points, say,
+                      model_class=type(model).__name__, solver=solver)
+
+
+def _sweep(step: api.PreparedStep, budgets: list[int] | None, points: int, say: Callable[[str], None], *,
+           model_class: str, solver: str) -> Sweep:
+    """:func:`sweep` on a captured step: at ``budgets`` (bytes), or at ``points`` spread ones."""
+    min_budget = baseline = None
+    if budgets is None:
+        budgets, done, min_budget = _spread(step, points, say)
+    else:
         done = {}
     out = []
     for i, b in enumerate(budgets):
@@ -184,7 +194,7 @@ def sweep(
             p = done[b]
         else:
             try:
-                p = api.plan(model, b / GiB, example_inputs, **kw)
+                p = step.plan(b)
             except api.BudgetTooSmall as e:
                 min_budget = e.min_budget_bytes
                 out.append(SweepPoint(budget_bytes=b, plan=None,
@@ -193,4 +203,4 @@ def sweep(
         baseline = p.baseline_peak_bytes
         out.append(SweepPoint(budget_bytes=b, plan=p))
     return Sweep(points=tuple(out), min_budget_bytes=min_budget, baseline_peak_bytes=baseline,
-                 model_class=type(model).__name__, solver=solver)
+                 model_class=model_class, solver=solver)

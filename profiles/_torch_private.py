@@ -161,21 +161,32 @@ def backend_error_cause(exc: BaseException) -> BaseException | None:
 
 def graph_break_info(exc: BaseException) -> dict | None:
     """Where and why dynamo stopped tracing, when ``exc`` (or its cause) is a graph
-    break under ``fullgraph=True``: ``{"file", "line", "function", "code", "reason",
-    "explanation", "hints"}``; ``None`` for other errors. Private: dynamo's ``Unsupported`` and its
-    ``real_stack`` of user frames are the only place the break's location is kept."""
-    from torch._dynamo.exc import Unsupported
+    break under ``fullgraph=True``, or dynamo's ``UserError`` at a line of the user's
+    code (a branch on a data-dependent value, e.g. ``if x.sum().item() > 0:``):
+    ``{"file", "line", "function", "code", "reason", "explanation", "hints"}``; ``None``
+    for other errors. Private: dynamo's ``Unsupported``/``UserError`` and
+    their ``real_stack`` of user frames are the only place the location is kept."""
+    from torch._dynamo.exc import Unsupported, UserError
 
     seen = exc
     while seen is not None and not isinstance(seen, Unsupported):
         seen = seen.__cause__
     if seen is None:
-        return None
-    stack = list(seen.real_stack or [])
+        seen = exc
+        while seen is not None and not (isinstance(seen, UserError) and getattr(seen, "real_stack", None)):
+            seen = seen.__cause__
+        if seen is None:
+            return None
+    stack = list(getattr(seen, "real_stack", None) or [])
     frame = stack[-1] if stack else None
     text = str(seen)
     hints = [line.strip()[len("Hint:"):].strip() for line in text.splitlines() if line.strip().startswith("Hint:")]
-    reason = seen.gb_type or (text.splitlines()[0] if text else type(seen).__name__)
+    if isinstance(seen, Unsupported):
+        reason = seen.gb_type or (text.splitlines()[0] if text else type(seen).__name__)
+    elif "data-dependent" in text:
+        reason = "Data-dependent branching"
+    else:
+        reason = text.splitlines()[0] if text else type(seen).__name__
     explanation = next((line.strip()[len("Explanation:"):].strip() for line in text.splitlines() if line.strip().startswith("Explanation:")), "")
     return {
         "file": frame.filename if frame else None,

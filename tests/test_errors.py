@@ -46,6 +46,14 @@ class Branchy(Small):
         return self.b(h).square().mean()
 
 
+class ItemBranchy(Small):
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum().item() > 0:  # a branch on a Python number read from a tensor
+            h = h * 2
+        return self.b(h).square().mean()
+
+
 class Chatty(Small):
     def forward(self, x):
         h = self.a(x)
@@ -88,7 +96,9 @@ def test_inputs_the_model_rejects_give_its_own_error_and_the_shapes_tried():
 
 @pytest.mark.parametrize(
     "cls, needle, words",
-    [(Branchy, "if h.sum() > 0", "Data-dependent branching"), (Chatty, "print(", "print")],
+    [(Branchy, "if h.sum() > 0", "Data-dependent branching"),
+     (ItemBranchy, "if h.sum().item() > 0", "Data-dependent branching"),
+     (Chatty, "print(", "print")],
 )
 def test_graph_break_names_file_line_and_what_to_change(cls, needle, words):
     model = cls()

@@ -123,11 +123,22 @@ def test_plan_fields_json_round_trip_and_explain(setup, tmp_path):
 
 
 def test_plans_are_deterministic(setup):
+    """The same plan from two calls, and from one captured step planned at two budgets."""
     model, inputs, eager = setup
     a = planner.plan(model, 0.7 * eager / planner.GiB, inputs)
     b = planner.plan(model, 0.7 * eager / planner.GiB, inputs)
+    with planner.prepare(model, inputs) as step:
+        low = step.plan(int(0.6 * eager))
+        c = step.plan(int(0.7 * eager))
+        sq = step.plan(int(0.7 * eager), solver="sqrt")
+        with pytest.raises(ValueError, match="unknown solver"):
+            step.plan(int(0.7 * eager), solver="fast")
+    assert sq.solver.name == "sqrt" and sq.recompute_time_s >= c.recompute_time_s
     strip = lambda p: {k: v for k, v in p.to_dict().items() if k != "solver"}  # noqa: E731
-    assert strip(a) == strip(b)
+    assert strip(a) == strip(b) == strip(c)
+    assert low.predicted_peak_bytes < c.predicted_peak_bytes
+    with pytest.raises(RuntimeError, match="closed"):
+        step.plan(int(0.7 * eager))
 
 
 def test_ilp_never_costs_more_than_sqrt(setup):

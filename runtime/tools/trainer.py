@@ -6,7 +6,9 @@ Trainer feeds it (its data collator over the first
 count the Trainer passes to models that take loss keywords) and makes the trainer
 train ``runtime.apply(model, plan)``: the planned module holds the same parameters,
 so the Trainer's optimizer, scheduler and gradient accumulation see the model's
-own. Call it after building the Trainer and before ``trainer.train()``.
+own. Call it after building the Trainer and before ``trainer.train()``. With
+``bf16=True`` or ``fp16=True`` the step is planned under the autocast the Trainer's
+``accelerate.Accelerator`` runs the model's forward in.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def plan_trainer(trainer: Any, budget_gb: float, **plan_kwargs) -> planner.Plan:
     was_training = model.training
     model.train()
     try:
-        plan = planner.plan(model, budget_gb, trainer_batch(trainer), **plan_kwargs)
+        with trainer.accelerator.autocast():  # the Trainer's mixed precision (a no-op without it)
+            plan = planner.plan(model, budget_gb, trainer_batch(trainer), **plan_kwargs)
     finally:
         model.train(was_training)
     planned = apply(model, plan)
