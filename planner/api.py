@@ -34,7 +34,7 @@ from .plan_type import DistributedInfo, GiB, ModelInfo, Plan, SolverInfo
 from .problem import OBJECTIVES, Problem, build_problem, rank_key
 from .search import lowest_plan, search_ilp
 from .sqrt import solve_sqrt
-from .trim import trim
+from .trim import as_run
 
 __all__ = [
     "plan",
@@ -458,33 +458,19 @@ def _solve(prob: Problem, budget_bytes: int, device_type: str, *, solver: str, t
         best = _named(search_ilp(search, usable, time_limit_s, start=sq.evaluation, memory=memory, solve=solve), blocks)
     if sq_found is not None and (solver == "sqrt" or best is None or (solver == "auto" and prob.rank(sq_found[0]) < prob.rank(best[0]))):
         best = sq_found
-    run = None if best is None else _as_run(prob, best, usable)
+    run = None if best is None else as_run(prob, best, usable)
     if run is not None:
         return run
     _log(progress, "no plan fits; computing the minimum budget")
     # the flat ILP's lowest plan, as minimum_budget_bytes finds it: the block ILP's copies
     # sharing decisions may not reach as low
     low_ev, low_info = _named(lowest_plan(search, time_limit_s), None)
-    run = _as_run(prob, (low_ev, low_info), usable)
+    run = as_run(prob, (low_ev, low_info), usable)
     if run is not None:
         return run
     bound = peak_lower_bound(search) if backend_name() == "highs" else None
     raise BudgetTooSmall(budget_bytes, budget_for(prob.evaluate(low_ev.recompute).sim.peak_bytes, device_type),
                          None if bound is None else budget_for(int(bound), device_type))
-
-
-def _as_run(prob: Problem, found: tuple[Evaluation, SolverInfo], usable: int) -> tuple[Evaluation, SolverInfo] | None:
-    """A plan the solvers found on the graphs as split, evaluated as the runtime runs
-    it (arranged for memory, :meth:`Problem.evaluate`), with the room arrangement
-    frees handed back (:func:`planner.trim.trim`); None when it does not fit ``usable``."""
-    ev, info = found
-    run = prob.evaluate(ev.recompute)
-    if run.sim.peak_bytes > usable:
-        return None
-    kept = trim(prob, run, usable)
-    if kept is not run:
-        info = dataclasses.replace(info, status=f"{info.status}; {len(run.recomputed) - len(kept.recomputed)} values kept again (planner.trim)")
-    return kept, info
 
 
 def _named(found: tuple[Evaluation, SolverInfo] | None, blocks) -> tuple[Evaluation, SolverInfo] | None:

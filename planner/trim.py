@@ -20,10 +20,13 @@ starts from.
 
 from __future__ import annotations
 
+import dataclasses
+
 from .evaluation import Evaluation
+from .plan_type import SolverInfo
 from .problem import Problem
 
-__all__ = ["trim", "MAX_ARRANGED", "MAX_SINGLES"]
+__all__ = ["trim", "as_run", "MAX_ARRANGED", "MAX_SINGLES"]
 
 #: Arranged evaluations one :func:`trim` makes at most.
 MAX_ARRANGED = 6
@@ -95,3 +98,17 @@ def trim(prob: Problem, ev: Evaluation, budget: int, *, max_arranged: int = MAX_
             if got is not None:
                 best = got
     return best if prob.rank(best) <= prob.rank(ev) else ev
+
+
+def as_run(prob: Problem, found: tuple[Evaluation, SolverInfo], usable: int) -> tuple[Evaluation, SolverInfo] | None:
+    """A plan the solvers found on the graphs as split (``found``), evaluated as the
+    runtime runs it (arranged, :meth:`Problem.evaluate`) and trimmed, its solver
+    record saying how many values were kept again; None when it does not fit ``usable``."""
+    ev, info = found
+    run = prob.evaluate(ev.recompute)
+    if run.sim.peak_bytes > usable:
+        return None
+    kept = trim(prob, run, usable)
+    if kept is not run:
+        info = dataclasses.replace(info, status=f"{info.status}; {len(run.recomputed) - len(kept.recomputed)} values kept again (planner.trim)")
+    return kept, info
