@@ -76,8 +76,8 @@ class Problem:
     loop: TrainingLoop | None = None
     #: Whether each schedule is arranged for memory as the runtime runs it
     #: (reordered, buffers reused: :func:`planner.order.arrange`). The solvers search
-    #: on the problem with ``arrange=False`` (:meth:`unarranged`), whose peaks are
-    #: never lower, and the chosen plan is evaluated arranged.
+    #: on the problem with ``arrange=False`` (:meth:`unarranged`: the graphs as split),
+    #: and the plan they choose is evaluated arranged (:func:`planner.trim.as_run`).
     arrange: bool = True
     #: Evaluations by recompute set and ``arrange``, and arranged schedules: a memo,
     #: shared by the problems derived from this one (neither depends on the objective).
