@@ -458,14 +458,14 @@ def _solve(prob: Problem, budget_bytes: int, device_type: str, *, solver: str, t
         best = _named(search_ilp(search, usable, time_limit_s, start=sq.evaluation, memory=memory, solve=solve), blocks)
     if sq_found is not None and (solver == "sqrt" or best is None or (solver == "auto" and prob.rank(sq_found[0]) < prob.rank(best[0]))):
         best = sq_found
-    run = None if best is None else as_run(prob, best, usable)
+    run = None if best is None else as_run(prob, best, usable, trimmed=solver != "sqrt")
     if run is not None:
         return run
     _log(progress, "no plan fits; computing the minimum budget")
     # the flat ILP's lowest plan, as minimum_budget_bytes finds it: the block ILP's copies
     # sharing decisions may not reach as low
     low_ev, low_info = _named(lowest_plan(search, time_limit_s), None)
-    run = as_run(prob, (low_ev, low_info), usable)
+    run = as_run(prob, (low_ev, low_info), usable, trimmed=solver != "sqrt")
     if run is not None:
         return run
     bound = peak_lower_bound(search) if backend_name() == "highs" else None

@@ -100,14 +100,19 @@ def trim(prob: Problem, ev: Evaluation, budget: int, *, max_arranged: int = MAX_
     return best if prob.rank(best) <= prob.rank(ev) else ev
 
 
-def as_run(prob: Problem, found: tuple[Evaluation, SolverInfo], usable: int) -> tuple[Evaluation, SolverInfo] | None:
+def as_run(prob: Problem, found: tuple[Evaluation, SolverInfo], usable: int, *,
+           trimmed: bool = True) -> tuple[Evaluation, SolverInfo] | None:
     """A plan the solvers found on the graphs as split (``found``), evaluated as the
-    runtime runs it (arranged, :meth:`Problem.evaluate`) and trimmed, its solver
-    record saying how many values were kept again; None when it does not fit ``usable``."""
+    runtime runs it (arranged, :meth:`Problem.evaluate`) and, with ``trimmed``,
+    trimmed, its solver record saying how many values were kept again; None when it
+    does not fit ``usable``. (``solver="sqrt"`` plans stay as sqrt(L) makes them: the
+    baseline the ILP's plans are never costlier than.)"""
     ev, info = found
     run = prob.evaluate(ev.recompute)
     if run.sim.peak_bytes > usable:
         return None
+    if not trimmed:
+        return run, info
     kept = trim(prob, run, usable)
     if kept is not run:
         info = dataclasses.replace(info, status=f"{info.status}; {len(run.recomputed) - len(kept.recomputed)} values kept again (planner.trim)")
