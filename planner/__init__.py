@@ -10,7 +10,7 @@ from .batch import BatchFit, fit_batch
 from .plan_type import GiB, SCHEMA_VERSION, DistributedInfo, ModelInfo, NodeDecision, Plan, SolverInfo
 from .loss_phase import LossNotCountedWarning
 from .optimizer_memory import OptimizerSpec
-from .resimulation import resimulate
+from .resimulation import LoopNotResimulated, resimulate
 from .training_loop import TrainingLoopInfo
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "BatchFit",
     "minimum_budget_bytes",
     "resimulate",
+    "LoopNotResimulated",
     "Plan",
     "ModelInfo",
     "DistributedInfo",

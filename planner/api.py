@@ -27,7 +27,7 @@ from .deepspeed import deepspeed_engine
 from .distributed import Distributed, EngineBytes, engine_bytes, record
 from .evaluation import Evaluation
 from .ilp import backend_name, solve_ilp
-from .loop_capture import LoopSetup, loop_setup, optimizer_spec
+from .loop_capture import LoopSetup, check_engine_loop, loop_setup, optimizer_spec
 from .memory_model import refine
 from .optimizer_memory import OptimizerSpec
 from .plan_type import DistributedInfo, GiB, ModelInfo, Plan, SolverInfo
@@ -107,7 +107,7 @@ class _Request:
     distributed_info: DistributedInfo | None
     #: ``Plan.model`` of every plan made.
     model_info: ModelInfo
-    #: The training loop around the step (None: under a data-parallel engine, not counted).
+    #: The training loop around the step (under a data-parallel engine, the optimizer is the engine's).
     loop: LoopSetup | None = None
 
 
@@ -148,13 +148,13 @@ def plan(
     also holds what the engine keeps on one rank; ``optimizer="adamw"`` there adds
     AdamW's state (see :mod:`planner.distributed`).
 
-    The training loop (one process; :mod:`planner.training_loop`): ``loss_fn`` is the
+    The training loop (:mod:`planner.training_loop`; per rank under an engine): ``loss_fn`` is the
     loss as the loop computes it from the model's outputs (example targets closed
     over), ``loss = loss_fn(wrapped(**batch)); loss.backward()``, with the outputs held
     until backward ends: its forward and backward are in the budget. Without it, a
     model that returns no one-element output gets
-    :class:`~planner.loss_phase.LossNotCountedWarning`. ``grad_accumulation=True``:
-    gradients already exist when the step starts (a micro-step after the first).
+    :class:`~planner.loss_phase.LossNotCountedWarning`. ``grad_accumulation=True``: gradients
+    exist when the step starts (a micro-step after the first; DDP: ``no_sync()``; not FSDP2, DeepSpeed).
     ``optimizer``: ``"adamw"``, ``"adam"``, ``"sgd"`` (torch's defaults) or a
     :class:`~planner.optimizer_memory.OptimizerSpec` (implementation, momentum...;
     by default the implementation torch picks on the model's device): its state is
@@ -237,14 +237,14 @@ def prepare(
     single = sharding == "none" and deepspeed is None
     spec = optimizer_spec(optimizer) if single else None
     dist_cfg, engine, info = _engine(model, deepspeed, world_size=world_size, sharding=sharding,
-                                     optimizer="none" if single else optimizer)
+                                     optimizer="none" if single else optimizer, grad_accumulation=grad_accumulation)
     args, kwargs = normalize_inputs(model, example_inputs)
     _check_call(model, args, kwargs, solver=solver, objective=objective, time_limit_s=time_limit_s, target=target)
     inputs = kwargs if kwargs else args
     captured = _capture(model, inputs, executor=executor, compile_options=compile_options, progress=progress)
     device_type = _device_type(model, target)
     loop = loop_setup(model, args, kwargs, captured, loss_fn=loss_fn, grad_accumulation=grad_accumulation,
-                      optimizer=spec, device_type=device_type, granularity=granularity(device_type)) if single else None
+                      optimizer=spec, device_type=device_type, granularity=granularity(device_type))
     request = _Request(
         budget_bytes=0, solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time,
         progress=progress, objective=objective, distributed=dist_cfg, engine=engine, distributed_info=info,
@@ -262,10 +262,12 @@ def _capture(model: torch.nn.Module, inputs, *, executor: str, compile_options: 
     return captured
 
 
-def _engine(model: torch.nn.Module, deepspeed: Any, *, world_size: int, sharding: str, optimizer):
+def _engine(model: torch.nn.Module, deepspeed: Any, *, world_size: int, sharding: str, optimizer,
+            grad_accumulation: bool):
     """The data-parallel setup, the bytes its engine holds per rank and what the plan
     records of it (a DeepSpeed config, or ``world_size``/``sharding``; one process:
-    an inactive setup and two ``None``)."""
+    an inactive setup and two ``None``); ``grad_accumulation`` refused where the engine keeps it."""
+    check_engine_loop(sharding=sharding, deepspeed=deepspeed, grad_accumulation=grad_accumulation)
     if deepspeed is not None:
         info, engine = deepspeed_engine(model, deepspeed, world_size=world_size, sharding=sharding, optimizer=optimizer)
         return Distributed(), engine, info

@@ -1,7 +1,7 @@
 """Read a DeepSpeed config (a JSON path or a dict) into what the planner needs: :class:`DeepSpeedSettings`.
 
 Only the settings whose per-rank memory :mod:`planner.deepspeed` models are
-accepted: ZeRO stages 0, 1 and 2 without offload, fp32 (stages 0-2) or bf16 (stages 0 and 1), Adam/AdamW or
+accepted: ZeRO stages 0, 1 and 2 without offload, fp32 or bf16, Adam/AdamW or
 the caller's own optimizer. Anything else raises ``ValueError`` naming the key
 and what to use instead, so a plan is never made for an engine it does not describe.
 """
@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DeepSpeedSettings", "read_config", "ZERO3_REFUSED", "BF16_ZERO2_REFUSED", "DEFAULT_BUCKET"]
+__all__ = ["DeepSpeedSettings", "read_config", "ZERO3_REFUSED", "DEFAULT_BUCKET"]
 
 #: DeepSpeed's default ``reduce_bucket_size`` and ``allgather_bucket_size`` (elements).
 DEFAULT_BUCKET = 500_000_000
@@ -26,12 +26,6 @@ ZERO3_REFUSED = (
     "runs as. Use ZeRO stage 2 (\"zero_optimization\": {\"stage\": 2}: optimizer state and "
     "gradients partitioned, parameters whole on every rank), or shard the parameters with FSDP2: "
     "fully_shard(runtime.apply(model, plan)) with plan(..., sharding=\"fsdp\")"
-)
-
-BF16_ZERO2_REFUSED = (
-    "DeepSpeed bf16 with ZeRO stage 2 is not modelled: one rank holds about a gradient copy more during forward "
-    "and backward than this planner counts (measured on 2 gloo ranks, DeepSpeed 0.19.8). Use fp32 with ZeRO-2, "
-    "or bf16 with ZeRO stage 0 or 1 (both counted to the byte)"
 )
 
 _OPTIMIZERS = {"adam": "adamw", "adamw": "adamw"}  # the state both keep: two moments per element, and a step
@@ -76,8 +70,6 @@ class DeepSpeedSettings:
             raise ValueError(f"optimizer {self.optimizer!r}: the DeepSpeed settings know 'adamw' and 'none'")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision {self.precision!r}: the DeepSpeed settings know 'fp32' and 'bf16'")
-        if self.precision == "bf16" and self.stage == 2:
-            raise ValueError(BF16_ZERO2_REFUSED)
         if self.param_groups is not None:
             object.__setattr__(self, "param_groups", tuple(tuple(g) for g in self.param_groups))
 
@@ -240,8 +232,6 @@ def read_config(config: str | Path | Mapping | DeepSpeedSettings, *, world_size:
         raise ValueError(f"world_size must be a whole number of processes >= 1, not {world_size!r}")
     zero = _zero(d)  # ZeRO-3 is refused before anything else
     precision = _precision(d)
-    if precision == "bf16" and zero["stage"] == 2:
-        raise ValueError(BF16_ZERO2_REFUSED)
     ws, micro, acc = _batch(d, world_size)
     return DeepSpeedSettings(world_size=ws, micro_batch=micro, accumulation=acc, optimizer=_optimizer(d),
                              precision=precision, param_groups=param_groups, **zero)

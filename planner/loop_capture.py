@@ -9,6 +9,13 @@ step from the parameters (:mod:`planner.optimizer_memory`). Without ``loss_fn``,
 when no output of the model is a one-element tensor (its loss),
 :class:`~planner.loss_phase.LossNotCountedWarning` says once per call that the
 loss's own memory is not in the budget.
+
+Under a data-parallel engine the loss's forward and backward run on each rank as
+in one process: the loop's points carry the engine's per-phase bytes like the
+model's. Accumulated gradients are counted under DDP (``no_sync()`` micro-steps
+keep every full gradient in ``param.grad``, beside the reducer's buckets, which
+the engine's bytes count); :func:`check_engine_loop` refuses them where the
+engine keeps them in its own buffers (FSDP2, DeepSpeed).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from .loss_phase import LossNotCountedWarning, capture_loss, loss_timeline
 from .optimizer_memory import OPTIMIZER_NAMES, OptimizerSpec, optimizer_memory
 from .training_loop import TrainingLoop, TrainingLoopInfo, loop_info
 
-__all__ = ["LoopSetup", "loop_setup", "optimizer_spec"]
+__all__ = ["LoopSetup", "loop_setup", "optimizer_spec", "check_engine_loop"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -65,6 +72,28 @@ def optimizer_spec(optimizer: Any) -> OptimizerSpec | None:
         f"unknown optimizer {optimizer!r}: choose one of none, {', '.join(OPTIMIZER_NAMES)}, or pass "
         "planner.OptimizerSpec(name=..., implementation=..., momentum=...) for another configuration"
     )
+
+
+def check_engine_loop(*, sharding: str, deepspeed: Any, grad_accumulation: bool) -> None:
+    """``ValueError`` for ``grad_accumulation=True`` under an engine whose accumulated
+    gradients the planner does not count exactly: FSDP2 (sharded, or unsharded under
+    ``set_requires_gradient_sync(False)``) and DeepSpeed (its own buffers, counted from
+    the config's ``gradient_accumulation_steps``)."""
+    if not grad_accumulation:
+        return
+    if deepspeed is not None:
+        raise ValueError(
+            "grad_accumulation=True with a DeepSpeed config: DeepSpeed accumulates gradients in its own buffers, "
+            "which the plan counts from the config's \"gradient_accumulation_steps\"; set that in the config and "
+            "leave grad_accumulation out"
+        )
+    if sharding == "fsdp":
+        raise ValueError(
+            "grad_accumulation=True under sharding='fsdp' is not supported: what FSDP2 holds between micro-steps "
+            "(sharded gradients, or unsharded ones under set_requires_gradient_sync(False)) is not modelled; plan "
+            "without it and leave the held gradients' bytes free in the budget, or use sharding='ddp' (no_sync() "
+            "micro-steps are counted)"
+        )
 
 
 def loop_setup(model: torch.nn.Module, args: tuple, kwargs: dict, captured: JointGraph, *,

@@ -233,7 +233,7 @@ def _loop_rows(step: _Step, loop: TrainingLoop, engine: EngineBytes | None,
     held = sum(step.sizes[s] for s in step.held_storages if s not in step.static)
     const, save = [], []
     if loop.loss:
-        engine_bytes = engine.forward if engine is not None else 0
+        engine_bytes = engine.backward if engine is not None else 0  # after forward: FSDP2's all-gather output freed
         const.append(step.static_bytes + held + engine_bytes + max(b for _, _, b in loop.loss))
         save.append(candidate_bytes)
     if loop.has_optimizer:

@@ -217,7 +217,7 @@ class Plan:
     distributed: DistributedInfo | None = None
     #: What the budget assumed of the training loop (the loss, gradient accumulation,
     #: the optimizer step and its predicted peak); ``None`` when not recorded
-    #: (``plan_profile`` without a loop, a per-rank plan, a version 1 or 2 file).
+    #: (``plan_profile`` without a loop, a version 1 or 2 file); per rank for a per-rank plan.
     training_loop: TrainingLoopInfo | None = None
 
     # -- derived -----------------------------------------------------------

@@ -101,7 +101,8 @@ class _Liveness:
         self.level = 0
         #: Per phase, bytes beyond the model's step: the engine's, and what the loop holds all step.
         self.extra = {"forward": held + (engine.forward if engine else 0), "backward": held + (engine.backward if engine else 0)}
-        self.extra["loss"] = self.extra["forward"]
+        # the loss runs after forward returns: FSDP2's root has freed its all-gather output then
+        self.extra["loss"] = self.extra["backward"]
         self.peak, self.peak_node, self.peak_phase = 0, "", ""
         self.peak_storages: frozenset[int] = frozenset()
         #: Whether ``peak_storages`` is recorded at each new peak.

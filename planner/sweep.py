@@ -161,13 +161,15 @@ def sweep(
     time_limit_s: float = 60.0,
     measure_time: bool = False,
     log: Callable[[str], None] | None = None,
+    loss_fn: Callable[[Any], Any] | None = None,
 ) -> Sweep:
     """Plan ``model`` at each of ``budgets_gb`` (GiB), or at ``points`` budgets spread
     evenly from the planner's minimum to the no-checkpoint peak. A budget below the
     minimum gives a point with no plan. ``log`` receives a line per step. The step is
-    captured once (:func:`planner.api.prepare`) and planned at each budget."""
+    captured once (:func:`planner.api.prepare`) and planned at each budget. ``loss_fn``:
+    the loss outside the model, as :func:`planner.plan` takes it (counted at every budget)."""
     say = log or (lambda msg: None)
-    kw = dict(solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time)
+    kw = dict(solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time, loss_fn=loss_fn)
     if budgets_gb is not None:
         budgets = [api.check_budget(b) for b in budgets_gb]
         if not budgets:

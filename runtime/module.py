@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from planner import plan as plan_model
-from planner import resimulate
+from planner import LoopNotResimulated, resimulate
 from planner.deepspeed_config import DeepSpeedSettings
 from planner.distributed import from_record
 from planner.plan_type import GiB, Plan
@@ -93,7 +93,8 @@ class ShapeEntry:
     #: The plan these inputs run under (the module's own plan unless ``how`` is ``"replanned"``).
     plan: Plan
     #: Predicted peak bytes of the step at these shapes; ``None`` for ``"reused"`` until its
-    #: first compilation re-simulates the step.
+    #: first compilation re-simulates the step, and after it when the plan's training loop
+    #: cannot be re-simulated (``loss_fn``, an optimizer; a :class:`ShapeWarning` says so).
     predicted_peak_bytes: int | None
 
 
@@ -156,9 +157,15 @@ class PlannedModule(nn.Module):
             fwd, bwd, _ = split_joint(joint, frozenset(use.recomputed), num_fwd_outputs=num_fwd_outputs)
             entry = self.shapes.get(self._call_key)
             if entry is not None and entry.how == "reused" and entry.predicted_peak_bytes is None:
-                peak = resimulate(use, joint, fwd, bwd, num_fwd_outputs=num_fwd_outputs)
+                try:
+                    peak = resimulate(use, joint, fwd, bwd, num_fwd_outputs=num_fwd_outputs,
+                                      parameters=list(self.module.parameters()))
+                except LoopNotResimulated as e:
+                    warnings.warn(f"inputs {self._call_key} differ from the planned {plan.model.to_dict().get('inputs')}; "
+                                  f"the plan's decisions still apply, but {e}", ShapeWarning, stacklevel=2)
+                    peak = None
                 self.shapes[self._call_key] = dataclasses.replace(entry, predicted_peak_bytes=peak)
-                if peak > use.budget_bytes:
+                if peak is not None and peak > use.budget_bytes:
                     warnings.warn(
                         f"inputs {self._call_key} differ from the planned {plan.model.to_dict().get('inputs')}; the plan's "
                         f"decisions still apply, but the step is predicted to peak at {peak / GiB:.4f} GiB, over the "

@@ -20,9 +20,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import planner
 from runtime.tools.cli import main
+from runtime.tools.cli.autocast import recorded_autocast
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTORY = f"{ROOT / 'examples' / 'tiny_models.py'}:residual_mlp"
@@ -330,3 +332,27 @@ def test_targets(capsys):
     assert rc == 0
     names = [line.split()[0] for line in out.splitlines()]
     assert "cpu" in names and "h100" in names
+
+
+def test_plan_and_verify_under_autocast(capsys, tmp_path):
+    """``--autocast bf16`` plans the step under ``torch.autocast("cpu", dtype=torch.bfloat16)``
+    (recorded in the plan), the factory's loss included; ``planner verify`` runs the plan's
+    steps under the autocast it recorded."""
+    factory = _factory_file(tmp_path, """
+        import torch
+        from torch import nn
+        def mlp():
+            torch.manual_seed(0)
+            model = nn.Sequential(*[m for _ in range(2) for m in (nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))])
+            x, y = torch.randn(512, 64), torch.randint(0, 64, (512,))
+            return model, (x,), lambda out: nn.functional.cross_entropy(out.float(), y)
+    """) + ":mlp"
+    path = tmp_path / "bf16.json"
+    rc, _, err = _run(capsys, "plan", factory, "--budget-gb", "0.0017", "--autocast", "bf16", "-o", path, "--quiet")
+    assert rc == 0, err
+    p = planner.Plan.from_json(path)
+    assert p.model.autocast == "cpu:bfloat16" and p.recomputed and p.training_loop.loss == "loss_fn"
+    with recorded_autocast(p.model.autocast):  # what `planner verify` runs the plan's steps under
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    rc, _, err = _run(capsys, "plan", factory, "--budget-gb", "0.0017", "--autocast", "fp32")
+    assert rc == 2 and "invalid choice: 'fp32'" in err

@@ -1,4 +1,5 @@
-"""Planned modules inside DeepSpeed engines: ZeRO-2 with 4 accumulated micro-batches on 2 gloo ranks.
+"""Planned modules inside DeepSpeed engines: ZeRO-2 with 4 accumulated micro-batches on 2 gloo ranks,
+fp32 and bf16.
 
 The training test plans in this process with ``plan(..., deepspeed=config)`` (per-rank
 budget: what the engine holds plus part of the step), then spawns 2 ranks. Every
@@ -59,6 +60,10 @@ def _gpt2():
     return tiny_gpt2().train()
 
 
+def _gpt2_bf16():
+    return _gpt2().to(torch.bfloat16)
+
+
 def _batches(name: str, rank: int, n: int) -> list[dict]:
     if name == "simple":  # the tutorial's micro-batch of 2, over 256 tokens
         return [batch(tokens=256, seed=100 * rank + i) for i in range(n)]
@@ -71,7 +76,8 @@ def _batches(name: str, rank: int, n: int) -> list[dict]:
 
 
 #: model -> (builder, DeepSpeed config, budget as a fraction of the no-checkpoint per-rank peak)
-MODELS = {"simple": (_simple, SIMPLE, 0.94), "gpt2": (_gpt2, GPT2, 0.88)}
+MODELS = {"simple": (_simple, SIMPLE, 0.94), "gpt2": (_gpt2, GPT2, 0.88),
+          "gpt2-bf16": (_gpt2_bf16, {**GPT2, "bf16": {"enabled": True}}, 0.88)}
 
 
 def _worker(rank: int, port: int, plans: dict, out_dir: str) -> None:
@@ -108,8 +114,9 @@ def _plan(name: str) -> planner.Plan:
 
 @pytest.mark.deepspeed
 def test_zero2_accumulation_planned_equals_unplanned_within_budget(tmp_path):
-    """SimpleModel and a small GPT-2, each planned for one rank of a ZeRO-2 engine with
-    4 accumulated micro-batches, train on 2 ranks as the unplanned engine does."""
+    """SimpleModel and a small GPT-2 (fp32, and bf16 with the config's ``bf16``), each planned
+    for one rank of a ZeRO-2 engine with 4 accumulated micro-batches, train on 2 ranks as the
+    unplanned engine does."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install -e '.[deepspeed]'")
     plans = {name: _plan(name) for name in MODELS}
     for name, p in plans.items():
@@ -143,7 +150,6 @@ def test_read_config_tutorial():
     [
         ({"train_batch_size": 8, "zero_optimization": {"stage": 3}}, "ZeRO stage 3 is not supported.*ZeRO stage 2.*fully_shard"),
         ({"train_batch_size": 8, "fp16": {"enabled": True}}, "fp16"),
-        ({"train_batch_size": 8, "bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, "bf16 with ZeRO stage 2"),
         ({"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer"),
         ({"train_batch_size": 8, "optimizer": {"type": "Lamb"}}, "Lamb.*not modelled"),
         ({"train_batch_size": 8, "train_micro_batch_size_per_gpu": "auto"}, "auto"),

@@ -8,11 +8,15 @@ steps (the second after an AdamW step, DDP's bucket rebuild and FSDP's reshard).
 The planned rank's second step is measured from torch.profiler allocator events
 covering everything the rank allocated since the model was copied: its per-rank
 peak must be within the budget and within 5% of the plan's per-rank prediction
-(measured: within 500 bytes of it, on 2.9-3.3 MB).
+(measured: within 500 bytes of it, on 2.9-3.3 MB). The DDP ranks also train a small
+GPT-2 with the loss computed outside the model, planned with ``loss_fn`` and
+``grad_accumulation=True``, over ``no_sync()`` micro-steps (measured: within 40
+bytes of the prediction, on 2.1 MB).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import planner
 import runtime
@@ -27,13 +32,13 @@ from helpers import ResidualNet
 from planner.distributed import Distributed, engine_bytes
 from profiles import storage_bytes
 from profiles.allocator import SAFETY
-from profiles.memory import allocator_peak
+from profiles.memory import allocator_peak, measure_peak
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available in this torch build", allow_module_level=True)
 
-from dist_harness import WORLD, assert_same_grads, init, spawn, train, wrap  # noqa: E402
+from dist_harness import WORLD, assert_same_grads, init, local_grads, spawn, train, wrap  # noqa: E402
 
 
 def _model():
@@ -46,7 +51,7 @@ def _inputs(rank: int):
     return {"x": torch.randn(128, 64, generator=g), "target": torch.randint(0, 8, (128,), generator=g)}
 
 
-def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str) -> None:
+def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str, gpt2: tuple | None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     init(rank, port)
@@ -79,6 +84,8 @@ def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str) -
             assert_same_grads(ref[0], inner[0], f"rank {rank} fully_shard(model) then apply, step 1")
             assert_same_grads(ref[1], inner[1], f"rank {rank} fully_shard(model) then apply, step 2")
             result["inner_order"] = True
+        if gpt2 is not None:
+            result["gpt2"] = _gpt2_accumulation(rank, *gpt2)
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(result, f)
     finally:
@@ -111,13 +118,112 @@ def test_planned_module_trains_under_engine_within_budget(single, sharding, frac
         world_size=WORLD, sharding=sharding, optimizer="adamw", forward_bytes=engine.forward,
         backward_bytes=engine.backward, end_bytes=engine.end, optimizer_bytes=engine.optimizer,
     )
-    spawn(_worker, p.to_json(), sharding, str(tmp_path))
+    gpt2 = _gpt2_plan() if sharding == "ddp" else None  # in the same ranks: one spawn
+    spawn(_worker, p.to_json(), sharding, str(tmp_path), (gpt2.to_json(), _gpt2_expected_grads()) if gpt2 else None)
     for rank in range(WORLD):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         measured = r["measured"]
         assert measured <= p.budget_bytes, f"rank {rank}: measured {measured} > budget {p.budget_bytes} ({r})"
         assert abs(measured - p.predicted_peak_bytes) <= 0.05 * measured, (rank, r, p.predicted_peak_bytes)
         assert r["inner_order"] if sharding == "fsdp" else r["ddp_inside_refused"]
+        if gpt2 is not None:
+            # every micro-step within the budget; the accumulating one (the highest) as predicted
+            assert max(r["gpt2"].values()) <= gpt2.budget_bytes, (rank, r["gpt2"], gpt2.budget_bytes)
+            accumulating = r["gpt2"]["accumulating_micro_step"]
+            assert abs(accumulating - gpt2.predicted_peak_bytes) <= 0.05 * accumulating, (rank, r["gpt2"], gpt2.predicted_peak_bytes)
+
+
+def _gpt2():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=256, n_positions=64, use_cache=False,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg).train()
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+    return model, {"input_ids": ids}, lambda out: F.cross_entropy(out.logits.float().flatten(0, 1), ids.flatten())
+
+
+def _micro_step(module, inputs, loss_fn, seed: int) -> None:
+    torch.manual_seed(seed)
+    out = module(**inputs)  # held until backward ends, as the everyday loop does
+    loss_fn(out).backward()
+
+
+def _accumulate(ddp, model, inputs, loss_fn):
+    """A compiling micro-step, then two accumulated ones (``no_sync()``, then synced),
+    each wrapped in record_function; the gradients."""
+    from torch.profiler import record_function
+
+    with ddp.no_sync():
+        _micro_step(ddp, inputs, loss_fn, seed=10)
+    model.zero_grad(set_to_none=True)
+    gc.collect()  # the compilation leaves cyclic garbage behind
+    for seed, region, ctx in ((11, "first_micro_step", ddp.no_sync), (12, "accumulating_micro_step", contextlib.nullcontext)):
+        with ctx(), record_function(region):
+            _micro_step(ddp, inputs, loss_fn, seed)
+    return local_grads(model)
+
+
+def _rank_batch(inputs: dict, rank: int) -> dict:
+    return {"input_ids": (inputs["input_ids"] + rank) % 256}  # each rank its own batch
+
+
+def _gpt2_expected_grads() -> dict:
+    """What DDP leaves after two accumulated micro-steps on each rank's batch: the mean
+    over the ranks of each rank's summed gradients, computed eagerly in this process."""
+    base, inputs, loss_fn = _gpt2()
+    expected = {}
+    for rank in range(WORLD):
+        model = copy.deepcopy(base)
+        for seed in (11, 12):
+            _micro_step(model, _rank_batch(inputs, rank), loss_fn, seed)
+        for name, p in model.named_parameters():
+            expected[name] = expected.get(name, 0) + p.grad / WORLD
+    return expected
+
+
+def _gpt2_accumulation(rank: int, plan_json: str, expected: dict) -> dict:
+    """On one rank: the planned GPT-2's accumulated gradients under DDP are ``expected``;
+    the absolute peaks of its two measured micro-steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    plan = planner.Plan.from_json(plan_json)
+    base, inputs, loss_fn = _gpt2()
+    inputs = _rank_batch(inputs, rank)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model = copy.deepcopy(base)
+        got = _accumulate(wrap(runtime.apply(model, plan), "ddp"), model, inputs, loss_fn)
+        assert_same_grads(expected, got, f"GPT-2, rank {rank}, after accumulating")
+        del model, got
+        gc.collect()
+    return {r: storage_bytes(inputs.values()) + allocator_peak(prof, region=r)[0]
+            for r in ("first_micro_step", "accumulating_micro_step")}
+
+
+def _gpt2_plan() -> planner.Plan:
+    """The GPT-2 planned per rank under DDP with ``loss_fn`` and ``grad_accumulation``, at
+    85% of the way from what is held all step (parameters, input, DDP's buckets, the
+    accumulated gradients) to the eager step's measured peak on top of them."""
+    model, inputs, loss_fn = _gpt2()
+    grads = sum(p.numel() * p.element_size() for p in model.parameters())
+    floor = storage_bytes(list(model.parameters()) + list(inputs.values())) + 2 * grads
+    eager, _ = measure_peak(lambda: _micro_step(model, inputs, loss_fn, seed=0))
+    model.zero_grad(set_to_none=True)
+    budget = floor + 0.85 * eager
+    p = planner.plan(model, budget / planner.GiB, inputs, world_size=WORLD, sharding="ddp", loss_fn=loss_fn,
+                     grad_accumulation=True)
+    assert p.recomputed and (p.training_loop.loss, p.training_loop.grad_accumulation) == ("loss_fn", True)
+    assert p.training_loop.loss_peak_bytes > 0 and p.distributed.sharding == "ddp"
+    return p
+
+
+@pytest.mark.parametrize("kwargs, match", [({"sharding": "fsdp"}, "sharding='fsdp' is not supported"),
+                                           ({"deepspeed": {"train_micro_batch_size_per_gpu": 2}}, "gradient_accumulation_steps")])
+def test_accumulation_refused_where_the_engine_keeps_it(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        planner.plan(_model(), 1.0, _inputs(0), world_size=WORLD, grad_accumulation=True, **kwargs)
 
 
 def test_engine_bytes_per_rank():

@@ -9,6 +9,7 @@ shapes is planned again at the plan's budget (ShapeWarning).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import warnings
 
@@ -18,7 +19,8 @@ from torch import nn
 
 import planner
 import runtime
-from helpers import ResidualNet, assert_same_step, measured_step_peak, run_step, tiny_gpt2
+from helpers import ResidualNet, assert_same_step, measured_step_peak, run_step, static_bytes, tiny_gpt2
+from profiles import measure_peak
 
 
 def _batch(n: int, seed: int = 0):
@@ -67,6 +69,29 @@ def test_larger_batch_warns_when_predicted_over_budget_and_stays_exact(residual)
     assert entry.how == "reused" and entry.predicted_peak_bytes > p.budget_bytes
     measured = measured_step_peak(wrapped, planned_model, big)
     assert abs(entry.predicted_peak_bytes - measured) <= 0.05 * measured
+
+
+def test_new_shapes_honour_the_plans_training_loop(residual):
+    """Re-simulated at a smaller batch, a ``grad_accumulation`` plan's step counts the
+    gradients held from the micro-step before: a micro-step that adds into them
+    measures within 5% of that prediction. A plan that counts ``loss_fn`` (captured
+    at the planned shapes) or an optimizer step is not re-simulated."""
+    model, _, p = residual
+    small = _batch(100, seed=1)
+    accumulating = dataclasses.replace(p, training_loop=dataclasses.replace(p.training_loop, grad_accumulation=True))
+    planned_model = copy.deepcopy(model)
+    wrapped = runtime.apply(planned_model, accumulating)
+    run_step(wrapped, small)  # compiles; leaves the gradients the next micro-step adds into
+    predicted = wrapped.shapes[_key(small)].predicted_peak_bytes
+    grads = sum(q.numel() * q.element_size() for q in model.parameters() if q.requires_grad)
+    delta, _ = measure_peak(lambda: run_step(wrapped, small))
+    measured = static_bytes(planned_model, small) + grads + delta
+    assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
+    for changed, words in (({"loss": "loss_fn"}, r"loss computed outside the model \(loss_fn\)"),
+                           ({"optimizer": "adamw"}, "adamw's step")):
+        other = dataclasses.replace(p, training_loop=dataclasses.replace(p.training_loop, **changed))
+        with pytest.raises(planner.LoopNotResimulated, match=words):
+            planner.resimulate(other, None, None, None, num_fwd_outputs=1)  # refused before reading the graphs
 
 
 def test_one_wrapped_module_alternates_shapes_without_recompiling(residual):

@@ -211,9 +211,9 @@ def mlp_with_loss():
 '''
 
 
-def test_cli_plan_and_verify_take_the_loss_from_the_factory(tmp_path, capsys):
-    """A factory returning ``(model, inputs, loss_fn)``: ``planner plan`` counts the loss
-    (no warning, recorded in the JSON) and ``planner verify`` runs the step with it."""
+def test_cli_plan_sweep_and_verify_take_the_loss_from_the_factory(tmp_path, capsys):
+    """A factory returning ``(model, inputs, loss_fn)``: ``planner plan`` and ``planner sweep``
+    count the loss (no warning, recorded in the JSON) and ``planner verify`` runs the step with it."""
     from runtime.tools.cli import main
 
     (tmp_path / "factories.py").write_text(_FACTORY)
@@ -226,3 +226,8 @@ def test_cli_plan_and_verify_take_the_loss_from_the_factory(tmp_path, capsys):
     capsys.readouterr()
     assert main(["verify", factory, str(out)]) == 0
     assert "verdict:   OK" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a LossNotCountedWarning would fail here
+        assert main(["sweep", factory, "--budgets", "0.00065", "--quiet"]) == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert "below the minimum" not in row and row.split()[-1] != "-", row  # a plan at that budget

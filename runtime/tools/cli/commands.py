@@ -22,6 +22,7 @@ from profiles.calibrate import calibrate, write_profile
 from runtime import PlanMismatch
 
 from ..verify import verify
+from .autocast import autocast_for, recorded_autocast
 from .checks import (
     EXIT_FAILED,
     EXIT_OK,
@@ -60,7 +61,7 @@ def _plan(model, budget_gb: float, inputs, loss_fn, a, target_name: str | None, 
     per_rank = {k: getattr(a, k) for k in ("world_size", "sharding", "optimizer", "objective", "grad_accumulation", "deepspeed")}
     if loss_fn is not None:
         per_rank["loss_fn"] = loss_fn
-    with planning_errors(model):
+    with planning_errors(model), autocast_for(a.autocast, model, target_name):
         try:
             return planner.plan(model, budget_gb, inputs, solver=a.solver, target=target_name, time_limit_s=a.time_limit,
                                 measure_time=a.measure_time, progress=out.progress, **per_rank)
@@ -114,10 +115,10 @@ def cmd_sweep(a, out: Out) -> int:
         check_plot_path(a.plot)
     out.step(f"loading {a.model}")
     with out.busy():
-        model, inputs, _ = load_model(a.model)
+        model, inputs, loss_fn = load_model(a.model)
         with planning_errors(model):
             result = sweep(model, inputs, budgets_gb=budgets, points=a.points or 6, solver=a.solver, target=target_name,
-                           time_limit_s=a.time_limit, measure_time=a.measure_time, log=out.step)
+                           time_limit_s=a.time_limit, measure_time=a.measure_time, log=out.step, loss_fn=loss_fn)
     if a.plot:
         write_plot(result.plot(), a.plot, out)
     print(result.table())
@@ -132,7 +133,8 @@ def cmd_verify(a, out: Out) -> int:
         model, inputs, loss_fn = load_model(a.model)
         out.step("applying the plan; one warm-up step (compiles), then measured planned and eager steps")
         try:
-            result = verify(model, inputs, p, seed=a.seed, loss_fn=loss_fn)
+            with recorded_autocast(p.model.autocast):
+                result = verify(model, inputs, p, seed=a.seed, loss_fn=loss_fn)
         except PlanMismatch as e:
             raise CliError(f"{a.plan} does not fit {a.model}: {e}") from e
     print(result.summary())

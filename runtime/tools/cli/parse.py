@@ -10,6 +10,7 @@ import argparse
 
 from profiles import available_targets
 
+from .autocast import AUTOCAST_DTYPES
 from .batch import add_batch
 from .checks import CliError
 from .commands import cmd_calibrate, cmd_plan, cmd_show, cmd_sweep, cmd_targets, cmd_verify
@@ -61,6 +62,9 @@ def _add_plan(sub) -> None:
                    help="count this optimizer's state and its step (torch's default implementation on the model's device)")
     p.add_argument("--grad-accumulation", action="store_true",
                    help="gradients already exist when the step starts (a micro-step after the first)")
+    p.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), metavar="DTYPE",
+                   help="plan the step under torch.autocast(device_type, dtype), as the training loop runs it: bf16 or fp16 "
+                        "(planner verify then runs under the same)")
     p.add_argument("--deepspeed", metavar="CONFIG_JSON",
                    help="DeepSpeed config (ZeRO 0-2) the model trains under: the budget is per rank and holds what the engine keeps")
     p.add_argument("--objective", choices=["time", "flops"], default="time",
