@@ -30,7 +30,7 @@ __all__ = ["trim", "as_run", "MAX_ARRANGED", "MAX_SINGLES"]
 
 #: Arranged evaluations one :func:`trim` makes at most.
 MAX_ARRANGED = 6
-#: Single values :func:`trim` considers keeping after its bisection.
+#: Single units :func:`trim` considers keeping after its bisection.
 MAX_SINGLES = 12
 
 
@@ -68,33 +68,46 @@ def trim(prob: Problem, ev: Evaluation, budget: int, *, max_arranged: int = MAX_
     fits ``budget`` (bytes, exact simulation as ``prob`` evaluates) and ranks no worse
     under ``prob``'s objective.
 
-    The largest ``k`` such that keeping the ``k`` costliest recomputed values likely
-    fits (bisection on the estimate), confirmed or lowered by bisection on arranged
-    evaluations; then up to :data:`MAX_SINGLES` single values, costliest first, while
+    Values are kept by unit: a multi-output op with the values taken out of it. The
+    largest ``k`` such that keeping the ``k`` costliest recomputed units likely fits
+    (bisection on the estimate), confirmed or lowered by bisection on arranged
+    evaluations; then up to :data:`MAX_SINGLES` single units, costliest first, while
     calls are left."""
     if not ev.recompute or ev.sim.peak_bytes > budget or not prob.arrange:
         return ev
     probe = _Probe(prob, ev, budget, max_arranged)
     nodes = prob.gp.nodes
-    order = sorted(ev.recompute, key=lambda n: (-nodes[n].time_s, -nodes[n].flops, n))
+    # a multi-output op and the values taken out of it are kept or recomputed together
+    units: dict[str, set[str]] = {}
+    for n in ev.recompute:
+        units.setdefault(prob.parent.get(n, n), set()).add(n)
+
+    def cost(u: str) -> tuple:
+        return (-sum(nodes[n].time_s for n in units[u]), -sum(nodes[n].flops for n in units[u]), u)
+
+    order = sorted(units, key=cost)
+
+    def recomputing(k: int) -> frozenset[str]:
+        return frozenset(n for u in order[k:] for n in units[u])
+
     lo, hi = 0, len(order)  # keeping order[:lo] is likely to fit; keeping order[:hi + 1] is not
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if probe.likely(frozenset(order[mid:])) else (lo, mid - 1)
+        lo, hi = (mid, hi) if probe.likely(recomputing(mid)) else (lo, mid - 1)
     best, low, k = ev, 0, lo  # keeping order[:low] fits; k: the next count to try
     while k > low:
-        got = probe.fits(frozenset(order[k:]))
+        got = probe.fits(recomputing(k))
         if got is not None:
             best, low = got, k
             break
         if probe.calls <= 0:
             break
         k = (low + k) // 2 if k - low > 1 else low
-    for n in order[low:][:MAX_SINGLES]:
+    for u in order[low:][:MAX_SINGLES]:
         if probe.calls <= 0:
             break
-        if n in best.recompute and probe.likely(best.recompute - {n}):
-            got = probe.fits(best.recompute - {n})
+        if units[u] <= best.recompute and probe.likely(best.recompute - units[u]):
+            got = probe.fits(best.recompute - units[u])
             if got is not None:
                 best = got
     return best if prob.rank(best) <= prob.rank(ev) else ev
