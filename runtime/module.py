@@ -232,6 +232,13 @@ class PlannedModule(nn.Module):
                 "arguments cannot be planned again automatically: plan for these shapes with planner.plan(...)"
             )
         inputs = kwargs if kwargs else args
+        loop = self.plan.training_loop
+        if loop is not None and (loop.loss == "loss_fn" or loop.optimizer != "none"):
+            raise PlanMismatch(
+                f"inputs {self._call_key} change the graph's structure, and this plan's budget counts the training "
+                f"loop's {'loss_fn' if loop.loss == 'loss_fn' else 'optimizer step'}, which cannot be planned again "
+                "automatically: plan for these shapes with planner.plan(..., loss_fn=..., optimizer=...) as before"
+            )
         warnings.warn(
             f"inputs {self._call_key} change the graph's structure, not only its sizes; planning again for them "
             f"at the plan's budget of {self.plan.budget_bytes / GiB:.4f} GiB",
@@ -249,7 +256,8 @@ class PlannedModule(nn.Module):
             per_rank = {"world_size": dist.world_size, "sharding": dist.sharding, "optimizer": dist.optimizer}
         new = plan_model(self.module, self.plan.budget_bytes / GiB, inputs, target=target,
                            objective=self.plan.solver.objective, executor=self.executor,
-                           compile_options=self.compile_options or None, **per_rank)
+                           compile_options=self.compile_options or None,
+                           grad_accumulation=loop is not None and loop.grad_accumulation, **per_rank)
         self.shapes[self._call_key] = ShapeEntry(how="replanned", plan=new, predicted_peak_bytes=new.predicted_peak_bytes)
 
     def _infer(self, *args, **kwargs):

@@ -141,6 +141,10 @@ def test_shapes_that_change_the_structure_are_planned_again():
     assert entry.how == "replanned"
     assert entry.plan.budget_bytes == p.budget_bytes and entry.plan.fingerprint != p.fingerprint
     assert measured_step_peak(wrapped, planned_model, small) <= p.budget_bytes
+    # a plan whose budget counts the optimizer step is not re-planned without it
+    with_opt = runtime.apply(model, planner.plan(model, 0.9 * full / planner.GiB, (x,), optimizer="sgd"))
+    with pytest.raises(runtime.PlanMismatch, match="optimizer step.*plan for these shapes"):
+        with_opt(*small)
 
 
 def test_gpt2_at_a_shorter_sequence_reuses_the_decisions():
