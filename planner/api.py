@@ -34,6 +34,7 @@ from .plan_type import DistributedInfo, GiB, ModelInfo, Plan, SolverInfo
 from .problem import OBJECTIVES, Problem, build_problem, rank_key
 from .search import lowest_plan, search_ilp
 from .sqrt import solve_sqrt
+from .trim import as_run
 
 __all__ = [
     "plan",
@@ -442,32 +443,35 @@ def _solve(prob: Problem, budget_bytes: int, device_type: str, *, solver: str, t
     ``"ilp"`` sqrt(L)'s plan only when the ILP found none. When none fits, the
     lowest plan if it fits, else :class:`BudgetTooSmall` with the minimum budget."""
     usable = usable_bytes(budget_bytes, device_type)
+    search = prob.unarranged()  # the solvers search the graphs as split; the plan found is then arranged
     best: tuple[Evaluation, SolverInfo] | None = None
     _log(progress, "trying sqrt(L) segments")
-    sq = solve_sqrt(prob, usable)
+    sq = solve_sqrt(search, usable)
     sq_found = None
     if sq.evaluation is not None:
         sq_info = SolverInfo(name="sqrt", status=f"{sq.status}, {sq.segments} segments", seconds=sq.seconds, calls=len(sq.tried))
         sq_found = (sq.evaluation, sq_info)
-    blocks = block_solver(prob, always=solver == "blocks") if solver in ("auto", "blocks") else None
+    blocks = block_solver(search, always=solver == "blocks") if solver in ("auto", "blocks") else None
     solve = blocks if blocks is not None else solve_ilp
     if solver in ("ilp", "auto", "blocks"):
         # the exact live intervals of a plan that fits: a good start
         memory = refine(prob.memory, sq.evaluation) if sq.evaluation is not None else prob.memory
         _log(progress, "solving ILP" + (f" ({blocks.describe()})" if blocks is not None else ""))
-        best = _named(search_ilp(prob, usable, time_limit_s, start=sq.evaluation, memory=memory, solve=solve), blocks)
+        best = _named(search_ilp(search, usable, time_limit_s, start=sq.evaluation, memory=memory, solve=solve), blocks)
     if sq_found is not None and (solver == "sqrt" or best is None or (solver == "auto" and prob.rank(sq_found[0]) < prob.rank(best[0]))):
         best = sq_found
-    if best is not None:
-        return best
+    run = None if best is None else as_run(prob, best, usable, trimmed=solver != "sqrt")
+    if run is not None:
+        return run
     _log(progress, "no plan fits; computing the minimum budget")
     # the flat ILP's lowest plan, as minimum_budget_bytes finds it: the block ILP's copies
     # sharing decisions may not reach as low
-    low_ev, low_info = _named(lowest_plan(prob, time_limit_s), None)
-    if low_ev.sim.peak_bytes <= usable:
-        return low_ev, low_info
-    bound = peak_lower_bound(prob) if backend_name() == "highs" else None
-    raise BudgetTooSmall(budget_bytes, budget_for(low_ev.sim.peak_bytes, device_type),
+    low_ev, low_info = _named(lowest_plan(search, time_limit_s), None)
+    run = as_run(prob, (low_ev, low_info), usable, trimmed=solver != "sqrt")
+    if run is not None:
+        return run
+    bound = peak_lower_bound(search) if backend_name() == "highs" else None
+    raise BudgetTooSmall(budget_bytes, budget_for(prob.evaluate(low_ev.recompute).sim.peak_bytes, device_type),
                          None if bound is None else budget_for(int(bound), device_type))
 
 
@@ -489,4 +493,6 @@ def minimum_budget_bytes(gp_or_problem: GraphProfile | Problem, *, time_limit_s:
     else:
         device_type = allocator_device_type(gp_or_problem)
         prob = build_problem(gp_or_problem, granularity=granularity(device_type))
-    return budget_for(lowest_plan(prob, time_limit_s)[0].sim.peak_bytes, device_type)
+    # the lowest plan the solvers find on the graphs as split, as the runtime runs it (arranged)
+    low = lowest_plan(prob.unarranged(), time_limit_s)[0]
+    return budget_for(prob.evaluate(low.recompute).sim.peak_bytes, device_type)

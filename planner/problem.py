@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import operator
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import torch.fx as fx
@@ -28,7 +28,8 @@ from .distributed import EngineBytes
 from .evaluation import Evaluation
 from .executor import recompute_costs
 from .memory_model import MemoryModel, build_memory_model
-from .schedule import fast_schedule
+from .order import arrange
+from .schedule import Schedule, fast_schedule
 from .simulate import simulate
 from .training_loop import TrainingLoop
 
@@ -73,18 +74,24 @@ class Problem:
     #: the optimizer (:mod:`planner.training_loop`; None: the model returns its loss,
     #: gradients start as None, no optimizer step).
     loop: TrainingLoop | None = None
-    #: Evaluations by recompute set: a memo, shared by the problems derived from
-    #: this one (an evaluation does not depend on the objective).
+    #: Whether each schedule is arranged for memory as the runtime runs it
+    #: (reordered, buffers reused: :func:`planner.order.arrange`). The solvers search
+    #: on the problem with ``arrange=False`` (:meth:`unarranged`: the graphs as split),
+    #: and the plan they choose is evaluated arranged (:func:`planner.trim.as_run`).
+    arrange: bool = True
+    #: Evaluations by recompute set and ``arrange``, and arranged schedules: a memo,
+    #: shared by the problems derived from this one (neither depends on the objective).
     evaluations: dict = field(default_factory=dict, repr=False)
 
     # -- exact evaluation -------------------------------------------------
     def evaluate(self, recompute) -> Evaluation:
-        """Split the joint graph for ``recompute`` and simulate it exactly."""
+        """Split the joint graph for ``recompute`` and simulate it exactly, arranged
+        as the runtime runs it when ``self.arrange`` (:meth:`arranged`)."""
         key = frozenset(recompute)
-        if key in self.evaluations:
-            return self.evaluations[key]
-        sched = fast_schedule(self.gp.joint, key)
-        sim = simulate(self.gp, sched, granularity=self.granularity, engine=self.engine, loop=self.loop)
+        if (key, self.arrange) in self.evaluations:
+            return self.evaluations[(key, self.arrange)]
+        sched, profile = self.arranged(key)
+        sim = simulate(profile, sched, granularity=self.granularity, engine=self.engine, loop=self.loop)
         calls = [n for n in sched.backward.nodes if n[1] == "call_function"]
         recomputed = tuple(name for name, _, _ in calls if name in self.own_bytes)
         ev = Evaluation(
@@ -97,8 +104,28 @@ class Problem:
             bwd_order=tuple(name for name, _, _ in calls),
             bwd_inputs={name: inputs for name, _, inputs in calls},
         )
-        self.evaluations[key] = ev
+        self.evaluations[(key, self.arrange)] = ev
         return ev
+
+    def unarranged(self) -> "Problem":
+        """This problem with the split's graphs simulated as ``split_joint`` emits them
+        (what the solvers search on: each evaluation is cheap, and arranging only
+        lowers the peak of the graphs without op temporaries), sharing the evaluation memo."""
+        return self if not self.arrange else replace(self, arrange=False)
+
+    def arranged(self, recompute: frozenset[str]) -> tuple[Schedule, GraphProfile]:
+        """The schedule the runtime runs for ``recompute`` and the profile to simulate
+        it with: the split's node orders (:func:`fast_schedule` gives those of the
+        graphs ``split_joint`` builds, without building them), arranged for memory by
+        :func:`planner.order.arrange` when ``self.arrange``."""
+        if not self.arrange:
+            return fast_schedule(self.gp.joint, recompute), self.gp
+        key = ("arranged", frozenset(recompute))
+        if key not in self.evaluations:
+            sched = fast_schedule(self.gp.joint, recompute)
+            arr = arrange(self.gp, sched, granularity=self.granularity, engine=self.engine)
+            self.evaluations[key] = (arr.schedule, arr.profile)
+        return self.evaluations[key]
 
     def rank(self, ev: Evaluation) -> tuple:
         """Sort key of a fitting plan under the objective: lower is better."""
@@ -121,10 +148,8 @@ class Problem:
     def timeline(self, recompute) -> list[tuple[str, str, int]]:
         """Predicted live bytes after each node of forward then backward, as
         ``(phase, node, bytes)``, for ``recompute``."""
-        # fast_schedule gives the node orders of the graphs split_joint builds
-        # (tests/test_schedule.py), without building them.
-        sim = simulate(self.gp, fast_schedule(self.gp.joint, frozenset(recompute)), granularity=self.granularity,
-                       timeline=True, engine=self.engine, loop=self.loop)
+        sched, profile = self.arranged(frozenset(recompute))
+        sim = simulate(profile, sched, granularity=self.granularity, timeline=True, engine=self.engine, loop=self.loop)
         return [(p.phase, p.node, p.live_bytes) for p in sim.timeline]
 
     def decisions_of(self, ev: Evaluation) -> tuple[frozenset[str], frozenset[str]]:
@@ -205,6 +230,8 @@ def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "t
         objective=objective,
         engine=engine,
         loop=loop,
+        # Inductor orders and reuses buffers itself: the runtime arranges only what runs op by op
+        arrange=gp.joint.executor == "eager",
     )
 
 

@@ -61,9 +61,11 @@ def search_ilp(
     ``start`` (sqrt(L)'s plan) fits, the rows overestimate: the internal budget is
     loosened once by their error on ``start``. Returns the cheapest fitting
     solution, or None. ``solve``: the ILP, :func:`planner.ilp.solve_ilp` or one with
-    its interface (:class:`planner.block_ilp.BlockIlp`).
+    its interface (:class:`planner.block_ilp.BlockIlp`). On the graphs as split
+    (:meth:`Problem.unarranged`), which the ILP's rows describe.
     """
     t0 = time.perf_counter()
+    prob = prob.unarranged()
     memory = memory if memory is not None else prob.memory
     rows: frozenset[int] = frozenset()
     best: Evaluation | None = None
@@ -126,8 +128,9 @@ def lowest_plan(prob: Problem, time_limit_s: float, *, solve=solve_ilp) -> tuple
     """The lowest-peak plan found by the ILP (minimising memory, several paths) and
     sqrt(L). The same whatever was solved before, and whatever the objective (the ILP
     breaks ties between equally low peaks by recompute time). ``solve``: as for
-    :func:`search_ilp`."""
+    :func:`search_ilp`. On the graphs as split (:meth:`Problem.unarranged`)."""
     start = time.perf_counter()
+    prob = prob.unarranged()
     options: list[tuple[Evaluation, str]] = []
     sq = solve_sqrt(prob, None)
     if sq.evaluation is not None:

@@ -53,6 +53,10 @@ class SimResult:
     static_bytes: int
     #: Live bytes after each node, when asked for (``simulate(..., timeline=True)``).
     timeline: tuple[TimelinePoint, ...] = ()
+    #: Storage ids live at the peak besides parameters, buffers and inputs, when asked
+    #: for (``simulate(..., track_peak=True)``: what :func:`planner.order.improve_order`
+    #: tries to free or delay there).
+    peak_storages: frozenset[int] = frozenset()
 
 
 #: ``SimResult.peak_node`` when the peak is the gradient reduction after backward.
@@ -77,11 +81,16 @@ def held_tangents(gp: GraphProfile) -> frozenset[str]:
     return frozenset(held)
 
 
+class _Stopped(Exception):
+    """Raised inside a simulation when a point reaches its ``stop_at`` bytes."""
+
+
 class _Liveness:
     """The simulation's state: reference counts of live storages, the live bytes,
     and the peak so far."""
 
-    def __init__(self, gp: GraphProfile, granularity: int, engine: EngineBytes | None, timeline: bool, held: int):
+    def __init__(self, gp: GraphProfile, granularity: int, engine: EngineBytes | None, timeline: bool, held: int,
+                 track: bool = False, stop_at: int | None = None):
         self.info = gp.nodes
         self.sizes = [round_bytes(b, granularity) for b in gp.storage_bytes]
         self.static = set(gp.static_storages)
@@ -95,6 +104,11 @@ class _Liveness:
         # the loss runs after forward returns: FSDP2's root has freed its all-gather output then
         self.extra["loss"] = self.extra["backward"]
         self.peak, self.peak_node, self.peak_phase = 0, "", ""
+        self.peak_storages: frozenset[int] = frozenset()
+        #: Whether ``peak_storages`` is recorded at each new peak.
+        self.track = track
+        #: Bytes at which the simulation stops (None: it runs to the end).
+        self.stop_at = stop_at
         self.points: list[TimelinePoint] | None = [] if timeline else None
 
     def acquire(self, storages) -> None:
@@ -124,6 +138,14 @@ class _Liveness:
             self.points.append(TimelinePoint(phase=phase, node=name, live_bytes=total))
         if total > self.peak:
             self.peak, self.peak_node, self.peak_phase = total, name, phase
+            if self.track:
+                self.peak_storages = self.live_storages()
+            if self.stop_at is not None and total >= self.stop_at:
+                raise _Stopped()
+
+    def live_storages(self) -> frozenset[int]:
+        """Storage ids live now besides parameters, buffers and inputs."""
+        return frozenset(s for s, c in self.refs.items() if c > 0)
 
     def run(self, order: GraphOrder, phase: str) -> list[str]:
         """Run one graph: allocate each node's storages, free each value after its
@@ -153,29 +175,44 @@ def simulate(
     *,
     granularity: int = 1,
     timeline: bool = False,
+    track_peak: bool = False,
+    stop_at: int | None = None,
     engine: EngineBytes | None = None,
     loop: TrainingLoop | None = None,
 ) -> SimResult:
     """Simulate the step and return its peak of live bytes (per rank with ``engine``;
-    with the training loop's loss, held gradients and optimizer with ``loop``)."""
+    with the training loop's loss, held gradients and optimizer with ``loop``).
+    With ``stop_at`` the simulation stops at the first point of at least that many
+    bytes, whose bytes are then the result's ``peak_bytes`` (for a search that only
+    asks whether a step stays below a level)."""
     loop = loop or TrainingLoop()
-    state = _Liveness(gp, granularity, engine, timeline, loop.held_bytes)
-    fwd_out = state.run(schedule.forward, "forward")
-    _hand_over(state, gp, schedule, fwd_out, loop)
-    bwd_out = state.run(schedule.backward, "backward")
-    if engine is not None and state.level + loop.held_bytes + engine.end > state.peak:
-        state.peak, state.peak_node, state.peak_phase = state.level + loop.held_bytes + engine.end, END_OF_BACKWARD, "backward"
-    if loop.has_optimizer:
-        grads = {s for name in bwd_out for s in state.info[name].storages} - state.static
-        level = state.static_bytes + state.live
-        state.point(OPTIMIZER_STEP, "optimizer", loop.optimizer_peak(level, sum(state.sizes[s] for s in grads)))
+    state = _Liveness(gp, granularity, engine, timeline, loop.held_bytes, track_peak, stop_at)
+    try:
+        _run_step(state, gp, schedule, engine, loop)
+    except _Stopped:
+        pass
     return SimResult(
         peak_bytes=state.peak,
         peak_node=state.peak_node,
         peak_phase=state.peak_phase,
         static_bytes=state.static_bytes,
         timeline=tuple(state.points or ()),
+        peak_storages=state.peak_storages,
     )
+
+
+def _run_step(state: _Liveness, gp: GraphProfile, schedule: Schedule, engine: EngineBytes | None, loop: TrainingLoop) -> None:
+    """Forward, the hand-over, backward, the gradient reduction and the optimizer step."""
+    fwd_out = state.run(schedule.forward, "forward")
+    _hand_over(state, gp, schedule, fwd_out, loop)
+    bwd_out = state.run(schedule.backward, "backward")
+    if engine is not None and state.level + loop.held_bytes + engine.end > state.peak:
+        state.peak, state.peak_node, state.peak_phase = state.level + loop.held_bytes + engine.end, END_OF_BACKWARD, "backward"
+        state.peak_storages = state.live_storages() if state.track else frozenset()
+    if loop.has_optimizer:
+        grads = {s for name in bwd_out for s in state.info[name].storages} - state.static
+        level = state.static_bytes + state.live
+        state.point(OPTIMIZER_STEP, "optimizer", loop.optimizer_peak(level, sum(state.sizes[s] for s in grads)))
 
 
 def _hand_over(state: _Liveness, gp: GraphProfile, schedule: Schedule, fwd_out: list[str], loop: TrainingLoop) -> None:

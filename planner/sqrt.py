@@ -124,8 +124,10 @@ def _candidate_sets(prob: Problem, points: list[str]) -> list[list[str]]:
 
 
 def solve_sqrt(prob: Problem, budget_bytes: float | None) -> SqrtResult:
-    """Cheapest sqrt(L)-style plan within ``budget_bytes`` (or the lowest peak when None)."""
+    """Cheapest sqrt(L)-style plan within ``budget_bytes`` (or the lowest peak when None),
+    on the graphs as split (:meth:`Problem.unarranged`)."""
     start = time.perf_counter()
+    prob = prob.unarranged()
     points = articulation_points(prob)
     tried = []
     best_fit: tuple[tuple, Evaluation, int] | None = None

@@ -31,6 +31,7 @@ from torch import nn
 from planner import plan as plan_model
 from planner import LoopNotResimulated, resimulate
 from planner.deepspeed_config import DeepSpeedSettings
+from planner.distributed import from_record
 from planner.plan_type import GiB, Plan
 from profiles import available_targets
 from profiles._torch_private import (
@@ -42,7 +43,7 @@ from profiles._torch_private import (
     make_boxed,
     no_ddp_graph_split,
 )
-from profiles.allocator import graph_device_type
+from profiles.allocator import granularity, graph_device_type
 from profiles.autocast_state import autocast_mismatch, step_autocast
 from profiles.capture import prepare_joint
 from profiles.executors import EXECUTORS, unwrap_compiled
@@ -57,6 +58,7 @@ from profiles.signature import (
     structure_fingerprint,
 )
 
+from .arrange import arrange_graphs
 from .distributed import check_wrapping
 from .inductor import PlanPartitioner, compile_inference, compile_planned, compiling, plans_key
 from .partition import split_joint
@@ -172,6 +174,10 @@ class PlannedModule(nn.Module):
                         BudgetWarning,
                         stacklevel=2,
                     )
+            if self.executor == "eager":  # as the planner simulated it (Inductor orders the graphs itself)
+                fwd, bwd = arrange_graphs(joint, num_fwd_outputs, fwd, bwd, dropout=use.dropout,
+                                          granularity=granularity(graph_device_type(joint)),
+                                          engine=from_record(use.distributed))
             graphs.append((fwd, bwd))
             return fwd, bwd
 

@@ -37,8 +37,10 @@ def prob(request):
 def test_linear_model_of_the_no_recompute_step_is_close_to_exact(prob):
     """With nothing recomputed the live intervals are known exactly; the linear
     model must then agree with the simulator (it once held every BatchNorm output
-    for the whole step, 40% over)."""
-    ev = prob.evaluate(frozenset())
+    for the whole step, 40% over). The model describes the partition's graphs; the
+    runtime then arranges them for memory (planner.order.arrange), which the exact
+    simulation of the chosen plan accounts for."""
+    ev = prob.unarranged().evaluate(frozenset())
     model = prob.model_peak_of(ev)
     assert abs(model - ev.sim.peak_bytes) <= 0.03 * ev.sim.peak_bytes, (model, ev.sim.peak_bytes)
 
