@@ -99,7 +99,7 @@ def single():
     return model, planner.plan(model, 1.0, _inputs(0)).baseline_peak_bytes
 
 
-@pytest.mark.parametrize("sharding, fraction", [("ddp", 0.75), ("fsdp", 0.68)])
+@pytest.mark.parametrize("sharding, fraction", [("ddp", 0.75), ("fsdp", 0.64)])
 def test_planned_module_trains_under_engine_within_budget(single, sharding, fraction, tmp_path):
     model, baseline = single
     engine = engine_bytes(model, Distributed(world_size=WORLD, sharding=sharding, optimizer="adamw"))
