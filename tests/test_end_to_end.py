@@ -42,21 +42,24 @@ CASES = {"residual": _residual, "tied": _tied, "gpt2": _gpt2}
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request):
+    """The model, its inputs, eager's measured peak, the planner's minimum, and the step
+    captured once (``planner.prepare``: the plans ``planner.plan`` makes, at any budget)."""
     model, inputs = CASES[request.param]()
     model.train()
     probe = copy.deepcopy(model)
     eager_peak = measured_step_peak(probe, probe, inputs)
-    with pytest.raises(planner.BudgetTooSmall) as info:
-        planner.plan(model, 1e-6, inputs)
-    return request.param, model, inputs, eager_peak, info.value.min_budget_bytes
+    with planner.prepare(model, inputs) as step:
+        with pytest.raises(planner.BudgetTooSmall) as info:
+            step.plan(1024)
+        yield request.param, model, inputs, eager_peak, info.value.min_budget_bytes, step
 
 
 @pytest.mark.parametrize("fraction", [1.0, 0.6, 0.4, "min"])
 def test_plan_is_exact_and_within_budget(case, fraction):
-    name, model, inputs, eager_peak, min_budget = case
+    name, model, inputs, eager_peak, min_budget, step = case
     budget = min_budget if fraction == "min" else int(eager_peak * fraction)
     assert budget >= min_budget, f"{name}: {fraction} of eager's peak is below the planner's minimum ({min_budget / eager_peak:.0%})"
-    p = planner.plan(model, budget / planner.GiB, inputs)
+    p = step.plan(budget)
     assert p.predicted_peak_bytes <= p.budget_bytes
     wrapped, planned_model = assert_same_step(model, lambda m: runtime.apply(m, p), inputs)
     measured = measured_step_peak(wrapped, planned_model, inputs)
@@ -72,13 +75,13 @@ def test_plan_is_exact_and_within_budget(case, fraction):
 
 
 def test_minimum_is_below_forty_percent_and_consistent(case):
-    name, model, inputs, eager_peak, min_budget = case
+    name, model, inputs, eager_peak, min_budget, step = case
     assert min_budget < 0.4 * eager_peak, f"{name}: minimum {min_budget} vs eager {eager_peak}"
     # Just below the reported minimum: either the same error and minimum, or (the
     # minimum is the lowest peak found, not a proof) a plan that still fits.
     budget = int(0.99 * min_budget)
     try:
-        p = planner.plan(model, budget / planner.GiB, inputs)
+        p = step.plan(budget)
     except planner.BudgetTooSmall as e:
         assert e.min_budget_bytes == min_budget
         assert f"{min_budget / planner.GiB:.4f}" in str(e)
