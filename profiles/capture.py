@@ -19,6 +19,7 @@ from .dropout_pass import rewrite_dropout
 from .executors import check_executor, recording_backend
 from .joint import CaptureError, JointGraph, mutated_primals
 from .meta import capture_meta, uses_meta
+from .norm_dtypes import record_layer_norm_stat_dtypes
 from .signature import check_input_devices, graph_fingerprint, node_digests, structure_fingerprint
 
 __all__ = ["capture", "normalize_inputs", "prepare_joint", "with_dropout", "state_kept"]
@@ -62,6 +63,7 @@ def prepare_joint(gm: fx.GraphModule, *, dropout: str = "mask", num_fwd_outputs:
         for node in gm.graph.find_nodes(op="placeholder"):
             if node.name in mutated:
                 node.meta["saved_tensor_with_no_vc_check"] = True
+    record_layer_norm_stat_dtypes(gm)
     return rewrite_dropout(gm, dropout)
 
 

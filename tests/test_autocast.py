@@ -152,3 +152,49 @@ def test_bf16_parameters_with_dropout_are_exact_and_refused_under_autocast(capfd
     with pytest.raises(runtime.AutocastMismatch, match=r'made without autocast but this training step runs under '
                        r'torch.autocast\("cpu", dtype=torch.bfloat16\).*plan again'):
         _step(runtime.apply(model, p), inputs, torch.bfloat16, _NO_SCALER)
+
+
+class _NormedMLP(torch.nn.Module):
+    """Linear layers with an fp32 LayerNorm between them: under CPU bf16 autocast each
+    LayerNorm takes a bf16 input with fp32 weights (mean and rstd come back in fp32)."""
+
+    def __init__(self, d: int = 64, layers: int = 4):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d)) for _ in range(layers)
+        )
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(layers))
+
+    def forward(self, x):
+        for block, norm in zip(self.blocks, self.norms):
+            x = x + block(norm(x))
+        return x.float().square().mean()
+
+
+def test_bf16_autocast_layer_norm_statistics_are_counted_as_the_cpu_kernel_returns_them():
+    """The CPU kernel returns a mixed-precision LayerNorm's mean and rstd in fp32 (the
+    traced graph says bf16): the plan counts them so, measures its op temporaries
+    without failing, and predicts the measured peak."""
+    torch.manual_seed(0)
+    model, x = _NormedMLP(), torch.randn(512, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        joint = capture(model, (x,))
+    stats = [n for n in joint.gm.graph.nodes if n.target is torch.ops.aten.native_layer_norm.default]
+    assert stats and all(n.meta["val"][1].dtype == torch.float32 for n in stats)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = planner.plan(model, 1.0, (x,))  # the suite runs with warnings as errors: no unmeasured temporaries
+        p = planner.plan(model, (full.static_bytes + 0.6 * (full.baseline_peak_bytes - full.static_bytes)) / planner.GiB, (x,))
+    assert p.recomputed
+    wrapped = runtime.apply(model, p)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = wrapped(x)
+        loss.backward()
+
+    step()
+    model.zero_grad(set_to_none=True)
+    peak, _ = measure_peak(step)
+    measured = static_bytes(model, (x,)) + peak
+    assert measured <= p.budget_bytes and abs(measured - p.predicted_peak_bytes) <= 0.05 * measured, (
+        measured, p.predicted_peak_bytes, p.budget_bytes)
