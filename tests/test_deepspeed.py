@@ -18,6 +18,8 @@ other tests read configs and count bytes, without DeepSpeed.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -218,3 +220,18 @@ def test_cli_plans_for_the_tutorial_config(tmp_path, capsys):
     assert d.end_bytes > 500_000_000 * 4  # DeepSpeed's default reduce bucket: 5e8 fp32 elements, whatever is checkpointed
     assert main(["plan", factory, "--budget-gb", "1", "--deepspeed", str(EXAMPLES / "ds_config.json"), "-q"]) == 2
     assert "does not fix the number of ranks" in capsys.readouterr().err
+
+
+@pytest.mark.deepspeed
+def test_trainer_with_deepspeed_argument_equals_the_unplanned_trainer():
+    """``examples/deepspeed_tutorial/trainer_gpt2.py``: ``transformers.Trainer(args=TrainingArguments(deepspeed=config))``
+    with ``plan_trainer(trainer, budget, deepspeed=config)`` (ZeRO-2, one process) recomputes and ends with the
+    weights of the same Trainer without a plan."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install -e '.[deepspeed]'")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(EXAMPLES.parents[1])}
+    r = subprocess.run([sys.executable, str(EXAMPLES / "trainer_gpt2.py")], capture_output=True, text=True,
+                       timeout=600, env=env, cwd=EXAMPLES)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    recomputed = int(r.stdout.split("plan: ")[1].split(" values recomputed")[0])
+    assert recomputed > 0, r.stdout
+    assert "weights after 2 steps: equal to the Trainer without a plan" in r.stdout
