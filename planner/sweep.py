@@ -170,6 +170,7 @@ def sweep(
     the loss outside the model, as :func:`planner.plan` takes it (counted at every budget)."""
     say = log or (lambda msg: None)
     kw = dict(solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time, loss_fn=loss_fn)
+    budgets = None
     if budgets_gb is not None:
         budgets = [api.check_budget(b) for b in budgets_gb]
         if not budgets:
@@ -177,8 +178,7 @@ def sweep(
     elif isinstance(points, bool) or not isinstance(points, int) or points < 2:
         raise ValueError(f"points must be a whole number of at least 2, not {points!r}")
     with api.prepare(model, example_inputs, **kw) as step:
-        return _sweep(step, budgets if budgets_gb is not None else None, points, say,
-                      model_class=type(model).__name__, solver=solver)
+        return _sweep(step, budgets, points, say, model_class=type(model).__name__, solver=solver)
 
 
 def _sweep(step: api.PreparedStep, budgets: list[int] | None, points: int, say: Callable[[str], None], *,

@@ -168,15 +168,16 @@ def graph_break_info(exc: BaseException) -> dict | None:
     their ``real_stack`` of user frames are the only place the location is kept."""
     from torch._dynamo.exc import Unsupported, UserError
 
-    seen = exc
-    while seen is not None and not isinstance(seen, Unsupported):
-        seen = seen.__cause__
-    if seen is None:
+    def first(match):
         seen = exc
-        while seen is not None and not (isinstance(seen, UserError) and getattr(seen, "real_stack", None)):
+        while seen is not None and not match(seen):
             seen = seen.__cause__
-        if seen is None:
-            return None
+        return seen
+
+    seen = first(lambda e: isinstance(e, Unsupported)) or first(
+        lambda e: isinstance(e, UserError) and bool(getattr(e, "real_stack", None)))
+    if seen is None:
+        return None
     stack = list(getattr(seen, "real_stack", None) or [])
     frame = stack[-1] if stack else None
     text = str(seen)
