@@ -46,6 +46,11 @@ _SDPA = F.scaled_dot_product_attention
 _SDPA_PARAMS = (("attn_mask", None), ("dropout_p", 0.0), ("is_causal", False), ("scale", None), ("enable_gqa", False))
 #: Parts of op names that draw random numbers: a mask built from them is never treated as a constant.
 _RANDOM_WORDS = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "poisson", "exponential", "cauchy")
+#: The in-place operators of the ``operator`` module, as dynamo records ``x += y`` and ``x[i] = y``.
+_OPERATOR_IN_PLACE = frozenset({
+    "setitem", "delitem", "iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior",
+    "ixor", "ilshift", "irshift", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__iand__", "__ior__", "__ixor__",
+})
 #: ``x[:, :, None, :, :]``: the index of ``repeat_kv``'s new axis.
 _NEW_AXIS = (slice(None), slice(None), None, slice(None), slice(None))
 
@@ -61,9 +66,24 @@ def _sdpa_kwargs(node: fx.Node) -> dict[str, Any] | None:
     return kw if set(kw) == {name for name, _ in _SDPA_PARAMS} else None
 
 
+def _mutates(node: fx.Node) -> bool:
+    """Whether ``node`` writes into one of its arguments (``x.add_(y)``, ``x[i] = y``, ``x += y``)."""
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+            return name in _OPERATOR_IN_PLACE
+    else:
+        return False
+    return name in _OPERATOR_IN_PLACE or name in ("__setitem__", "copy_") or (
+        name.endswith("_") and not name.endswith("__"))
+
+
 def _cone(node: fx.Node) -> list[fx.Node] | None:
     """The nodes ``node`` is computed from, in graph order, when they are all calls that
-    read no graph input, no attribute and nothing random; None otherwise."""
+    read no graph input, no attribute and nothing random, and nothing writes into what
+    they compute before the attention calls read it; None otherwise."""
     seen: set[fx.Node] = set()
     stack = [node]
     while stack:
@@ -77,6 +97,18 @@ def _cone(node: fx.Node) -> list[fx.Node] | None:
         if any(word in name.lower() for word in _RANDOM_WORDS):
             return None
         stack.extend(n.all_input_nodes)
+    # what reads the cone, up to the attention calls (whose outputs alias nothing of it):
+    # an in-place write there may change the mask after the values the cone computes
+    reached, stack = set(), list(seen)
+    while stack:
+        n = stack.pop()
+        if n in reached:
+            continue
+        reached.add(n)
+        if _mutates(n):
+            return None
+        if not (n.op == "call_function" and n.target is _SDPA):
+            stack.extend(n.users)
     return [n for n in node.graph.nodes if n in seen]
 
 
@@ -168,7 +200,9 @@ def _rewrite(node: fx.Node, causal: dict[tuple, list[fx.Node] | None]) -> bool:
     elif mask is not None:
         return False
     rep_k, rep_v = _unrepeated(key), _unrepeated(value)
-    if rep_k is not None and rep_v is not None and rep_k[1] == rep_v[1]:
+    q, k = _shape(query), _shape(key)
+    if (rep_k is not None and rep_v is not None and rep_k[1] == rep_v[1]
+            and q is not None and k is not None and len(q) == 4 and q[:2] == k[:2]):
         dead += [key, value, key.args[0], value.args[0], key.args[0].args[0], value.args[0].args[0]]
         key, value = rep_k[0], rep_v[0]
         kw["enable_gqa"] = True

@@ -94,21 +94,24 @@ def test_padding_mask_is_left_alone():
 
 
 class _Masked(torch.nn.Module):
-    """Attention under a constant mask built in forward: ``tril(diagonal)`` or its transpose."""
+    """Attention under a constant mask built in forward: ``tril(diagonal)``, its transpose,
+    or ``tril()`` with one entry then cleared in place."""
 
-    def __init__(self, diagonal: int, transpose: bool = False):
+    def __init__(self, diagonal: int = 0, transpose: bool = False, written: bool = False):
         super().__init__()
-        self.diagonal, self.transpose = diagonal, transpose
+        self.diagonal, self.transpose, self.written = diagonal, transpose, written
 
     def forward(self, q, k, v):
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril(self.diagonal)
+        if self.written:
+            mask[-1, 0] = False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.T if self.transpose else mask)
 
 
-@pytest.mark.parametrize("diagonal, transpose, rewritten", [(0, False, 1), (-1, False, 0), (0, True, 0)])
-def test_only_the_causal_mask_is_rewritten(diagonal, transpose, rewritten):
+@pytest.mark.parametrize("kind, rewritten", [({}, 1), ({"diagonal": -1}, 0), ({"transpose": True}, 0), ({"written": True}, 0)])
+def test_only_the_causal_mask_is_rewritten(kind, rewritten):
     q, k, v = (torch.randn(2, 4, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    model = _Masked(diagonal, transpose)
+    model = _Masked(**kind)
     counts = []
     out = _compiled_counting(model, counts)(q, k, v)
     assert counts == [rewritten]
