@@ -113,9 +113,9 @@ def _cone(node: fx.Node) -> list[fx.Node] | None:
 
 
 def _evaluate(nodes: list[fx.Node]) -> Any:
-    """Run ``nodes`` (a cone from :func:`_cone`) on real tensors; the last one's value."""
+    """Run ``nodes`` (a cone from :func:`_cone`); the last one's value."""
     env: dict[fx.Node, Any] = {}
-    with real_tensors(), torch.no_grad():
+    with torch.no_grad():
         for n in nodes:
             args, kwargs = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, (n.args, n.kwargs))
             if n.op == "call_method":
@@ -191,7 +191,8 @@ def _rewrite(node: fx.Node, causal: dict[tuple, list[fx.Node] | None]) -> bool:
         seen = (mask, _shape(query), _shape(key))
         if seen not in causal:
             cone = _cone(mask)
-            causal[seen] = cone if cone is not None and _is_causal_mask(_evaluate(cone), query, key) else None
+            with real_tensors():  # a meta model is captured inside a fake mode
+                causal[seen] = cone if cone is not None and _is_causal_mask(_evaluate(cone), query, key) else None
         cone = causal[seen]
         if cone is None:
             return False
