@@ -46,7 +46,7 @@ import planner  # noqa: E402
 import runtime  # noqa: E402
 from planner.api import minimum_budget_bytes  # noqa: E402
 from planner.problem import build_problem  # noqa: E402
-from planner.schedule import fast_schedule  # noqa: E402
+from planner.joint_index import fast_schedule  # noqa: E402
 from profiles import capture, measure_peak, profile_graph, storage_bytes  # noqa: E402
 
 MiB = 2**20
