@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from .causal_sdpa import with_causal_sdpa
 from ._torch_private import (
     CustomPartitionerFn,
     aot_autograd,
@@ -104,7 +105,8 @@ def recording_backend(recorded: dict, executor: str, options: dict | None) -> Ca
     """A ``torch.compile`` backend that records, in ``recorded``, the joint graph
     (``"joint"``), its number of forward outputs (``"num_fwd_outputs"``) and the
     tensors the forward graph is first called with (``"primals"``): AOTAutograd's
-    joint graph for ``"eager"``, Inductor's (its graph passes with ``options``, no
+    joint graph for ``"eager"`` (attention first given back its causal flag and grouped
+    heads, :mod:`profiles.causal_sdpa`), Inductor's (its graph passes with ``options``, no
     code generated) for ``"inductor"``. The forward graph runs op by op. Call it with
     AOTAutograd's cache off (``no_aot_autograd_cache``): a cache hit records nothing."""
     partition = _RecordingPartitioner(recorded, stop=check_executor(executor) == "eager")
@@ -130,4 +132,4 @@ def recording_backend(recorded: dict, executor: str, options: dict | None) -> Ca
         recorded["backend_inputs"] = list(example_inputs)
         return aot(gm, example_inputs)
 
-    return backend
+    return with_causal_sdpa(backend)
