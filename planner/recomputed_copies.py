@@ -34,8 +34,11 @@ def recomputed_copies(info: Mapping[str, NodeInfo], order: GraphOrder, live: fro
     out: dict[str, tuple[int, ...]] = {}
     for name, op, inputs in order.nodes:
         storages = info[name].storages
-        if op != "call_function" or not any(s in live for s in storages):
+        if live.isdisjoint(storages) or op != "call_function":
             continue
+        if out.keys().isdisjoint(inputs) and live.intersection(storages).issubset(
+                [t for a in inputs for t in info[a].storages]):
+            continue  # it takes every live storage from an input that is no copy
         from_inputs: dict[int, int] = {}
         for a in inputs:
             for s, t in zip(info[a].storages, out.get(a, info[a].storages)):
