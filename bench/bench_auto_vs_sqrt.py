@@ -88,6 +88,11 @@ def sweep_model(name: str, points: int, ilp_limit: float) -> dict:
     return {"name": name, "title": title, "capture_s": capture_s, "low": low, "top": top, "rows": rows}
 
 
+def _by(asked: str, solver: str) -> str:
+    """A note when ``solver="sqrt"``/``"ilp"`` returned another solver's plan (none of its own fits)."""
+    return "" if asked == "auto" or solver in (asked, "none") else f" [{solver}'s]"
+
+
 def table(results: list[dict], ilp_limit: float) -> str:
     cpu = platform.processor() or platform.machine()
     load = os.getloadavg()
@@ -99,13 +104,14 @@ def table(results: list[dict], ilp_limit: float) -> str:
     for r in results:
         out += [
             f"**{r['title']}**: budgets from {r['low'] / MiB:.1f} MiB (the minimum) to {r['top'] / MiB:.1f} MiB "
-            f"(no recompute). Recompute: estimated seconds (FLOPs over the step's); solver that produced auto's plan.",
+            f"(no recompute). Recompute: estimated seconds (FLOPs over the step's); [ilp's]: `solver=\"sqrt\"` found "
+            "no sqrt(L) plan within the budget and returned the lowest plan the ILP reaches.",
             "",
             "| budget (MiB) | auto | sqrt(L) | flat ILP | auto's solver | auto <= sqrt(L) | no ILP plan 10% cheaper than an auto=sqrt(L) plan |",
             "|---|---|---|---|---|---|---|",
         ]
         for row in r["rows"]:
-            cells = [f"{row[s]['time_s']:.4f} ({row[s]['flops']:.1%})" for s in SOLVERS]
+            cells = [f"{row[s]['time_s']:.4f} ({row[s]['flops']:.1%})" + _by(s, row[s]['solver']) for s in SOLVERS]
             out.append(
                 f"| {row['budget'] / MiB:.1f} | {' | '.join(cells)} | {row['auto']['solver']} | "
                 f"{'yes' if row['auto_not_costlier'] else 'NO'} | {'yes' if row['no_cheaper_ilp_missed'] else 'NO'} |"
