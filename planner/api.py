@@ -26,6 +26,7 @@ from .build import build_plan
 from .deepspeed import deepspeed_engine
 from .distributed import Distributed, EngineBytes, engine_bytes, record
 from .evaluation import Evaluation
+from .executor import warn_unmodelled_layouts
 from .ilp import backend_name, solve_ilp
 from .loop_capture import LoopSetup, check_engine_loop, loop_setup, optimizer_spec
 from .memory_model import refine
@@ -259,6 +260,7 @@ def _capture(model: torch.nn.Module, inputs, *, executor: str, compile_options: 
     _log(progress, f"capturing {type(model).__name__} forward+backward")
     captured = capture(model, inputs, dropout="mask", executor=executor, compile_options=compile_options)
     _log(progress, f"captured {len(captured.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s")
+    warn_unmodelled_layouts(captured)
     return captured
 
 
