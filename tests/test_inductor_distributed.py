@@ -5,7 +5,8 @@ A three-layer ReLU MLP is planned for Inductor per rank (``executor="inductor"``
 budget the planner reaches, so the plan recomputes a matmul and its ReLU. One spawn
 of 2 ranks trains it under DDP, then under FSDP2 (one ``fully_shard`` group), each
 time wrapped around ``runtime.apply(model, plan, compile="inductor")`` exactly as the
-op-by-op plan is wrapped. The reference is the same engine around the eager model
+op-by-op plan is wrapped (FSDP2 also the other way round: ``fully_shard(model)``, then
+the plan applied to it). The reference is the same engine around the eager model
 (no dropout, so eager is exact up to Inductor's own rounding): gradients at two
 steps (the second after an AdamW step) within the tolerance ``test_inductor.py``
 allows Inductor against eager. Inductor compiled the plan's split (backward's saved
@@ -96,6 +97,13 @@ def _worker(rank: int, port: int, plans: dict, out_dir: str) -> None:
                 gc.collect()
             for step in (0, 1):
                 assert_same_grads(ref[step], got[step], f"{sharding}, rank {rank}, step {step + 1}", **TOLERANCE)
+            if sharding == "fsdp":  # fully_shard on the model first, the plan compiled around it, also works
+                inner_model = copy.deepcopy(base)
+                wrap(inner_model, sharding)
+                inner = train(runtime.apply(inner_model, plan, compile="inductor"), inner_model, inputs)
+                for step in (0, 1):
+                    assert_same_grads(ref[step], inner[step], f"fully_shard(model) then apply, rank {rank}, step {step + 1}",
+                                      **TOLERANCE)
             peak, missed = allocator_peak(prof, region=sharding)
             result[sharding] = {"measured": storage_bytes(inputs.values()) + peak, "missed_frees": missed,
                                 "saved": sorted(saved)}
