@@ -46,7 +46,7 @@ import planner  # noqa: E402
 import runtime  # noqa: E402
 from planner.api import minimum_budget_bytes  # noqa: E402
 from planner.problem import build_problem  # noqa: E402
-from planner.schedule import fast_schedule  # noqa: E402
+from planner.joint_index import fast_schedule  # noqa: E402
 from profiles import capture, measure_peak, profile_graph, storage_bytes  # noqa: E402
 
 MiB = 2**20
@@ -204,14 +204,14 @@ def table(rows: list[dict]) -> str:
         return f"{x / MiB:.2f} ({x / e - 1:+.1%})"
 
     head = ("| model | eager MiB | aot_eager (min-cut) | aot_eager default partition | ours before | ours after (measured) "
-            "| zero tangents | saved - eager's saved | recomputed at budget = eager |")
-    lines = [head, "|" + "---|" * 9]
+            "| measured - eager (B) | zero tangents | saved - eager's saved | recomputed at budget = eager |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         e = r["eager"]
         lines.append(
             f"| {r['model']} | {e / MiB:.2f} | {rel(r['aot_eager'], e)} | {rel(r['aot_default'], e)} | "
             f"{rel(r['ours_before'], e)} | {rel(r['ours_after'], e)} ({r['ours_measured'] / MiB:.2f}) | "
-            f"{r['tangent'] / MiB:.2f} | {(r['saved'] - r['saved_eager']) / MiB:+.2f} | {r['recomputed_at_eager']} |"
+            f"{r['ours_measured'] - e:+,} | {r['tangent'] / MiB:.2f} | {(r['saved'] - r['saved_eager']) / MiB:+.2f} | {r['recomputed_at_eager']} |"
         )
     if any("min_before" in r for r in rows):
         lines += ["", "| model | minimum budget before (x eager) | after (x eager) |", "|---|---|---|"]

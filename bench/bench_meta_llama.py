@@ -16,7 +16,8 @@ the activations each decoder layer keeps for backward, counted tensor by tensor
 from the layer's code (see ``by_hand``).
 
     python bench/bench_meta_llama.py [--layers 32] [--batch 1] [--solvers sqrt,auto] [--budget-gb 40]
-                                     [--api auto] [--out FILE]
+                                     [--api auto] [--world-size 8 --sharding fsdp --optimizer adamw]
+                                     [--out FILE]
 
 ``--api auto`` also times the public ``planner.plan(model, 40, inputs,
 target="h100")`` end to end (it captures again).
@@ -127,6 +128,9 @@ def main(argv=None) -> int:
     ap.add_argument("--solvers", default="sqrt,auto", help="comma-separated, solved in this order on one profile")
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--api", metavar="SOLVER", help="also time planner.plan(..., solver=SOLVER) end to end (captures again)")
+    ap.add_argument("--world-size", type=int, default=1, help="with --api: plan one rank of this many")
+    ap.add_argument("--sharding", choices=("ddp", "fsdp"), help="with --api: the data-parallel engine")
+    ap.add_argument("--optimizer", help="with --api: the optimizer step counted in the budget (e.g. adamw)")
     ap.add_argument("--out", help="also write the results as JSON here")
     a = ap.parse_args(argv)
     shape = dict(layers=a.layers, hidden=a.hidden, heads=a.heads, intermediate=a.intermediate, vocab=a.vocab,
@@ -198,8 +202,12 @@ def main(argv=None) -> int:
         del joint, gp
         t0 = time.perf_counter()
         try:
-            p = planner.plan(model, a.budget_gb, inputs, target=a.target, solver=a.api, time_limit_s=a.time_limit)
-            res["api"] = {"solver": a.api, "seconds": time.perf_counter() - t0, "time_source": p.time_source,
+            engine = {"world_size": a.world_size, "sharding": a.sharding} if a.sharding else {}
+            if a.optimizer:
+                engine["optimizer"] = a.optimizer
+            p = planner.plan(model, a.budget_gb, inputs, target=a.target, solver=a.api, time_limit_s=a.time_limit,
+                             **engine)
+            res["api"] = {"solver": a.api, "engine": engine, "seconds": time.perf_counter() - t0, "time_source": p.time_source,
                           "baseline_peak_gib": p.baseline_peak_bytes / GiB, "predicted_peak_gib": p.predicted_peak_bytes / GiB,
                           "plan_solver": f"{p.solver.name}: {p.solver.status}"}
             log(f"planner.plan(solver={a.api!r}) end to end: {res['api']['seconds']:.1f} s, planned "

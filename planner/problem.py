@@ -29,7 +29,8 @@ from .evaluation import Evaluation
 from .executor import recompute_costs
 from .memory_model import MemoryModel, build_memory_model
 from .order import arrange
-from .schedule import Schedule, fast_schedule
+from .joint_index import JointIndex, index_joint, indexed_schedule
+from .schedule import Schedule
 from .simulate import simulate
 from .training_loop import TrainingLoop
 
@@ -63,6 +64,8 @@ class Problem:
     parent: Mapping[str, str]
     #: The ILP's linear memory model with its first interval estimates.
     memory: MemoryModel
+    #: The joint graph as arrays, from which each candidate's schedule is derived.
+    index: JointIndex
     #: Bytes the allocator rounds each block up to (1: exact).
     granularity: int = 1
     #: What the solvers minimise: "time" (recompute seconds) or "flops" (recomputed
@@ -115,14 +118,14 @@ class Problem:
 
     def arranged(self, recompute: frozenset[str]) -> tuple[Schedule, GraphProfile]:
         """The schedule the runtime runs for ``recompute`` and the profile to simulate
-        it with: the split's node orders (:func:`fast_schedule` gives those of the
-        graphs ``split_joint`` builds, without building them), arranged for memory by
+        it with: the split's node orders (:func:`~planner.joint_index.indexed_schedule`
+        gives those of the graphs ``split_joint`` builds, without building them), arranged for memory by
         :func:`planner.order.arrange` when ``self.arrange``."""
         if not self.arrange:
-            return fast_schedule(self.gp.joint, recompute), self.gp
+            return indexed_schedule(self.index, recompute), self.gp
         key = ("arranged", frozenset(recompute))
         if key not in self.evaluations:
-            sched = fast_schedule(self.gp.joint, recompute)
+            sched = indexed_schedule(self.index, recompute)
             arr = arrange(self.gp, sched, granularity=self.granularity, engine=self.engine)
             self.evaluations[key] = (arr.schedule, arr.profile)
         return self.evaluations[key]
@@ -226,6 +229,7 @@ def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "t
         fwd_inputs=fwd_inputs,
         parent=parent,
         memory=memory,
+        index=index_joint(gp.joint),
         granularity=granularity,
         objective=objective,
         engine=engine,

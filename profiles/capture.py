@@ -13,10 +13,16 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
-from ._torch_private import allow_recompiles, backward_without_autocast, copy_graph_module, no_aot_autograd_cache
+from ._torch_private import (
+    allow_recompiles,
+    backend_error_cause,
+    backward_without_autocast,
+    copy_graph_module,
+    no_aot_autograd_cache,
+)
 from .capture_errors import explain_capture_failure
 from .dropout_pass import rewrite_dropout
-from .executors import check_executor, recording_backend
+from .executors import JointRecorded, check_executor, recording_backend
 from .joint import CaptureError, JointGraph, mutated_primals
 from .meta import capture_meta, uses_meta
 from .norm_dtypes import record_layer_norm_stat_dtypes
@@ -95,10 +101,11 @@ state_kept = _state_kept
 
 def _record_step(model: torch.nn.Module, args: tuple, kwargs: dict, executor: str = "eager",
                  options: dict | None = None) -> tuple[fx.GraphModule, int, list]:
-    """Run one training step of ``model`` through ``torch.compile``; return the joint
+    """Trace one training step of ``model`` through ``torch.compile``; return the joint
     graph handed to the partitioner (by AOTAutograd, or by Inductor for
-    ``executor="inductor"``), its number of forward outputs and the tensors the
-    compiled forward was called with."""
+    ``executor="inductor"``), its number of forward outputs and the tensors its
+    primals stand for. The compile stops at the partitioner when those tensors are
+    known there (:class:`~profiles.executors.JointRecorded`); else the forward runs."""
     recorded: dict[str, Any] = {}
     compiled = torch.compile(model, backend=recording_backend(recorded, executor, options), fullgraph=True, dynamic=False)
     with _state_kept(model):
@@ -106,6 +113,8 @@ def _record_step(model: torch.nn.Module, args: tuple, kwargs: dict, executor: st
             with torch.enable_grad(), backward_without_autocast(), no_aot_autograd_cache():
                 compiled(*args, **kwargs)
         except Exception as e:  # torch.compile wraps every failure; say which step failed and why
+            if isinstance(backend_error_cause(e), JointRecorded):
+                return _recorded_step(recorded)
             err = explain_capture_failure(model, args, kwargs, e)
             raise err from (getattr(err, "error", None) or e)
     if "joint" not in recorded:
@@ -113,8 +122,14 @@ def _record_step(model: torch.nn.Module, args: tuple, kwargs: dict, executor: st
             f"{type(model).__name__} produced no backward graph: no output requires grad. "
             "Make sure some parameters have requires_grad=True and the outputs depend on them."
         )
+    return _recorded_step(recorded)
+
+
+def _recorded_step(recorded: dict) -> tuple[fx.GraphModule, int, list]:
+    """``(joint, num_fwd_outputs, primals)`` from what the recording backend kept,
+    which is then cleared: dynamo's cache keeps the backend, and with it this dict, alive."""
     joint, num_fwd_outputs, primals = recorded["joint"], recorded["num_fwd_outputs"], recorded.get("primals", [])
-    recorded.clear()  # dynamo's cache keeps the backend, and with it this dict, alive
+    recorded.clear()
     return joint, num_fwd_outputs, primals
 
 

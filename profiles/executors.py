@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from .causal_sdpa import with_causal_sdpa
 from ._torch_private import (
     CustomPartitionerFn,
     aot_autograd,
@@ -23,7 +24,7 @@ from ._torch_private import (
     is_compiled_module,
 )
 
-__all__ = ["EXECUTORS", "check_executor", "unwrap_compiled", "recording_backend"]
+__all__ = ["EXECUTORS", "check_executor", "unwrap_compiled", "recording_backend", "JointRecorded"]
 
 #: What can run a plan's graphs: ``"eager"`` (op by op) or ``"inductor"`` (compiled by Inductor).
 EXECUTORS = ("eager", "inductor")
@@ -52,16 +53,48 @@ def unwrap_compiled(model: torch.nn.Module) -> tuple[torch.nn.Module, dict | Non
     return model._orig_mod, options
 
 
-class _RecordingPartitioner(CustomPartitionerFn):
-    """Records the joint graph it is given, then splits it as AOTAutograd's default
-    partition does (a capture runs the forward graph only)."""
+class JointRecorded(Exception):
+    """Raised by the recording partitioner once it holds the joint graph and the
+    tensors its primals stand for: the capture needs nothing more, so the compile
+    stops there, without splitting the graph or running the forward."""
 
-    def __init__(self, recorded: dict):
+
+def _primals_of(joint, backend_inputs: list | None) -> list | None:
+    """The tensors ``joint``'s primals stand for: the backend's example inputs when
+    they match the primal placeholders one to one (count, shape, stride, dtype),
+    else ``None`` (AOTAutograd deduplicated or merged inputs: the forward must run
+    to tell which tensor is which primal)."""
+    if backend_inputs is None:
+        return None
+    primals = [n for n in joint.graph.find_nodes(op="placeholder") if n.name.startswith("primals")]
+    if len(primals) != len(backend_inputs):
+        return None
+    for node, value in zip(primals, backend_inputs):
+        meta = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or not isinstance(meta, torch.Tensor):
+            return None
+        if (tuple(meta.shape), tuple(meta.stride()), meta.dtype) != (tuple(value.shape), tuple(value.stride()), value.dtype):
+            return None
+    return list(backend_inputs)
+
+
+class _RecordingPartitioner(CustomPartitionerFn):
+    """Records the joint graph it is given. Then, when the backend's inputs are the
+    primals (:func:`_primals_of`), stops the compile (:class:`JointRecorded`); else
+    splits the graph as AOTAutograd's default partition does, and the capture runs
+    the forward graph to see the tensors it is called with."""
+
+    def __init__(self, recorded: dict, stop: bool):
         self.recorded = recorded
+        self.stop = stop
 
     def __call__(self, joint, joint_inputs, *, num_fwd_outputs, compiler=None, **kw):
         self.recorded["joint"] = joint
         self.recorded["num_fwd_outputs"] = num_fwd_outputs
+        primals = _primals_of(joint, self.recorded.get("backend_inputs")) if self.stop else None
+        if primals is not None:
+            self.recorded["primals"] = primals
+            raise JointRecorded()
         return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
 
     def uuid(self):
@@ -72,10 +105,11 @@ def recording_backend(recorded: dict, executor: str, options: dict | None) -> Ca
     """A ``torch.compile`` backend that records, in ``recorded``, the joint graph
     (``"joint"``), its number of forward outputs (``"num_fwd_outputs"``) and the
     tensors the forward graph is first called with (``"primals"``): AOTAutograd's
-    joint graph for ``"eager"``, Inductor's (its graph passes with ``options``, no
+    joint graph for ``"eager"`` (attention first given back its causal flag and grouped
+    heads, :mod:`profiles.causal_sdpa`), Inductor's (its graph passes with ``options``, no
     code generated) for ``"inductor"``. The forward graph runs op by op. Call it with
     AOTAutograd's cache off (``no_aot_autograd_cache``): a cache hit records nothing."""
-    partition = _RecordingPartitioner(recorded)
+    partition = _RecordingPartitioner(recorded, stop=check_executor(executor) == "eager")
 
     def run_forward(gm):
         def run(*fw_args):
@@ -92,4 +126,10 @@ def recording_backend(recorded: dict, executor: str, options: dict | None) -> Ca
             return boxed
 
         return inductor_capture_backend(partition, run_graph, options)
-    return aot_autograd(fw_compiler=lambda gm, ex: run_forward(gm), bw_compiler=lambda gm, ex: gm, partition_fn=partition)
+    aot = aot_autograd(fw_compiler=lambda gm, ex: run_forward(gm), bw_compiler=lambda gm, ex: gm, partition_fn=partition)
+
+    def backend(gm, example_inputs):
+        recorded["backend_inputs"] = list(example_inputs)
+        return aot(gm, example_inputs)
+
+    return with_causal_sdpa(backend)

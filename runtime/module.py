@@ -46,6 +46,7 @@ from profiles._torch_private import (
 from profiles.allocator import granularity, graph_device_type
 from profiles.autocast_state import autocast_mismatch, step_autocast
 from profiles.capture import prepare_joint
+from profiles.causal_sdpa import with_causal_sdpa
 from profiles.executors import EXECUTORS, unwrap_compiled
 from profiles.capture_errors import explain_capture_failure
 from profiles.device import target_device_type
@@ -185,7 +186,9 @@ class PlannedModule(nn.Module):
         if self.executor == "inductor":
             compiled = compile_planned(model, PlanPartitioner(partition, self._plans_key), self.compile_options)
         else:
-            backend = aot_autograd(fw_compiler=_boxed_compiler, bw_compiler=_boxed_compiler, partition_fn=partition)
+            # attention rewritten as the capture rewrote it (profiles.causal_sdpa)
+            backend = with_causal_sdpa(aot_autograd(fw_compiler=_boxed_compiler, bw_compiler=_boxed_compiler,
+                                                    partition_fn=partition))
             compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
         # Not submodules: the compiled wrappers would list the parameters again.
         object.__setattr__(self, "_compiled", compiled)

@@ -15,7 +15,8 @@ from planner import plan_profile
 from planner.order import arrange, check_order, greedy_schedule, reorder_graph
 from planner.problem import build_problem
 from planner.reuse import OUT_VARIANTS, apply_reuse
-from planner.schedule import GraphOrder, fast_schedule, schedule_of
+from planner.joint_index import fast_schedule
+from planner.schedule import GraphOrder, schedule_of
 from planner.simulate import simulate
 from planner.sqrt import solve_sqrt
 from planner.trim import MAX_ARRANGED, trim

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 
 import pytest
@@ -201,3 +202,10 @@ def test_eval_and_no_grad_run_the_original_model(setup):
     m.eval()
     with torch.no_grad():
         torch.testing.assert_close(wrapped(**inputs)["logits"], m(**inputs)["logits"])
+
+
+def test_prepare_takes_what_plan_takes_but_the_budget():
+    """``plan()`` forwards its keywords to ``prepare()``: both list them, with the same defaults."""
+    plan_params = dict(inspect.signature(planner.plan).parameters)
+    del plan_params["budget_gb"]
+    assert plan_params == dict(inspect.signature(planner.prepare).parameters)

@@ -8,7 +8,8 @@ import torch.fx as fx
 
 from helpers import ResidualNet, tiny_gpt2
 from planner.problem import build_problem
-from planner.schedule import fast_schedule, schedule_of
+from planner.joint_index import fast_schedule
+from planner.schedule import schedule_of
 from planner.simulate import simulate
 from planner.sqrt import solve_sqrt
 from profiles import capture, profile_graph
