@@ -96,10 +96,36 @@ def make(name: str):
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
+    if name.startswith("whisper"):
+        return _whisper(padded=name == "whisper_padded")
     model = _config(name)()
     model.train()
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     return model, {"input_ids": ids, "labels": ids.clone()}
+
+
+def _whisper(padded: bool):
+    """A random-init Whisper (2 encoder and 2 decoder layers, d_model 64, 4 heads, FFN
+    128, 16 mel bins, 32 source positions) on 4 x 64 frames with 4 x 32 labels; with
+    ``padded`` a ``decoder_attention_mask`` pads two of the label rows."""
+    import transformers
+
+    cfg = transformers.WhisperConfig(
+        vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
+        max_source_positions=32, max_target_positions=64, decoder_start_token_id=1, pad_token_id=0,
+        eos_token_id=2, bos_token_id=1, use_cache=False)
+    model = transformers.WhisperForConditionalGeneration(cfg)
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    inputs = {"input_features": torch.randn(BATCH, 16, 64, generator=g),
+              "labels": torch.randint(3, VOCAB, (BATCH, 32), generator=g)}
+    if padded:
+        mask = torch.ones(BATCH, 32, dtype=torch.long)
+        mask[1, 24:] = 0
+        mask[3, 20:] = 0
+        inputs["decoder_attention_mask"] = mask
+    return model, inputs
 
 
 def measure(model, module, inputs) -> int:

@@ -21,6 +21,7 @@ from profiles.allocator import round_bytes
 from profiles.graph_profile import GraphProfile
 
 from .distributed import EngineBytes
+from .recomputed_copies import recomputed_copies
 from .schedule import GraphOrder, Schedule
 from .training_loop import TrainingLoop
 
@@ -110,6 +111,10 @@ class _Liveness:
         #: Bytes at which the simulation stops (None: it runs to the end).
         self.stop_at = stop_at
         self.points: list[TimelinePoint] | None = [] if timeline else None
+        #: The last graph's nodes whose storages are recomputed copies (:mod:`planner.recomputed_copies`),
+        #: and the forward storage each copy's id stands for.
+        self.copies: dict[str, tuple[int, ...]] = {}
+        self.origin: dict[int, int] = {}
 
     def acquire(self, storages) -> None:
         for s in storages:
@@ -144,13 +149,16 @@ class _Liveness:
                 raise _Stopped()
 
     def live_storages(self) -> frozenset[int]:
-        """Storage ids live now besides parameters, buffers and inputs."""
-        return frozenset(s for s, c in self.refs.items() if c > 0)
+        """Storage ids live now besides parameters, buffers and inputs (a recomputed
+        copy as the id of the storage it copies)."""
+        return frozenset(self.origin.get(s, s) for s, c in self.refs.items() if c > 0)
 
     def run(self, order: GraphOrder, phase: str) -> list[str]:
         """Run one graph: allocate each node's storages, free each value after its
         last use (graph inputs too in backward). Returns the graph's outputs."""
         info = self.info
+        copies = self.copies = (recomputed_copies(info, order, self.live_storages(), self.sizes, self.origin)
+                                if phase == "backward" else {})
         last_use: dict[str, int] = {}
         for i, (_, _, inputs) in enumerate(order.nodes):
             for a in inputs:
@@ -158,14 +166,14 @@ class _Liveness:
         outputs = set(order.outputs)
         for i, (name, op, inputs) in enumerate(order.nodes):
             if op == "call_function":
-                self.acquire(info[name].storages)
+                self.acquire(copies.get(name, info[name].storages))
             self.record(name, phase, info[name].temp_bytes if op == "call_function" else 0)
             for a in set(inputs):
                 if last_use.get(a) == i and a not in outputs:
-                    self.release(info[a].storages)
+                    self.release(copies.get(a, info[a].storages))
             if name not in last_use and name not in outputs:
                 if op == "call_function" or phase == "backward":
-                    self.release(info[name].storages)
+                    self.release(copies.get(name, info[name].storages))
         return list(order.outputs)
 
 
@@ -210,7 +218,7 @@ def _run_step(state: _Liveness, gp: GraphProfile, schedule: Schedule, engine: En
         state.peak, state.peak_node, state.peak_phase = state.level + loop.held_bytes + engine.end, END_OF_BACKWARD, "backward"
         state.peak_storages = state.live_storages() if state.track else frozenset()
     if loop.has_optimizer:
-        grads = {s for name in bwd_out for s in state.info[name].storages} - state.static
+        grads = {s for name in bwd_out for s in state.copies.get(name, state.info[name].storages)} - state.static
         level = state.static_bytes + state.live
         state.point(OPTIMIZER_STEP, "optimizer", loop.optimizer_peak(level, sum(state.sizes[s] for s in grads)))
 
