@@ -19,6 +19,7 @@ of every configuration before step i+1 of any); the median is reported. Loss and
 gradients of planned + Inductor are compared with ``torch.compile``'s (same seed).
 
     python bench/bench_inductor.py [--model gpt2|resnet|all] [--steps 20] [--device cpu|cuda] [--out FILE]
+        [--fractions 0.5,0.3] [--amb 0.5,0.3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -150,10 +151,11 @@ def _amb_module(wl: Workload, fraction: float):
     return compiled, warm
 
 
-def _configs(wl: Workload, eager_peak: int, executors=("eager", "inductor"), amb=AMB_FRACTIONS) -> list[dict]:
+def _configs(wl: Workload, eager_peak: int, executors=("eager", "inductor"), amb=AMB_FRACTIONS,
+             fractions=FRACTIONS) -> list[dict]:
     """Every configuration: label, kind, module, and for planned ones the plan."""
     act = eager_peak - wl.static
-    budgets = [("above eager's peak", 2 * eager_peak)] + [(f"{int(f * 100)}% of activations", int(wl.static + f * act)) for f in FRACTIONS]
+    budgets = [("above eager's peak", 2 * eager_peak)] + [(f"{int(f * 100)}% of activations", int(wl.static + f * act)) for f in fractions]
     out = [{"label": "eager", "kind": "eager", "module": wl.model},
            {"label": "torch.compile", "kind": "compile", "module": torch.compile(wl.model)}]
     for executor in executors:
@@ -252,6 +254,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--amb", default=",".join(map(str, AMB_FRACTIONS)), help="activation_memory_budget fractions")
+    ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
+                    help="planned budgets: fractions of eager's activations (besides one above eager's peak)")
     ap.add_argument("--executors", default="eager,inductor", help="planned configurations: eager (op by op), inductor")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -263,7 +267,8 @@ def main(argv=None) -> None:
                            "load_before": os.getloadavg(), "device": str(device)}, "workloads": []}
     for name in names:
         which = {"executors": tuple(e for e in args.executors.split(",") if e),
-                 "amb": tuple(float(f) for f in args.amb.split(",") if f)}
+                 "amb": tuple(float(f) for f in args.amb.split(",") if f),
+                 "fractions": tuple(float(f) for f in args.fractions.split(",") if f)}
         results["workloads"].append(run_workload(name, device, args.steps, args.scale, **which))
         print(table(results["workloads"][-1]) + "\n", flush=True)
     results["machine"]["load_after"] = os.getloadavg()

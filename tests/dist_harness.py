@@ -107,14 +107,14 @@ def local_grads(model) -> dict:
     return out
 
 
-def assert_same_grads(ref: dict, got: dict, what: str) -> None:
+def assert_same_grads(ref: dict, got: dict, what: str, *, rtol: float = 1e-5, atol: float = 1e-6) -> None:
     assert ref.keys() == got.keys()
     for k in ref:
         if ref[k] is None:
             assert got[k] is None, f"{what}: {k} has a gradient only with the plan"
         else:
             assert got[k] is not None, f"{what}: {k} has no gradient with the plan"
-            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}, grad of {k}: {m}")
+            torch.testing.assert_close(got[k], ref[k], rtol=rtol, atol=atol, msg=lambda m: f"{what}, grad of {k}: {m}")
 
 
 def train(wrapped, model, inputs, *, measure: str = ""):

@@ -11,7 +11,8 @@ peak must be within the budget and within 5% of the plan's per-rank prediction
 (measured: within 500 bytes of it, on 2.9-3.3 MB). The DDP ranks also train a small
 GPT-2 with the loss computed outside the model, planned with ``loss_fn`` and
 ``grad_accumulation=True``, over ``no_sync()`` micro-steps (measured: within 40
-bytes of the prediction, on 2.1 MB).
+bytes of the prediction, on 2.1 MB). The FSDP2 ranks also train a plan compiled by
+Inductor, under DDP and under FSDP2 (``tests/dist_inductor.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available in this torch build", allow_module_level=True)
 
+import dist_inductor  # noqa: E402
 from dist_harness import WORLD, assert_same_grads, init, local_grads, spawn, train, wrap  # noqa: E402
 
 
@@ -51,7 +53,8 @@ def _inputs(rank: int):
     return {"x": torch.randn(128, 64, generator=g), "target": torch.randint(0, 8, (128,), generator=g)}
 
 
-def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str, gpt2: tuple | None) -> None:
+def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str, gpt2: tuple | None,
+            inductor: dict | None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     init(rank, port)
@@ -86,6 +89,8 @@ def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str, g
             result["inner_order"] = True
         if gpt2 is not None:
             result["gpt2"] = _gpt2_accumulation(rank, *gpt2)
+        if inductor is not None:
+            result["inductor"] = dist_inductor.on_rank(rank, inductor)
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(result, f)
     finally:
@@ -118,8 +123,14 @@ def test_planned_module_trains_under_engine_within_budget(single, sharding, frac
         world_size=WORLD, sharding=sharding, optimizer="adamw", forward_bytes=engine.forward,
         backward_bytes=engine.backward, end_bytes=engine.end, optimizer_bytes=engine.optimizer,
     )
-    gpt2 = _gpt2_plan() if sharding == "ddp" else None  # in the same ranks: one spawn
-    spawn(_worker, p.to_json(), sharding, str(tmp_path), (gpt2.to_json(), _gpt2_expected_grads()) if gpt2 else None)
+    # in the same ranks (one spawn): the DDP ranks also train a GPT-2 with accumulation, the
+    # FSDP2 ranks a plan compiled by Inductor under both engines (tests/dist_inductor.py)
+    gpt2 = _gpt2_plan() if sharding == "ddp" else None
+    inductor = dist_inductor.plans() if sharding == "fsdp" else None
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")  # the ranks read Inductor's caches: no pool of compile workers
+        spawn(_worker, p.to_json(), sharding, str(tmp_path), (gpt2.to_json(), _gpt2_expected_grads()) if gpt2 else None,
+              {s: q.to_json() for s, q in inductor.items()} if inductor else None)
     for rank in range(WORLD):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         measured = r["measured"]
@@ -131,6 +142,8 @@ def test_planned_module_trains_under_engine_within_budget(single, sharding, frac
             assert max(r["gpt2"].values()) <= gpt2.budget_bytes, (rank, r["gpt2"], gpt2.budget_bytes)
             accumulating = r["gpt2"]["accumulating_micro_step"]
             assert abs(accumulating - gpt2.predicted_peak_bytes) <= 0.05 * accumulating, (rank, r["gpt2"], gpt2.predicted_peak_bytes)
+        if inductor is not None:
+            dist_inductor.check(rank, r["inductor"], inductor)
 
 
 def _gpt2():
