@@ -21,7 +21,7 @@ import torch.fx as fx
 from profiles._torch_private import is_random_op
 from profiles.joint import JointGraph
 
-from .schedule import GraphOrder, Schedule
+from .schedule import GraphOrder, Schedule, emit_just_in_time
 
 __all__ = ["JointIndex", "index_joint", "indexed_schedule", "fast_schedule"]
 
@@ -138,24 +138,6 @@ def _forward(ix: JointIndex, outputs: list[int]) -> list[tuple]:
             if ix.forward_computable[i] and (ix.is_placeholder[i] or i in needed)]
 
 
-def _just_in_time(ix: JointIndex, roots: list[int], done: set[int]) -> list[int]:
-    """:func:`planner.schedule.emit_just_in_time` on indices (graph order is index order)."""
-    out = []
-    for root in roots:
-        pending, stack, seen = [], [root], set()
-        while stack:
-            i = stack.pop()
-            if i in done or i in seen:
-                continue
-            seen.add(i)
-            pending.append(i)
-            stack.extend(ix.inputs[i])
-        pending.sort()
-        done.update(pending)
-        out += pending
-    return out
-
-
 def _backward(ix: JointIndex, saved: list[int]) -> tuple[list[int], list[tuple]]:
     """``(saved values kept, backward graph's entries)``: placeholders (saved, then
     tangents), then every node computable from them that the gradients need,
@@ -187,7 +169,8 @@ def _backward(ix: JointIndex, saved: list[int]) -> tuple[list[int], list[tuple]]
     kept = [i for i in kept if not ix.no_vc_check[i]] + [i for i in kept if ix.no_vc_check[i]]
     entries = [(ix.names[i], "placeholder", ()) for i in kept + list(ix.tangents)]
     roots = [i for i in sorted(needed) if i not in saved_set and ix.is_call[i] and not ix.is_forward[i]]
-    entries += [ix.entries[i] for i in _just_in_time(ix, roots, set(kept) | set(ix.tangents))]
+    emitted = emit_just_in_time(roots, set(kept) | set(ix.tangents), range(len(ix.names)), ix.inputs.__getitem__)
+    entries += [ix.entries[i] for i in emitted]
     return kept, entries
 
 

@@ -92,10 +92,13 @@ def required_saved(gm: fx.GraphModule, recompute: Iterable[str]) -> list[fx.Node
     return sorted(saved.values(), key=order.__getitem__)
 
 
-def emit_just_in_time(roots, done: set, order: dict) -> list:
+def emit_just_in_time(roots, done: set, order, inputs=None) -> list:
     """Each of ``roots`` in turn, preceded by those of its ancestors not yet in
-    ``done`` (in ``order``): the order in which backward reaches recomputed values.
-    ``done`` is updated; returns the newly emitted nodes in order."""
+    ``done`` (in ``order``, a mapping from node to position): the order in which
+    backward reaches recomputed values. ``inputs(n)`` gives a node's inputs (default:
+    an fx node's ``all_input_nodes``). ``done`` is updated; returns the newly emitted
+    nodes in order."""
+    inputs_of = inputs or (lambda n: n.all_input_nodes)
     out = []
     for root in roots:
         pending, stack, seen = [], [root], set()
@@ -105,7 +108,7 @@ def emit_just_in_time(roots, done: set, order: dict) -> list:
                 continue
             seen.add(n)
             pending.append(n)
-            stack.extend(n.all_input_nodes)
+            stack.extend(inputs_of(n))
         for n in sorted(pending, key=order.__getitem__):
             done.add(n)
             out.append(n)
