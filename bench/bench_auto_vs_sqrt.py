@@ -104,8 +104,8 @@ def table(results: list[dict], ilp_limit: float) -> str:
     for r in results:
         out += [
             f"**{r['title']}**: budgets from {r['low'] / MiB:.1f} MiB (the minimum) to {r['top'] / MiB:.1f} MiB "
-            f"(no recompute). Recompute: estimated seconds (FLOPs over the step's); [ilp's]: `solver=\"sqrt\"` found "
-            "no sqrt(L) plan within the budget and returned the lowest plan the ILP reaches.",
+            f"(no recompute). Recompute: estimated seconds (FLOPs over the step's); [x's]: the column's solver found "
+            "no plan of its own within the budget, and `plan()` returned x's (for sqrt(L): the lowest plan the ILP reaches).",
             "",
             "| budget (MiB) | auto | sqrt(L) | flat ILP | auto's solver | auto <= sqrt(L) | no ILP plan 10% cheaper than an auto=sqrt(L) plan |",
             "|---|---|---|---|---|---|---|",
