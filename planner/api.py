@@ -244,6 +244,7 @@ def prepare(
     inputs = kwargs if kwargs else args
     captured = _capture(model, inputs, executor=executor, compile_options=compile_options, progress=progress)
     device_type = _device_type(model, target)
+    warn_unmodelled_layouts(captured, device_type)
     loop = loop_setup(model, args, kwargs, captured, loss_fn=loss_fn, grad_accumulation=grad_accumulation,
                       optimizer=spec, device_type=device_type, granularity=granularity(device_type))
     request = _Request(
@@ -260,7 +261,6 @@ def _capture(model: torch.nn.Module, inputs, *, executor: str, compile_options: 
     _log(progress, f"capturing {type(model).__name__} forward+backward")
     captured = capture(model, inputs, dropout="mask", executor=executor, compile_options=compile_options)
     _log(progress, f"captured {len(captured.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s")
-    warn_unmodelled_layouts(captured)
     return captured
 
 

@@ -10,13 +10,16 @@ value: it adds its arithmetic (FLOPs at the peak rate) but no memory traffic of
 its own and no launch. Matmuls, convolutions and attention, which Inductor hands
 to library kernels, and custom ops (called as they are) keep their roofline time.
 So under Inductor the solvers recompute pointwise work and keep matmul outputs.
+
+One thing Inductor does is not modelled: on the CPU it lays convolutions out
+channels-last after the graph the planner simulates, so :func:`warn_unmodelled_layouts`
+warns when such a step is planned.
 """
 
 from __future__ import annotations
 
 import warnings
 
-from profiles.allocator import graph_device_type
 from profiles.graph_profile import GraphProfile
 from profiles.joint import JointGraph
 
@@ -29,10 +32,11 @@ class InductorLayoutWarning(UserWarning):
     exceed the prediction and the budget."""
 
 
-def warn_unmodelled_layouts(joint: JointGraph) -> None:
-    """:class:`InductorLayoutWarning` when ``joint`` is Inductor's graph on the CPU and
-    convolves."""
-    if joint.executor != "inductor" or graph_device_type(joint.gm) == "cuda":
+def warn_unmodelled_layouts(joint: JointGraph, device_type: str) -> None:
+    """:class:`InductorLayoutWarning` when ``joint`` is Inductor's graph, convolves, and
+    the step runs on the CPU (``device_type``: the model's device, or for a meta-device
+    model its target's)."""
+    if joint.executor != "inductor" or device_type != "cpu":
         return
     if any("convolution" in str(n.target) for n in joint.gm.graph.nodes if n.op == "call_function"):
         warnings.warn(

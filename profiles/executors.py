@@ -104,11 +104,14 @@ class _RecordingPartitioner(CustomPartitionerFn):
 def recording_backend(recorded: dict, executor: str, options: dict | None) -> Callable:
     """A ``torch.compile`` backend that records, in ``recorded``, the joint graph
     (``"joint"``), its number of forward outputs (``"num_fwd_outputs"``) and the
-    tensors the forward graph is first called with (``"primals"``): AOTAutograd's
-    joint graph for ``"eager"`` (attention first given back its causal flag and grouped
-    heads, :mod:`profiles.causal_sdpa`), Inductor's (its graph passes with ``options``, no
-    code generated) for ``"inductor"``. The forward graph runs op by op. Call it with
-    AOTAutograd's cache off (``no_aot_autograd_cache``): a cache hit records nothing."""
+    tensors its primals stand for (``"primals"``): AOTAutograd's joint graph for
+    ``"eager"`` (attention first given back its causal flag and grouped heads,
+    :mod:`profiles.causal_sdpa`), Inductor's (its graph passes with ``options``, no
+    code generated) for ``"inductor"``. For ``"eager"`` the compile stops at the
+    partitioner (:class:`JointRecorded`) when the backend's inputs are the primals one
+    to one; otherwise the forward graph runs op by op and its first call's arguments
+    are the primals. Call it with AOTAutograd's cache off (``no_aot_autograd_cache``):
+    a cache hit records nothing."""
     partition = _RecordingPartitioner(recorded, stop=check_executor(executor) == "eager")
 
     def run_forward(gm):
