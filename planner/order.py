@@ -33,6 +33,7 @@ import torch.fx as fx
 
 from profiles.graph_profile import GraphProfile
 
+from .incremental import MovePeaks, moved
 from .schedule import GraphOrder, Schedule
 from .reuse import Reuse, plan_reuse, profile_with_reuse
 from .simulate import SimResult, held_tangents, simulate
@@ -234,35 +235,48 @@ def _moves(gp: GraphProfile, order: GraphOrder, peak_node: str, peak_storages: s
     return [(i, j) for _, i, j in moves[:limit]]
 
 
-def _moved(order: GraphOrder, i: int, j: int) -> GraphOrder:
-    nodes = list(order.nodes)
-    nodes.insert(j, nodes.pop(i))
-    return GraphOrder(nodes=tuple(nodes), outputs=order.outputs)
-
-
-def improve_order(gp: GraphProfile, schedule: Schedule, *, profile_of=None, granularity: int = 1, engine=None,
-                  rounds: int = 20, limit: int = 32) -> tuple[Schedule, SimResult]:
+def improve_order(gp: GraphProfile, schedule: Schedule, *, reuse: bool = False, memo: dict | None = None,
+                  granularity: int = 1, engine=None, rounds: int = 20, limit: int = 32,
+                  incremental: bool = True) -> tuple[Schedule, SimResult]:
     """Local search from ``schedule``: each round makes the move (:func:`_moves`)
-    that lowers the simulated step peak most, until none does. ``profile_of(schedule)``
-    gives the profile that schedule is simulated with (default: ``gp``)."""
-    profile_of = profile_of or (lambda s: gp)
-    best = simulate(profile_of(schedule), schedule, granularity=granularity, engine=engine, track_peak=True)
+    that lowers the simulated step peak most (the first such in :func:`_moves`' order),
+    until none does. With ``reuse`` each schedule is simulated with its ops writing
+    into dying inputs (:func:`~planner.reuse.plan_reuse` on ``gp``, with its ``memo``).
+
+    ``incremental``: each move's peak from one simulation per round
+    (:class:`planner.incremental.MovePeaks`); otherwise each moved schedule is
+    simulated in full. Both give the same result (``tests/test_order.py``)."""
+    memo = {} if memo is None else memo
+
+    def with_reuse(s: Schedule) -> tuple[Reuse | None, GraphProfile]:
+        if not reuse:
+            return None, gp
+        rw = plan_reuse(gp, s, memo=memo)
+        return rw, profile_with_reuse(gp, rw, memo=memo)
+
+    writes, profile = with_reuse(schedule)
+    best = simulate(profile, schedule, granularity=granularity, engine=engine, track_peak=True)
     for _ in range(rounds):
         graph = "forward" if best.peak_phase == "forward" else "backward"
         order = getattr(schedule, graph)
         if best.peak_node not in {n for n, _, _ in order.nodes}:
             break  # the gradient reduction after backward: no order changes its level
-        found = (best.peak_bytes, None)
-        for i, j in _moves(profile_of(schedule), order, best.peak_node, set(best.peak_storages), limit):
-            cand = replace(schedule, **{graph: _moved(order, i, j)})
+        peaks = (MovePeaks(gp, schedule, profile, graph, reuse=writes, memo=memo, granularity=granularity, engine=engine)
+                 if incremental else None)
+        found: tuple[int, tuple[int, int] | None] = (best.peak_bytes, None)
+        for i, j in _moves(profile, order, best.peak_node, set(best.peak_storages), limit):
             # stopped at the level to beat: a candidate that reaches it is no better
-            res = simulate(profile_of(cand), cand, granularity=granularity, engine=engine, stop_at=found[0])
-            if res.peak_bytes < found[0]:
-                found = (res.peak_bytes, cand)
+            peak = peaks.peak(i, j, stop_at=found[0]) if peaks is not None else None
+            if peak is None:
+                cand = replace(schedule, **{graph: moved(order, i, j)})
+                peak = simulate(with_reuse(cand)[1], cand, granularity=granularity, engine=engine, stop_at=found[0]).peak_bytes
+            if peak < found[0]:
+                found = (peak, (i, j))
         if found[1] is None:
             break
-        schedule = found[1]
-        best = simulate(profile_of(schedule), schedule, granularity=granularity, engine=engine, track_peak=True)
+        schedule = replace(schedule, **{graph: moved(order, *found[1])})
+        writes, profile = with_reuse(schedule)
+        best = simulate(profile, schedule, granularity=granularity, engine=engine, track_peak=True)
     return schedule, best
 
 
@@ -273,22 +287,20 @@ def _without_temps(gp: GraphProfile) -> GraphProfile:
 
 
 def arrange(gp: GraphProfile, schedule: Schedule, *, reuse: bool = True, reorder: bool = True,
-            granularity: int = 1, engine=None, rounds: int = 20) -> Arrangement:
+            granularity: int = 1, engine=None, rounds: int = 20, incremental: bool = True) -> Arrangement:
     """``schedule`` with its graphs reordered (:func:`improve_order`) and, with
     ``reuse``, ops writing into dying inputs (:mod:`planner.reuse`).
 
     The choices ignore op temporaries, so the runtime, which has no measured
     temporaries, makes the same ones from the graphs alone; ``after_bytes`` is the
-    exact simulation of the result, temporaries included."""
+    exact simulation of the result, temporaries included. ``incremental``: as
+    :func:`improve_order`'s (the same result either way)."""
     plain = _without_temps(gp)
     memo: dict = {}
-
-    def profile_of(s: Schedule) -> GraphProfile:
-        return profile_with_reuse(plain, plan_reuse(plain, s, memo=memo), memo=memo) if reuse else plain
-
     new = schedule
     if reorder:
-        new, _ = improve_order(plain, schedule, profile_of=profile_of, granularity=granularity, engine=engine, rounds=rounds)
+        new, _ = improve_order(plain, schedule, reuse=reuse, memo=memo, granularity=granularity, engine=engine,
+                               rounds=rounds, incremental=incremental)
         check_order(gp, schedule.forward, new.forward)
         check_order(gp, schedule.backward, new.backward)
     rw = plan_reuse(gp, new, memo=memo) if reuse else Reuse(forward={}, backward={}, storage_map={})
