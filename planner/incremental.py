@@ -30,7 +30,7 @@ from profiles.graph_profile import GraphProfile
 
 from .reuse import Reuse, out_variant, plan_reuse
 from .schedule import GraphOrder, Schedule
-from .simulate import _Liveness, _run_step  # the simulator's own state and step, recorded
+from .simulate import SimResult, _Liveness, _run_step  # the simulator's own state and step, recorded
 from .training_loop import TrainingLoop
 
 __all__ = ["MovePeaks", "moved"]
@@ -44,127 +44,159 @@ def moved(order: GraphOrder, i: int, j: int) -> GraphOrder:
 
 
 class _Recording(_Liveness):
-    """The simulator's state, recording during one phase's graph each storage's
-    reference count after every change, and the live bytes before each node."""
+    """The simulator's state, recording for each graph every storage's reference
+    count after each change, and the live bytes before each node."""
 
-    def __init__(self, gp: GraphProfile, granularity: int, engine, held: int, phase: str):
-        super().__init__(gp, granularity, engine, False, held)
-        self.phase = phase
-        self.active = False
-        #: Every point's bytes, in step order; index of the graph's first point there.
+    def __init__(self, gp: GraphProfile, granularity: int, engine, held: int):
+        super().__init__(gp, granularity, engine, False, held, track=True)
+        #: Every point's bytes, in step order.
         self.totals: list[int] = []
-        self.first = 0
-        #: Events: per storage, stamps (2k for an allocation before the graph's point
-        #: ``k``, 2k - 1 for a free after point ``k - 1``) and the count after each.
-        self.stamps: dict[int, list[int]] = {}
-        self.counts: dict[int, list[int]] = {}
-        self.refs0: dict[int, int] = {}
-        #: Live bytes (beyond static ones) before each node of the graph allocates.
-        self.live_before: list[int] = []
-        self.graph_copies: dict[str, tuple[int, ...]] = {}
-        self._k = 0
+        #: Per graph (its phase), what it recorded (:class:`_Graph`).
+        self.graphs: dict[str, _Graph] = {}
+        self.current: _Graph | None = None
         self._allocated = 0
 
     def run(self, order: GraphOrder, phase: str) -> list[str]:
-        if phase != self.phase:
-            return super().run(order, phase)
-        self.refs0, self.first, self.active = dict(self.refs), len(self.totals), True
+        self.current = _Graph(first=len(self.totals), refs0=dict(self.refs))
         try:
             return super().run(order, phase)
         finally:
-            self.active, self.graph_copies = False, self.copies
+            self.current.copies, self.graphs[phase], self.current = self.copies, self.current, None
 
     def _log(self, storages, stamp: int) -> None:
+        g = self.current
         for s in storages:
             if s not in self.static:
-                self.stamps.setdefault(s, []).append(stamp)
-                self.counts.setdefault(s, []).append(self.refs[s])
+                g.stamps.setdefault(s, []).append(stamp)
+                g.counts.setdefault(s, []).append(self.refs[s])
 
     def acquire(self, storages) -> None:
         before = self.live
         super().acquire(storages)
-        if self.active:
+        if self.current is not None:
             self._allocated += self.live - before
-            self._log(storages, 2 * self._k)
+            self._log(storages, 2 * len(self.current.live_before))
 
     def release(self, storages) -> None:
         super().release(storages)
-        if self.active:
-            self._log(storages, 2 * self._k - 1)
+        if self.current is not None:
+            self._log(storages, 2 * len(self.current.live_before) - 1)
 
     def record(self, name: str, phase: str, temp_bytes: int) -> None:
-        if self.active:
-            self.live_before.append(self.live - self._allocated)
-            self._allocated, self._k = 0, self._k + 1
+        if self.current is not None:
+            self.current.live_before.append(self.live - self._allocated)
+            self._allocated = 0
         super().record(name, phase, temp_bytes)
 
     def point(self, name: str, phase: str, total: int) -> None:
         self.totals.append(total)
         super().point(name, phase, total)
 
+
+class _Graph:
+    """What :class:`_Recording` recorded of one graph's run."""
+
+    def __init__(self, *, first: int, refs0: dict[int, int]):
+        #: Index of the graph's first point in the step's points.
+        self.first = first
+        #: References of each storage as the graph starts.
+        self.refs0 = refs0
+        #: Per storage, the stamps of its changes (2k: an allocation by node k; 2k + 1:
+        #: a free after node k) and its count after each.
+        self.stamps: dict[int, list[int]] = {}
+        self.counts: dict[int, list[int]] = {}
+        #: Live bytes (beyond static ones) before each node allocates.
+        self.live_before: list[int] = []
+        #: The graph's recomputed copies (:mod:`planner.recomputed_copies`).
+        self.copies: dict[str, tuple[int, ...]] = {}
+
     def count_before(self, s: int, m: int) -> int:
-        """References to storage ``s`` just before the graph's node ``m`` allocates."""
+        """References to storage ``s`` just before node ``m`` allocates."""
         stamps = self.stamps.get(s)
         k = bisect_left(stamps, 2 * m) if stamps else 0
         return self.counts[s][k - 1] if k else self.refs0.get(s, 0)
 
 
 class MovePeaks:
-    """One graph of a schedule, simulated once, and the step peak with any one of its
-    nodes moved (:meth:`peak`).
+    """A schedule simulated once (:attr:`result`), and the step peak with any one node
+    of one of its graphs moved (:meth:`peak`).
 
     ``profile`` is the profile the schedule is simulated with: ``plain`` with
     ``reuse`` applied (:func:`~planner.reuse.profile_with_reuse`), or ``plain`` itself
     when ``reuse`` is None; ``memo`` is :func:`~planner.reuse.plan_reuse`'s for ``plain``."""
 
-    def __init__(self, plain: GraphProfile, schedule: Schedule, profile: GraphProfile, graph: str, *,
+    def __init__(self, plain: GraphProfile, schedule: Schedule, profile: GraphProfile, *,
                  reuse: Reuse | None, memo: dict, granularity: int = 1, engine=None):
-        self.plain, self.schedule, self.graph, self.reuse, self.memo = plain, schedule, graph, reuse, memo
-        self.order = getattr(schedule, graph)
-        st = self.state = _Recording(profile, granularity, engine, 0, graph)
+        self.plain, self.schedule, self.reuse, self.memo = plain, schedule, reuse, memo
+        st = self.state = _Recording(profile, granularity, engine, 0)
         _run_step(st, profile, schedule, engine, TrainingLoop())
-        n, totals = len(self.order.nodes), st.totals
-        #: The most bytes of the points before the graph's node k, and from its node k on.
-        self.pre = [max(totals[:st.first], default=0)] * (n + 1)
-        for k in range(1, n + 1):
-            self.pre[k] = max(self.pre[k - 1], totals[st.first + k - 1])
-        self.post = [0] * (n + 1)
-        self.post[n] = max(totals[st.first + n:], default=0)
-        for k in range(n - 1, -1, -1):
-            self.post[k] = max(self.post[k + 1], totals[st.first + k])
-        #: The gradient reduction's bytes after backward's last node (0 without an engine).
+        #: The schedule's simulation, as ``simulate(profile, schedule, track_peak=True)`` gives it.
+        self.result = SimResult(peak_bytes=st.peak, peak_node=st.peak_node, peak_phase=st.peak_phase,
+                                static_bytes=st.static_bytes, peak_storages=st.peak_storages)
+        #: The gradient reduction's bytes beyond backward's last level, and its point (0 without an engine).
         self.engine_end = engine.end if engine is not None else None
         self.end = st.level + engine.end if engine is not None else 0
+        self._views: dict[str, _View] = {}
+
+    def peak(self, graph: str, i: int, j: int, *, stop_at: int | None = None) -> int | None:
+        """The step peak with node ``i`` of ``graph`` (``"forward"`` or ``"backward"``)
+        moved to position ``j`` (with ``stop_at``: some point's bytes of at least
+        ``stop_at`` when the peak reaches it), as :func:`~planner.simulate.simulate`
+        gives it; None when the move changes which ops write into their inputs."""
+        v = self._views.get(graph) or self._views.setdefault(graph, _View(self, graph))
+        m, M = min(i, j), max(i, j)
+        at_end = self.engine_end is not None and graph == "backward" and M == len(v.order.nodes) - 1
+        bound = max(v.pre[m], v.post[M + 1], 0 if at_end else self.end)
+        if stop_at is not None and bound >= stop_at:
+            return bound
+        if self.reuse is not None and not v.same_writes(i, j):
+            return None
+        nodes = list(v.order.nodes[m:M + 1])
+        nodes.insert(j - m, nodes.pop(i - m))
+        top, level = v.window(nodes, m, M, stop_at)
+        return max(bound, top, level + self.engine_end if at_end and level is not None else 0)
+
+
+def _new_position(p: int, i: int, j: int) -> int:
+    """Position ``p`` of an order after the node at ``i`` moved to ``j``."""
+    if p == i:
+        return j
+    if i < p <= j:
+        return p - 1
+    if j <= p < i:
+        return p + 1
+    return p
+
+
+class _View:
+    """One graph of a :class:`MovePeaks`: the most bytes before and after each node,
+    each value's last reader, and where the graph's writes into inputs are decided."""
+
+    def __init__(self, peaks: MovePeaks, graph: str):
+        self.peaks, self.graph = peaks, graph
+        st, self.order = peaks.state, getattr(peaks.schedule, graph)
+        g = self.recorded = st.graphs[graph]
+        n, totals = len(self.order.nodes), st.totals
+        #: The most bytes of the step's points before node k, and from node k on.
+        self.pre = [max(totals[:g.first], default=0)] * (n + 1)
+        for k in range(1, n + 1):
+            self.pre[k] = max(self.pre[k - 1], totals[g.first + k - 1])
+        self.post = [max(totals[g.first + n:], default=0)] * (n + 1)
+        for k in range(n - 1, -1, -1):
+            self.post[k] = max(self.post[k + 1], totals[g.first + k])
         self.last_use: dict[str, int] = {}
         for k, (_, _, inputs) in enumerate(self.order.nodes):
             for a in inputs:
                 self.last_use[a] = k
         self.outputs = set(self.order.outputs)
-        if reuse is not None:
+        if peaks.reuse is not None:
             self._index_writes()
 
-    def peak(self, i: int, j: int, *, stop_at: int | None = None) -> int | None:
-        """The step peak with the graph's node ``i`` moved to position ``j`` (with
-        ``stop_at``: some point's bytes of at least ``stop_at`` when the peak reaches
-        it), as :func:`~planner.simulate.simulate` gives it; None when the move changes
-        which ops write into their inputs."""
-        m, M = min(i, j), max(i, j)
-        at_end = self.engine_end is not None and self.graph == "backward" and M == len(self.order.nodes) - 1
-        bound = max(self.pre[m], self.post[M + 1], 0 if at_end else self.end)
-        if stop_at is not None and bound >= stop_at:
-            return bound
-        nodes = list(self.order.nodes[m:M + 1])
-        nodes.insert(j - m, nodes.pop(i - m))
-        if self.reuse is not None and not self._same_writes(nodes, m, M, i, j):
-            return None
-        top, level = self._window(nodes, m, M, stop_at)
-        return max(bound, top, level + self.engine_end if at_end and level is not None else 0)
-
-    def _window(self, nodes, m: int, M: int, stop_at: int | None) -> tuple[int, int | None]:
-        """The most bytes of the window's points (or the first at least ``stop_at``),
-        and the level at its last node (None when stopped)."""
-        st = self.state
-        info, copies, sizes, static = st.info, st.graph_copies, st.sizes, st.static
+    def window(self, nodes, m: int, M: int, stop_at: int | None) -> tuple[int, int | None]:
+        """The most bytes of the points of ``nodes`` run at positions ``m`` to ``M``
+        (or the first at least ``stop_at``), and the level at the last (None when stopped)."""
+        st, g = self.peaks.state, self.recorded
+        info, copies, sizes, static = st.info, g.copies, st.sizes, st.static
         base_last, outputs, backward = self.last_use, self.outputs, self.graph == "backward"
         offset = st.static_bytes + st.extra[self.graph]
         last: dict[str, int] = {}
@@ -172,13 +204,13 @@ class MovePeaks:
             for a in inputs:
                 last[a] = k
         refs: dict[int, int] = {}
-        live, top, level = st.live_before[m], 0, 0
+        live, top, level = g.live_before[m], 0, 0
         for k, (name, op, inputs) in enumerate(nodes, m):
             call = op == "call_function"
             if call:
                 for s in copies.get(name, info[name].storages):
                     if s not in static:
-                        c = refs[s] if s in refs else st.count_before(s, m)
+                        c = refs[s] if s in refs else g.count_before(s, m)
                         live += sizes[s] if c == 0 else 0
                         refs[s] = c + 1
             level = live + (info[name].temp_bytes if call else 0)
@@ -192,52 +224,53 @@ class MovePeaks:
             for a in dead:
                 for s in copies.get(a, info[a].storages):
                     if s not in static:
-                        c = (refs[s] if s in refs else st.count_before(s, m)) - 1
+                        c = (refs[s] if s in refs else g.count_before(s, m)) - 1
                         live -= sizes[s] if c == 0 else 0
                         refs[s] = c
         return top, st.static_bytes + level
 
     def _index_writes(self) -> None:
-        """Where each storage is last used in the graph (by a node or as an input), and
-        the nodes that may write into an input (:func:`~planner.reuse.plan_reuse`'s
-        candidates, a superset: its other conditions do not depend on the order)."""
-        nodes = self.plain.nodes
-        both = {n for n, _, _ in self.schedule.forward.nodes} & {n for n, _, _ in self.schedule.backward.nodes}
-        targets = {n.name: n.target for n in self.plain.gm.graph.nodes if n.op == "call_function"}
-        self.storage_last: dict[int, int] = {}
-        self.writers: set[str] = set()
+        """Where each storage is used (by a node or as an input), and the nodes that
+        may write into an input with their inputs' storages (a superset of
+        :func:`~planner.reuse.plan_reuse`'s: its other conditions do not depend on the order)."""
+        sched, nodes = self.peaks.schedule, self.peaks.plain.nodes
+        both = {n for n, _, _ in sched.forward.nodes} & {n for n, _, _ in sched.backward.nodes}
+        targets = {n.name: n.target for n in self.peaks.plain.gm.graph.nodes if n.op == "call_function"}
+        #: Per storage, the positions using it, in order.
+        self.uses: dict[int, list[int]] = {}
+        #: Positions of the possible writers, and the single storages of their inputs.
+        self.writers: list[int] = []
+        self.written: dict[int, list[int]] = {}
         for k, (n, op, inputs) in enumerate(self.order.nodes):
             for a in (n, *inputs):
                 for s in nodes[a].storages:
-                    self.storage_last[s] = k
+                    uses = self.uses.setdefault(s, [])
+                    if not uses or uses[-1] != k:
+                        uses.append(k)
             if (op == "call_function" and n not in both and len(nodes[n].storages) == 1
                     and out_variant(targets.get(n)) is not None):
-                self.writers.add(n)
+                self.writers.append(k)
+                self.written[k] = [nodes[a].storages[0] for a in inputs if len(nodes[a].storages) == 1]
 
-    def _same_writes(self, nodes, m: int, M: int, i: int, j: int) -> bool:
-        """Whether the moved order has the same writes into inputs as the schedule:
-        every writer in the window sees each input's storage last used at itself
-        exactly when it does in the schedule, or, failing that, planning the writes
-        for the moved schedule gives the same."""
-        info, base_last = self.plain.nodes, self.storage_last
-        last: dict[int, int] = {}
-        for k, (n, _, inputs) in enumerate(nodes, m):
-            for a in (n, *inputs):
-                for s in info[a].storages:
-                    if m <= base_last[s] <= M:
-                        last[s] = k
-        old = {n: k for k, (n, _, _) in enumerate(self.order.nodes[m:M + 1], m)}
-        for k, (n, _, inputs) in enumerate(nodes, m):
-            if n not in self.writers:
-                continue
-            for a in inputs:
-                sts = info[a].storages
-                if len(sts) == 1 and (last.get(sts[0], base_last[sts[0]]) == k) != (base_last[sts[0]] == old[n]):
-                    return self._replanned_writes_same(i, j)
+    def same_writes(self, i: int, j: int) -> bool:
+        """Whether the order with node ``i`` moved to ``j`` has the schedule's writes
+        into inputs: every writer between them sees each input's storage last used at
+        itself exactly when it does in the schedule, or, failing that, planning the
+        writes for the moved schedule gives the same."""
+        m, M = min(i, j), max(i, j)
+        for q in self.writers[bisect_left(self.writers, m):bisect_left(self.writers, M + 1)]:
+            at = _new_position(q, i, j)
+            for s in self.written[q]:
+                uses = self.uses[s]
+                last = uses[-1]
+                moved_last = max(_new_position(p, i, j) for p in uses[bisect_left(uses, m):]) if m <= last <= M else last
+                if (moved_last == at) != (last == q):
+                    return self._replanned_same(i, j)
         return True
 
-    def _replanned_writes_same(self, i: int, j: int) -> bool:
-        cand = replace(self.schedule, **{self.graph: moved(self.order, i, j)})
-        rw = plan_reuse(self.plain, cand, memo=self.memo)
-        base = self.reuse
-        return rw.forward == base.forward and rw.backward == base.backward and rw.storage_map == base.storage_map
+    def _replanned_same(self, i: int, j: int) -> bool:
+        peaks = self.peaks
+        cand = replace(peaks.schedule, **{self.graph: moved(self.order, i, j)})
+        rw = plan_reuse(peaks.plain, cand, memo=peaks.memo)
+        return rw.forward == peaks.reuse.forward and rw.backward == peaks.reuse.backward \
+            and rw.storage_map == peaks.reuse.storage_map

@@ -254,19 +254,23 @@ def improve_order(gp: GraphProfile, schedule: Schedule, *, reuse: bool = False, 
         rw = plan_reuse(gp, s, memo=memo)
         return rw, profile_with_reuse(gp, rw, memo=memo)
 
-    writes, profile = with_reuse(schedule)
-    best = simulate(profile, schedule, granularity=granularity, engine=engine, track_peak=True)
+    def simulated(s: Schedule) -> tuple[SimResult, MovePeaks | None, GraphProfile]:
+        writes, profile = with_reuse(s)
+        if not incremental:
+            return simulate(profile, s, granularity=granularity, engine=engine, track_peak=True), None, profile
+        peaks = MovePeaks(gp, s, profile, reuse=writes, memo=memo, granularity=granularity, engine=engine)
+        return peaks.result, peaks, profile
+
+    best, peaks, profile = simulated(schedule)
     for _ in range(rounds):
         graph = "forward" if best.peak_phase == "forward" else "backward"
         order = getattr(schedule, graph)
         if best.peak_node not in {n for n, _, _ in order.nodes}:
             break  # the gradient reduction after backward: no order changes its level
-        peaks = (MovePeaks(gp, schedule, profile, graph, reuse=writes, memo=memo, granularity=granularity, engine=engine)
-                 if incremental else None)
         found: tuple[int, tuple[int, int] | None] = (best.peak_bytes, None)
         for i, j in _moves(profile, order, best.peak_node, set(best.peak_storages), limit):
             # stopped at the level to beat: a candidate that reaches it is no better
-            peak = peaks.peak(i, j, stop_at=found[0]) if peaks is not None else None
+            peak = peaks.peak(graph, i, j, stop_at=found[0]) if peaks is not None else None
             if peak is None:
                 cand = replace(schedule, **{graph: moved(order, i, j)})
                 peak = simulate(with_reuse(cand)[1], cand, granularity=granularity, engine=engine, stop_at=found[0]).peak_bytes
@@ -275,8 +279,7 @@ def improve_order(gp: GraphProfile, schedule: Schedule, *, reuse: bool = False, 
         if found[1] is None:
             break
         schedule = replace(schedule, **{graph: moved(order, *found[1])})
-        writes, profile = with_reuse(schedule)
-        best = simulate(profile, schedule, granularity=granularity, engine=engine, track_peak=True)
+        best, peaks, profile = simulated(schedule)
     return schedule, best
 
 
