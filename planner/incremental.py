@@ -43,9 +43,13 @@ def moved(order: GraphOrder, i: int, j: int) -> GraphOrder:
     return GraphOrder(nodes=tuple(nodes), outputs=order.outputs)
 
 
+#: Nodes between two snapshots of a graph's reference counts (:class:`_Graph`).
+SNAPSHOT_EVERY = 64
+
+
 class _Recording(_Liveness):
-    """The simulator's state, recording for each graph every storage's reference
-    count after each change, and the live bytes before each node."""
+    """The simulator's state, recording for each graph every change of a storage's
+    reference count, and the live bytes before each node."""
 
     def __init__(self, gp: GraphProfile, granularity: int, engine, held: int):
         super().__init__(gp, granularity, engine, False, held, track=True)
@@ -57,25 +61,36 @@ class _Recording(_Liveness):
         self._allocated = 0
 
     def run(self, order: GraphOrder, phase: str) -> list[str]:
-        self.current = _Graph(first=len(self.totals), refs0=dict(self.refs))
+        self.current = _Graph(first=len(self.totals))
         try:
             return super().run(order, phase)
         finally:
             self.current.copies, self.graphs[phase], self.current = self.copies, self.current, None
 
+    def _snapshot(self) -> None:
+        """A snapshot of the counts before node ``k`` allocates, every :data:`SNAPSHOT_EVERY` nodes."""
+        g = self.current
+        k = len(g.live_before)
+        if k % SNAPSHOT_EVERY == 0 and len(g.snapshots) == k // SNAPSHOT_EVERY:
+            g.snapshots.append({s: c for s, c in self.refs.items() if c})
+            g.snapshot_at.append(len(g.stamps))
+
     def _log(self, storages, stamp: int) -> None:
         g = self.current
         for s in storages:
             if s not in self.static:
-                g.stamps.setdefault(s, []).append(stamp)
-                g.counts.setdefault(s, []).append(self.refs[s])
+                g.stamps.append(stamp)
+                g.storages.append(s)
+                g.counts.append(self.refs[s])
 
     def acquire(self, storages) -> None:
+        if self.current is None:
+            return super().acquire(storages)
+        self._snapshot()
         before = self.live
         super().acquire(storages)
-        if self.current is not None:
-            self._allocated += self.live - before
-            self._log(storages, 2 * len(self.current.live_before))
+        self._allocated += self.live - before
+        self._log(storages, 2 * len(self.current.live_before))
 
     def release(self, storages) -> None:
         super().release(storages)
@@ -84,6 +99,7 @@ class _Recording(_Liveness):
 
     def record(self, name: str, phase: str, temp_bytes: int) -> None:
         if self.current is not None:
+            self._snapshot()
             self.current.live_before.append(self.live - self._allocated)
             self._allocated = 0
         super().record(name, phase, temp_bytes)
@@ -96,25 +112,34 @@ class _Recording(_Liveness):
 class _Graph:
     """What :class:`_Recording` recorded of one graph's run."""
 
-    def __init__(self, *, first: int, refs0: dict[int, int]):
+    def __init__(self, *, first: int):
         #: Index of the graph's first point in the step's points.
         self.first = first
-        #: References of each storage as the graph starts.
-        self.refs0 = refs0
-        #: Per storage, the stamps of its changes (2k: an allocation by node k; 2k + 1:
-        #: a free after node k) and its count after each.
-        self.stamps: dict[int, list[int]] = {}
-        self.counts: dict[int, list[int]] = {}
+        #: Every change of a storage's count, in order: its stamp (2k: an allocation by
+        #: node k; 2k + 1: a free after node k), the storage, the count after it.
+        self.stamps: list[int] = []
+        self.storages: list[int] = []
+        self.counts: list[int] = []
+        #: The counts (those not 0) before node ``c * SNAPSHOT_EVERY`` allocates, and the
+        #: number of changes recorded by then.
+        self.snapshots: list[dict[int, int]] = []
+        self.snapshot_at: list[int] = []
         #: Live bytes (beyond static ones) before each node allocates.
         self.live_before: list[int] = []
         #: The graph's recomputed copies (:mod:`planner.recomputed_copies`).
         self.copies: dict[str, tuple[int, ...]] = {}
 
-    def count_before(self, s: int, m: int) -> int:
-        """References to storage ``s`` just before node ``m`` allocates."""
-        stamps = self.stamps.get(s)
-        k = bisect_left(stamps, 2 * m) if stamps else 0
-        return self.counts[s][k - 1] if k else self.refs0.get(s, 0)
+    def counts_before(self, m: int) -> tuple[dict[int, int], dict[int, int]]:
+        """The counts just before node ``m`` allocates: those changed since the last
+        snapshot (a new dict), and that snapshot (storages in neither have none)."""
+        c = m // SNAPSHOT_EVERY
+        changed: dict[int, int] = {}
+        stamps, storages, counts = self.stamps, self.storages, self.counts
+        e, end = self.snapshot_at[c], 2 * m
+        while e < len(stamps) and stamps[e] < end:
+            changed[storages[e]] = counts[e]
+            e += 1
+        return changed, self.snapshots[c]
 
 
 class MovePeaks:
@@ -203,14 +228,14 @@ class _View:
         for k, (_, _, inputs) in enumerate(nodes, m):
             for a in inputs:
                 last[a] = k
-        refs: dict[int, int] = {}
+        refs, before = g.counts_before(m)
         live, top, level = g.live_before[m], 0, 0
         for k, (name, op, inputs) in enumerate(nodes, m):
             call = op == "call_function"
             if call:
                 for s in copies.get(name, info[name].storages):
                     if s not in static:
-                        c = refs[s] if s in refs else g.count_before(s, m)
+                        c = refs[s] if s in refs else before.get(s, 0)
                         live += sizes[s] if c == 0 else 0
                         refs[s] = c + 1
             level = live + (info[name].temp_bytes if call else 0)
@@ -224,7 +249,7 @@ class _View:
             for a in dead:
                 for s in copies.get(a, info[a].storages):
                     if s not in static:
-                        c = (refs[s] if s in refs else g.count_before(s, m)) - 1
+                        c = (refs[s] if s in refs else before.get(s, 0)) - 1
                         live -= sizes[s] if c == 0 else 0
                         refs[s] = c
         return top, st.static_bytes + level
