@@ -23,14 +23,14 @@ to the caller (:meth:`MovePeaks.peak` returns None) to simulate in full.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from dataclasses import replace
 
 from profiles.graph_profile import GraphProfile
 
 from .reuse import Reuse, out_variant, plan_reuse
 from .schedule import GraphOrder, Schedule
-from .simulate import SimResult, _Liveness, _run_step  # the simulator's own state and step, recorded
+from .simulate import END_OF_BACKWARD, SimResult, _Liveness, _run_step  # the simulator's own state and step, recorded
 from .training_loop import TrainingLoop
 
 __all__ = ["MovePeaks", "moved"]
@@ -52,9 +52,12 @@ class _Recording(_Liveness):
     reference count, and the live bytes before each node."""
 
     def __init__(self, gp: GraphProfile, granularity: int, engine, held: int):
-        super().__init__(gp, granularity, engine, False, held, track=True)
+        super().__init__(gp, granularity, engine, False, held)
         #: Every point's bytes, in step order.
         self.totals: list[int] = []
+        #: Where the peak so far was reached: in a graph (its record, and the changes
+        #: recorded by then), or elsewhere (None, and the storages live there).
+        self.peak_at: tuple[_Graph | None, int | frozenset[int]] = (None, frozenset())
         #: Per graph (its phase), what it recorded (:class:`_Graph`).
         self.graphs: dict[str, _Graph] = {}
         self.current: _Graph | None = None
@@ -62,51 +65,62 @@ class _Recording(_Liveness):
 
     def run(self, order: GraphOrder, phase: str) -> list[str]:
         self.current = _Graph(first=len(self.totals))
+        self.current.snapshot(self.refs)
         try:
             return super().run(order, phase)
         finally:
             self.current.copies, self.graphs[phase], self.current = self.copies, self.current, None
 
-    def _snapshot(self) -> None:
-        """A snapshot of the counts before node ``k`` allocates, every :data:`SNAPSHOT_EVERY` nodes."""
-        g = self.current
-        k = len(g.live_before)
-        if k % SNAPSHOT_EVERY == 0 and len(g.snapshots) == k // SNAPSHOT_EVERY:
-            g.snapshots.append({s: c for s, c in self.refs.items() if c})
-            g.snapshot_at.append(len(g.stamps))
-
-    def _log(self, storages, stamp: int) -> None:
-        g = self.current
+    def _log(self, g: _Graph, storages, stamp: int) -> None:
+        refs = self.refs
         for s in storages:
             if s not in self.static:
                 g.stamps.append(stamp)
                 g.storages.append(s)
-                g.counts.append(self.refs[s])
+                g.counts.append(refs[s])
 
     def acquire(self, storages) -> None:
-        if self.current is None:
+        g = self.current
+        if g is None:
             return super().acquire(storages)
-        self._snapshot()
         before = self.live
         super().acquire(storages)
         self._allocated += self.live - before
-        self._log(storages, 2 * len(self.current.live_before))
+        self._log(g, storages, 2 * len(g.live_before))
 
     def release(self, storages) -> None:
         super().release(storages)
         if self.current is not None:
-            self._log(storages, 2 * len(self.current.live_before) - 1)
+            self._log(self.current, storages, 2 * len(self.current.live_before) - 1)
 
     def record(self, name: str, phase: str, temp_bytes: int) -> None:
-        if self.current is not None:
-            self._snapshot()
-            self.current.live_before.append(self.live - self._allocated)
+        g = self.current
+        if g is not None:
+            g.live_before.append(self.live - self._allocated)
             self._allocated = 0
         super().record(name, phase, temp_bytes)
+        if g is not None and len(g.live_before) % SNAPSHOT_EVERY == 0:
+            g.snapshot(self.refs)  # before the releases of node c * SNAPSHOT_EVERY - 1
 
     def point(self, name: str, phase: str, total: int) -> None:
         self.totals.append(total)
+        if total > self.peak:  # the live storages are taken once the peak is known (:meth:`live_at_peak`)
+            g = self.current
+            self.peak_at = (g, len(g.stamps)) if g is not None else (None, self.live_storages())
         super().point(name, phase, total)
+
+    def live_at_peak(self) -> frozenset[int]:
+        """The storages live at the step's peak, as ``simulate(..., track_peak=True)`` gives them."""
+        if self.peak_node == END_OF_BACKWARD:
+            return self.live_storages()  # the level after backward, which nothing after it changes
+        g, at = self.peak_at
+        if g is None:
+            return at
+        c = bisect_right(g.snapshot_at, at) - 1
+        counts = dict(g.snapshots[c])
+        for e in range(g.snapshot_at[c], at):
+            counts[g.storages[e]] = g.counts[e]
+        return frozenset(self.origin.get(s, s) for s, n in counts.items() if n > 0)
 
 
 class _Graph:
@@ -120,14 +134,18 @@ class _Graph:
         self.stamps: list[int] = []
         self.storages: list[int] = []
         self.counts: list[int] = []
-        #: The counts (those not 0) before node ``c * SNAPSHOT_EVERY`` allocates, and the
-        #: number of changes recorded by then.
+        #: Snapshot ``c`` of the counts (those not 0): as the graph starts, then as node
+        #: ``c * SNAPSHOT_EVERY - 1`` has allocated; the number of changes recorded by then.
         self.snapshots: list[dict[int, int]] = []
         self.snapshot_at: list[int] = []
         #: Live bytes (beyond static ones) before each node allocates.
         self.live_before: list[int] = []
         #: The graph's recomputed copies (:mod:`planner.recomputed_copies`).
         self.copies: dict[str, tuple[int, ...]] = {}
+
+    def snapshot(self, refs: dict[int, int]) -> None:
+        self.snapshots.append({s: c for s, c in refs.items() if c})
+        self.snapshot_at.append(len(self.stamps))
 
     def counts_before(self, m: int) -> tuple[dict[int, int], dict[int, int]]:
         """The counts just before node ``m`` allocates: those changed since the last
@@ -157,7 +175,7 @@ class MovePeaks:
         _run_step(st, profile, schedule, engine, TrainingLoop())
         #: The schedule's simulation, as ``simulate(profile, schedule, track_peak=True)`` gives it.
         self.result = SimResult(peak_bytes=st.peak, peak_node=st.peak_node, peak_phase=st.peak_phase,
-                                static_bytes=st.static_bytes, peak_storages=st.peak_storages)
+                                static_bytes=st.static_bytes, peak_storages=st.live_at_peak())
         #: The gradient reduction's bytes beyond backward's last level, and its point (0 without an engine).
         self.engine_end = engine.end if engine is not None else None
         self.end = st.level + engine.end if engine is not None else 0

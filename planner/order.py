@@ -9,7 +9,9 @@ traced by running the autograd engine), with recomputed values just in time.
 but first read later sinks to just before its first reader, and a node after the
 peak that frees a value live there rises to just after its inputs; the move that
 lowers the step peak most is kept, until none does. So the result is never worse
-than the partition's order. :func:`arrange` also lets ops write into inputs that
+than the partition's order. Each round simulates the schedule once and each move
+only over the nodes it reorders (:mod:`planner.incremental`), which gives the
+peaks a full simulation of each moved schedule gives. :func:`arrange` also lets ops write into inputs that
 die at them (:mod:`planner.reuse`), judged together with the order.
 
 :func:`greedy_order` is the list scheduling of Inductor's ``reorder_for_peak_memory``

@@ -18,7 +18,7 @@ from planner.joint_index import fast_schedule
 from planner.order import _without_temps, arrange, check_order, improve_order
 from planner.problem import build_problem
 from planner.reuse import plan_reuse, profile_with_reuse
-from planner.simulate import simulate
+from planner.simulate import END_OF_BACKWARD, simulate
 from planner.sqrt import solve_sqrt
 from profiles import capture, profile_graph
 from test_properties import _model as random_net
@@ -50,7 +50,9 @@ def _schedules(name):
 def test_arrangement_is_the_same_as_simulating_each_move(case):
     gp, schedules = _schedules(case)
     for label, sched in schedules.items():
-        for kw in ({}, {"granularity": 512, "engine": EngineBytes(forward=4096, backward=8192, end=1 << 16, optimizer=0)}):
+        top = simulate(gp, sched).peak_bytes
+        for kw in ({}, {"granularity": 512, "engine": EngineBytes(forward=4096, backward=8192, end=1 << 16, optimizer=0)},
+                   {"engine": EngineBytes(forward=top, backward=0, end=0, optimizer=0)}):  # the peak in forward
             fast = arrange(gp, sched, **kw)
             slow = arrange(gp, sched, incremental=False, **kw)
             assert fast.schedule == slow.schedule, (case, label, kw)
@@ -91,20 +93,27 @@ def test_move_peaks_are_the_full_simulation(case):
     gp, schedules = _schedules(case)
     plain = _without_temps(gp)
     rng = random.Random(0)
-    decided = 0
+    decided, phases = 0, set()
     for sched in schedules.values():
-        for reuse, with_engine in ((True, False), (True, True), (False, True)):
+        for reuse in (True, False):
             memo: dict = {}
             rw = plan_reuse(plain, sched, memo=memo) if reuse else None
             profile = profile_with_reuse(plain, rw, memo=memo) if reuse else plain
-            # the gradient reduction after backward near the peak
-            engine = EngineBytes(forward=0, backward=1024, end=simulate(profile, sched).peak_bytes // 3, optimizer=0)
-            for kw in [{"engine": engine, "granularity": 512}] if with_engine else [{}]:
+            top = simulate(profile, sched).peak_bytes
+            kws = [
+                {"engine": EngineBytes(forward=0, backward=1024, end=top // 3, optimizer=0), "granularity": 512},
+                # the peak in forward; the peak at the gradient reduction after backward
+                {"engine": EngineBytes(forward=top, backward=0, end=0, optimizer=0)},
+                {"engine": EngineBytes(forward=0, backward=0, end=2 * top, optimizer=0)},
+                {},
+            ]
+            for kw in kws if reuse else kws[:1]:
                 peaks = MovePeaks(plain, sched, profile, reuse=rw, memo=memo, **kw)
                 assert peaks.result == simulate(profile, sched, track_peak=True, **kw)
+                phases.add(peaks.result.peak_node if peaks.result.peak_node == END_OF_BACKWARD else peaks.result.peak_phase)
                 for graph in ("forward", "backward"):
                     order = getattr(sched, graph)
-                    for i, j in _valid_moves(gp, order, rng, 20):
+                    for i, j in _valid_moves(gp, order, rng, 12):
                         cand = replace(sched, **{graph: moved(order, i, j)})
                         cand_profile = profile_with_reuse(plain, plan_reuse(plain, cand, memo=memo), memo=memo) if reuse else plain
                         full = simulate(cand_profile, cand, **kw).peak_bytes
@@ -119,3 +128,4 @@ def test_move_peaks_are_the_full_simulation(case):
                             stopped = peaks.peak(graph, i, j, stop_at=stop)
                             assert (stopped >= stop) if full >= stop else stopped == full, (case, graph, i, j, stop)
     assert decided >= 150, decided
+    assert phases == {"forward", "backward", END_OF_BACKWARD}, phases
