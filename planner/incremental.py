@@ -44,7 +44,7 @@ def moved(order: GraphOrder, i: int, j: int) -> GraphOrder:
 
 
 #: Nodes between two snapshots of a graph's reference counts (:class:`_Graph`).
-SNAPSHOT_EVERY = 64
+SNAPSHOT_EVERY = 128
 
 
 class _Recording(_Liveness):
@@ -211,6 +211,15 @@ def _new_position(p: int, i: int, j: int) -> int:
     return p
 
 
+def _moved_last(uses: list[int], i: int, j: int) -> int:
+    """The last of the increasing positions ``uses`` after the node at ``i`` moved to
+    ``j`` (positions other than ``i`` keep their order)."""
+    last = uses[-1] if uses[-1] != i else (uses[-2] if len(uses) > 1 else None)
+    moved_last = _new_position(last, i, j) if last is not None else j
+    k = bisect_left(uses, i)
+    return max(moved_last, j) if k < len(uses) and uses[k] == i else moved_last
+
+
 class _View:
     """One graph of a :class:`MovePeaks`: the most bytes before and after each node,
     each value's last reader, and where the graph's writes into inputs are decided."""
@@ -305,9 +314,7 @@ class _View:
             at = _new_position(q, i, j)
             for s in self.written[q]:
                 uses = self.uses[s]
-                last = uses[-1]
-                moved_last = max(_new_position(p, i, j) for p in uses[bisect_left(uses, m):]) if m <= last <= M else last
-                if (moved_last == at) != (last == q):
+                if (_moved_last(uses, i, j) == at) != (uses[-1] == q):
                     return self._replanned_same(i, j)
         return True
 

@@ -115,11 +115,12 @@ def test_move_peaks_are_the_full_simulation(case):
                     order = getattr(sched, graph)
                     for i, j in _valid_moves(gp, order, rng, 12):
                         cand = replace(sched, **{graph: moved(order, i, j)})
-                        cand_profile = profile_with_reuse(plain, plan_reuse(plain, cand, memo=memo), memo=memo) if reuse else plain
-                        full = simulate(cand_profile, cand, **kw).peak_bytes
+                        cand_rw = plan_reuse(plain, cand, memo=memo) if reuse else None
+                        full = simulate(profile_with_reuse(plain, cand_rw, memo=memo) if reuse else plain, cand, **kw).peak_bytes
                         got = peaks.peak(graph, i, j)
-                        if got is None:  # the move changes a write into an input
-                            assert reuse and plan_reuse(plain, cand, memo=memo) != rw
+                        # None exactly when the move changes a write into an input
+                        assert (got is None) == (cand_rw != rw), (case, graph, i, j)
+                        if got is None:
                             continue
                         decided += 1
                         assert got == full, (case, graph, i, j, kw)
