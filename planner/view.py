@@ -69,8 +69,32 @@ def headline(plan) -> list[tuple[str, str]]:
         ("values for backward", f"{len(plan.saved)} saved ({format_bytes(saved)}), "
                                 f"{len(plan.recomputed)} recomputed ({format_bytes(recomputed)})"),
         *_loop_lines(plan),
+        *_region_headline(plan),
         ("solver", _solver_text(plan)),
     ]
+
+
+def _region_headline(plan) -> list[tuple[str, str]]:
+    """How many graph regions the step runs as, for a model that breaks the graph."""
+    regions = getattr(plan, "regions", ())
+    if not regions:
+        return []
+    return [("graph regions", f"{len(regions)}: the model breaks the graph; node names start with the region "
+                              f"({regions[0].prefix}...{regions[-1].prefix}), see the regions table")]
+
+
+def _region_table(plan) -> list[str]:
+    """Per region, in the order the step runs them: where in the user's code, bytes saved and recomputed."""
+    regions = getattr(plan, "regions", ())
+    if not regions:
+        return []
+    lines = ["", "graph regions, in the order forward runs them (backward runs them in reverse):"]
+    for r in regions:
+        mine = [n for n in plan.nodes if n.name.startswith(r.prefix)]
+        saved = sum(n.bytes for n in mine if n.decision == "save")
+        recomputed = sum(n.bytes for n in mine if n.decision == "recompute")
+        lines.append(f"  {r.prefix:<5} saved {format_bytes(saved):>11}, recomputed {format_bytes(recomputed):>11}  {r.where}")
+    return lines
 
 
 def _loop_lines(plan) -> list[tuple[str, str]]:
@@ -146,7 +170,7 @@ def table(plan, *, depth: int | None = 2, top: int = 10) -> str:
     """A text report: :func:`summary`; per module (path cut to ``depth`` parts) the
     bytes saved and recomputed and the FLOPs recomputed; totals; the ``top``
     largest recomputed values. This is what ``planner show`` prints."""
-    lines = [summary(plan), *_module_table(plan, depth)]
+    lines = [summary(plan), *_region_table(plan), *_module_table(plan, depth)]
     rec = _largest_recomputed(plan, top)
     if rec:
         lines += ["", f"largest recomputed values (top {len(rec)} of {len(plan.recomputed)}):"]
@@ -189,7 +213,7 @@ def html(plan, *, depth: int | None = 3, top: int = 10) -> str:
 def explain(plan, *, depth: int | None = 3, top: int = 10) -> str:
     """:func:`summary`, then per module (path cut to ``depth`` parts) MiB saved and
     recomputed and GFLOP recomputed, then the ``top`` largest recomputed values by bytes."""
-    lines = [summary(plan), "", f"{'module':<40} {'saved MiB':>10} {'recomp MiB':>10} {'recomp GFLOP':>12}"]
+    lines = [summary(plan), *_region_table(plan), "", f"{'module':<40} {'saved MiB':>10} {'recomp MiB':>10} {'recomp GFLOP':>12}"]
     for r in plan.by_module(depth):
         lines.append(
             f"{r['module'][:40]:<40} {r['saved_bytes'] / MiB:>10.2f} {r['recomputed_bytes'] / MiB:>10.2f} "

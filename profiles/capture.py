@@ -20,12 +20,13 @@ from ._torch_private import (
     copy_graph_module,
     no_aot_autograd_cache,
 )
-from .capture_errors import explain_capture_failure
+from .capture_errors import GraphBreak, explain_capture_failure
 from .dropout_pass import rewrite_dropout
 from .executors import JointRecorded, check_executor, recording_backend
 from .joint import CaptureError, JointGraph, mutated_primals
 from .meta import capture_meta, uses_meta
 from .norm_dtypes import record_layer_norm_stat_dtypes
+from .regions import capture_regions, restitch
 from .signature import check_input_devices, graph_fingerprint, node_digests, structure_fingerprint
 
 __all__ = ["capture", "normalize_inputs", "prepare_joint", "with_dropout", "state_kept"]
@@ -158,7 +159,8 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
     Inductor partitions (after its decompositions and joint-graph passes, with
     Inductor options ``compile_options``), without generating code. A model or
     inputs on the meta device are captured on fake tensors, allocating nothing
-    (see :mod:`profiles.meta`)."""
+    (see :mod:`profiles.meta`). A model that breaks the graph is captured as
+    regions stitched into one joint graph (:mod:`profiles.regions`; op by op only)."""
     check_executor(executor)
     args, kwargs = normalize_inputs(model, example_inputs)
     if uses_meta(model, args, kwargs):
@@ -166,7 +168,15 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
                             compile_options=compile_options)
     check_input_devices(model, args, kwargs, allow_meta=True)
     allow_recompiles()
-    gm, num_fwd_outputs, primals = _record_step(model, args, kwargs, executor, compile_options)
+    try:
+        gm, num_fwd_outputs, primals = _record_step(model, args, kwargs, executor, compile_options)
+    except GraphBreak as e:
+        if executor != "eager":
+            raise
+        gm, first_break = None, f"{e.file}:{e.line} ({e.reason})"
+    if gm is None:
+        return capture_regions(model, args, kwargs, dropout=dropout, prepare=prepare_joint, state_kept=_state_kept,
+                               first_break=first_break)
     roles, names = _primal_roles(model, primals)
     fingerprint = graph_fingerprint(gm, num_fwd_outputs)  # of the graph as captured, before prepare_joint
     structure = structure_fingerprint(gm, num_fwd_outputs)
@@ -194,6 +204,8 @@ def with_dropout(joint: JointGraph, dropout: str) -> JointGraph:
     from the graph as captured: the same as capturing again, without running the model."""
     if joint.raw_gm is None:
         raise ValueError("this JointGraph keeps no copy of the captured graph; capture the model again")
+    if joint.regions:
+        return restitch(joint, dropout, prepare_joint)
     gm = copy_graph_module(joint.raw_gm)
     return JointGraph(
         gm=gm,
