@@ -41,6 +41,7 @@ __all__ = [
     "backend_error_cause",
     "graph_break_info",
     "aot_descriptor",
+    "quiet_graph_breaks",
     "real_tensors",
     "backward_without_autocast",
     "profiler_active",
@@ -219,6 +220,27 @@ def aot_descriptor(desc) -> tuple[str, int] | None:
     if isinstance(desc, d.TangentAOTInput) and isinstance(desc.output, d.PlainAOTOutput):
         return ("tangent", desc.output.idx)
     return None
+
+
+@contextlib.contextmanager
+def quiet_graph_breaks():
+    """Run the body with dynamo's graph-break warnings (``.item()`` and the like)
+    silenced: the planner reports regions itself, and prints nothing unless asked.
+    Dynamo's own look at the ``.grad`` of a non-leaf tensor it resumes with (a
+    ``UserWarning``) is silenced too. Private: the warnings come from the
+    ``torch._dynamo`` logger and its variable builder."""
+    import logging
+    import warnings
+
+    log = logging.getLogger("torch._dynamo")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf Tensor")
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def real_tensors():

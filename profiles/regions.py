@@ -12,9 +12,7 @@ Nothing runs backward.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -26,6 +24,7 @@ from ._torch_private import (
     default_partition,
     make_boxed,
     no_aot_autograd_cache,
+    quiet_graph_breaks,
     tree_leaves,
 )
 from .causal_sdpa import with_causal_sdpa
@@ -33,20 +32,7 @@ from .joint import CaptureError, CapturedRegion, JointGraph
 from .region_stitch import stitch
 from .signature import graph_fingerprint, node_digests, structure_fingerprint
 
-__all__ = ["capture_regions", "restitch", "quiet_graph_breaks"]
-
-
-@contextlib.contextmanager
-def quiet_graph_breaks() -> Iterator[None]:
-    """Run the body with dynamo's graph-break warnings (``.item()`` and the like) silenced:
-    the planner reports regions itself, and prints nothing unless asked."""
-    log = logging.getLogger("torch._dynamo")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+__all__ = ["capture_regions", "restitch"]
 
 
 class _Recorder:

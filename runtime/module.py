@@ -42,6 +42,7 @@ from profiles._torch_private import (
     graph_break_info,
     make_boxed,
     no_ddp_graph_split,
+    quiet_graph_breaks,
 )
 from profiles.allocator import granularity, graph_device_type
 from profiles.autocast_state import autocast_mismatch, step_autocast
@@ -49,7 +50,6 @@ from profiles.capture import prepare_joint
 from profiles.causal_sdpa import with_causal_sdpa
 from profiles.executors import EXECUTORS, unwrap_compiled
 from profiles.capture_errors import explain_capture_failure
-from profiles.regions import quiet_graph_breaks
 from profiles.device import target_device_type
 from profiles.signature import (
     check_input_devices,

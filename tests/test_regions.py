@@ -1,0 +1,123 @@
+"""A model that breaks the graph is planned across its regions (issue 15).
+
+The user's model prints and branches on ``.item()`` between blocks, so
+``torch.compile`` runs it as three regions. Planned at 60% of its activation
+memory, it trains exactly like eager (dropout included) within the budget, and
+the prediction is within a few percent of the measured peak. A break inside a
+loop (code torch.compile runs eagerly) is refused with an error that says where.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from torch import nn
+
+import planner
+import runtime
+from helpers import assert_same_step, measured_step_peak
+from profiles import capture
+from profiles.joint import CaptureError
+
+
+class Block(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.drop = nn.Dropout(0.1)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(self.drop(nn.functional.gelu(self.fc1(self.ln(x)))))
+
+
+class Breaky(nn.Module):
+    """Four blocks; a print after the second and a branch on ``.item()`` after the third."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.emb = nn.Linear(16, d)
+        self.b1, self.b2, self.b3, self.b4 = (Block(d) for _ in range(4))
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x):
+        h = self.b2(self.b1(self.emb(x)))
+        print("between blocks")
+        h = self.b3(h)
+        if h.sum().item() > 0:
+            h = h * 2
+        return self.head(self.b4(h)).pow(2).mean()
+
+
+class LoopBreaky(Breaky):
+    """The same blocks run in a loop with the ``.item()`` branch inside it."""
+
+    def forward(self, x):
+        h = self.emb(x)
+        for b in (self.b1, self.b2, self.b3, self.b4):
+            h = b(h)
+            if h.sum().item() > 0:
+                h = h * 2
+        return self.head(h).pow(2).mean()
+
+
+@pytest.fixture(scope="module")
+def planned():
+    torch.manual_seed(0)
+    model, x = Breaky(), torch.randn(128, 16)
+    free = planner.plan(model, 1.0, (x,))
+    budget = free.static_bytes + int(0.6 * (free.baseline_peak_bytes - free.static_bytes))
+    return model, x, free, planner.plan(model, budget / 2**30, (x,))
+
+
+def test_regions_in_order_with_their_lines(planned):
+    model, x, free, plan = planned
+    lines = Path(__file__).read_text().splitlines()
+    assert [r.prefix for r in plan.regions] == ["r1_", "r2_", "r3_"]
+    first = lines.index("        h = self.b2(self.b1(self.emb(x)))") + 1
+    assert plan.regions[0].where == f"{__file__}:{first}-{first}"
+    assert plan.regions[1].where.endswith(f":{first + 2}-{first + 3}")  # b3 and the sum .item() reads
+    assert plan.regions[2].where.endswith(f"-{first + 5}")  # ends with the head and the loss
+    assert all(n.name[:3] in ("r1_", "r2_", "r3_") for n in plan.nodes)
+    assert "graph regions" in plan.summary() and "r3_" in plan.explain()
+
+
+def test_planned_regions_train_exactly_within_budget(planned):
+    model, x, free, plan = planned
+    assert plan.recomputed and plan.predicted_peak_bytes <= plan.budget_bytes < free.baseline_peak_bytes
+    assert_same_step(model, lambda m: runtime.apply(m, plan), (x,))
+    m = copy.deepcopy(model)
+    wrapped = runtime.apply(m, plan)
+    measured_step_peak(wrapped, m, (x,))  # the first step compiles
+    peak = measured_step_peak(wrapped, m, (x,))
+    assert peak <= plan.budget_bytes
+    assert plan.predicted_peak_bytes * 0.95 <= peak <= plan.predicted_peak_bytes
+
+
+def test_region_plan_json(planned):
+    plan = planned[3]
+    d = json.loads(plan.to_json())
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "plan.schema.json").read_text())
+    jsonschema.validate(d, schema)
+    assert [r["prefix"] for r in d["regions"]] == ["r1_", "r2_", "r3_"]
+    assert planner.Plan.from_json(plan.to_json()) == plan
+
+
+def test_region_plan_refuses_other_shapes(planned):
+    model, x, free, plan = planned
+    wrapped = runtime.apply(copy.deepcopy(model), plan)
+    with pytest.raises(runtime.PlanMismatch, match="graph region at .* differs from the planned one"):
+        wrapped(torch.randn(64, 16)).backward()
+
+
+def test_break_inside_a_loop_says_where():
+    torch.manual_seed(0)
+    with pytest.raises(CaptureError, match=r"computed outside any compiled region.*first breaks the graph at "
+                                           rf"{__file__}:\d+"):
+        capture(LoopBreaky(), (torch.randn(8, 16),))
