@@ -67,8 +67,9 @@ def explain_capture_failure(model: torch.nn.Module, args: tuple, kwargs: dict, e
         detail = f": {brk['explanation']}" if brk["explanation"] else ""
         return GraphBreak(
             f"cannot capture {name} as one graph: torch.compile breaks the graph at {where}{fn}{code} "
-            f"({brk['reason']}{detail}). The planner needs the whole training step as one graph; "
-            f"to plan this model, change that line: {advice}.",
+            f"({brk['reason']}{detail}). The planner needs the whole training step as one graph here (it plans "
+            f"a model that breaks the graph as regions only when planned and run op by op, executor='eager', "
+            f"at the shapes planned); to plan this model, change that line: {advice}.",
             file=brk["file"],
             line=brk["line"],
             reason=brk["reason"],

@@ -101,9 +101,10 @@ def test_inputs_the_model_rejects_give_its_own_error_and_the_shapes_tried():
      (Chatty, "print(", "print")],
 )
 def test_graph_break_names_file_line_and_what_to_change(cls, needle, words):
+    """Planned for Inductor, a graph break is an error (op by op, it is a region boundary: test_regions.py)."""
     model = cls()
     with pytest.raises(GraphBreak) as info:
-        planner.plan(model, 1.0, (torch.randn(4, 16),))
+        planner.plan(model, 1.0, (torch.randn(4, 16),), executor="inductor")
     e = info.value
     line = _line_of(cls, needle)
     assert e.file == __file__ and e.line == line
