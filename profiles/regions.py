@@ -32,7 +32,7 @@ from .joint import CaptureError, CapturedRegion, JointGraph
 from .region_stitch import stitch
 from .signature import graph_fingerprint, node_digests, structure_fingerprint
 
-__all__ = ["capture_regions", "restitch"]
+__all__ = ["capture_regions", "restitch", "where_traced"]
 
 
 class _Recorder:
@@ -45,7 +45,7 @@ class _Recorder:
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
         k = len(self.regions)
-        rec: dict[str, Any] = {"where": _where(gm)}
+        rec: dict[str, Any] = {"where": where_traced(gm)}
         self.regions.append(rec)
 
         def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
@@ -67,7 +67,7 @@ class _Recorder:
         return run
 
 
-def _where(gm: fx.GraphModule) -> str:
+def where_traced(gm: fx.GraphModule) -> str:
     """``file:first-last`` lines of the outermost user code a dynamo graph was traced from."""
     lines = []
     for node in gm.graph.nodes:

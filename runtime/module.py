@@ -282,8 +282,12 @@ class PlannedModule(nn.Module):
         return self._inference(*args, **kwargs)
 
     def _run_regions(self, args, kwargs):
-        """A training step of a model that breaks the graph (:mod:`runtime.regions`)."""
-        self._regions.start_step()
+        """A training step of a model that breaks the graph (:mod:`runtime.regions`); inputs
+        of other shapes than planned are planned again (a :class:`ShapeWarning` says so)."""
+        if self.shapes and self._call_key not in self.shapes:
+            self._replan(args, kwargs)
+        entry = self.shapes.get(self._call_key)
+        self._regions.start_step(self.plan if entry is None else entry.plan)
         try:
             with quiet_graph_breaks(), backward_without_autocast():
                 return self._compiled(*args, **kwargs)

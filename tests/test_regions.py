@@ -109,11 +109,41 @@ def test_region_plan_json(planned):
     assert planner.Plan.from_json(plan.to_json()) == plan
 
 
-def test_region_plan_refuses_other_shapes(planned):
+def test_other_shapes_are_planned_again(planned):
+    """The last, smaller batch of an epoch: its regions are planned again at the plan's budget."""
     model, x, free, plan = planned
-    wrapped = runtime.apply(copy.deepcopy(model), plan)
-    with pytest.raises(runtime.PlanMismatch, match="graph region at .* differs from the planned one"):
-        wrapped(torch.randn(64, 16)).backward()
+    small = (torch.randn(64, 16),)
+    holder = {}
+
+    def apply(m):
+        holder["wrapped"] = runtime.apply(m, plan)
+        return holder["wrapped"]
+
+    with pytest.warns(runtime.ShapeWarning, match="planning again"):
+        assert_same_step(model, apply, small)
+    (entry,) = [e for e in holder["wrapped"].shapes.values() if e.how == "replanned"]
+    assert entry.plan.regions and entry.plan.budget_bytes == plan.budget_bytes
+    assert entry.predicted_peak_bytes <= plan.budget_bytes
+
+
+def test_another_path_through_the_branch_says_where(planned):
+    """The ``.item()`` branch goes the other way: that path was not planned."""
+    model, x, free, plan = planned
+    lines = Path(__file__).read_text().splitlines()
+    tail = lines.index("        return self.head(self.b4(h)).pow(2).mean()") + 1
+    m = copy.deepcopy(model)
+    wrapped = runtime.apply(m, plan)
+    taken = model.b3(model.b2(model.b1(model.emb(x)))).sum().item() > 0
+    other = x.clone()
+    for scale in (1.0, -1.0, 10.0, -10.0, 100.0, -100.0):  # inputs whose branch goes the other way
+        other = x * scale
+        if (model.b3(model.b2(model.b1(model.emb(other)))).sum().item() > 0) != taken:
+            break
+    else:
+        pytest.fail("no input found that takes the other branch")
+    with pytest.raises(runtime.PlanMismatch, match=rf"graph region at {__file__}:\d+-{tail} .*that the plan does not list"):
+        wrapped(other).backward()
+    assert all(p.grad is None for p in m.parameters())
 
 
 def test_break_inside_a_loop_says_where():
