@@ -20,7 +20,7 @@ from ._torch_private import (
     copy_graph_module,
     no_aot_autograd_cache,
 )
-from .capture_errors import GraphBreak, explain_capture_failure
+from .capture_errors import DataDependentShape, GraphBreak, explain_capture_failure
 from .dropout_pass import rewrite_dropout
 from .executors import JointRecorded, check_executor, recording_backend
 from .joint import CaptureError, JointGraph, mutated_primals
@@ -107,7 +107,7 @@ def _record_step(model: torch.nn.Module, args: tuple, kwargs: dict, executor: st
     ``executor="inductor"``), its number of forward outputs and the tensors its
     primals stand for. The compile stops at the partitioner when those tensors are
     known there (:class:`~profiles.executors.JointRecorded`); else the forward runs."""
-    recorded: dict[str, Any] = {}
+    recorded: dict[str, Any] = {"model_name": type(model).__name__}
     compiled = torch.compile(model, backend=recording_backend(recorded, executor, options), fullgraph=True, dynamic=False)
     with _state_kept(model):
         try:
@@ -116,6 +116,8 @@ def _record_step(model: torch.nn.Module, args: tuple, kwargs: dict, executor: st
         except Exception as e:  # torch.compile wraps every failure; say which step failed and why
             if isinstance(backend_error_cause(e), JointRecorded):
                 return _recorded_step(recorded)
+            if isinstance(backend_error_cause(e), DataDependentShape):
+                raise backend_error_cause(e) from e
             err = explain_capture_failure(model, args, kwargs, e)
             raise err from (getattr(err, "error", None) or e)
     if "joint" not in recorded:

@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from ._torch_private import (
     aot_autograd,
+    backend_error_cause,
     backward_without_autocast,
     copy_graph_module,
     default_partition,
@@ -27,6 +28,7 @@ from ._torch_private import (
     quiet_graph_breaks,
     tree_leaves,
 )
+from .capture_errors import DataDependentShape, check_static_shapes
 from .causal_sdpa import with_causal_sdpa
 from .joint import CaptureError, CapturedRegion, JointGraph
 from .region_stitch import stitch
@@ -39,11 +41,13 @@ class _Recorder:
     """A ``torch.compile`` backend that keeps each region's joint graph and every
     call of each compiled region (its inputs and outputs)."""
 
-    def __init__(self):
+    def __init__(self, model_name: str):
+        self.model_name = model_name
         self.regions: list[dict] = []
         self.calls: list[tuple[int, list, list]] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
+        check_static_shapes(gm, self.model_name)
         k = len(self.regions)
         rec: dict[str, Any] = {"where": where_traced(gm)}
         self.regions.append(rec)
@@ -158,10 +162,15 @@ def capture_regions(model: torch.nn.Module, args: tuple, kwargs: dict, *, dropou
 
 def _capture_regions(model: torch.nn.Module, args: tuple, kwargs: dict, *, dropout: str, prepare: Callable,
                      state_kept: Callable) -> JointGraph:
-    recorder = _Recorder()
+    recorder = _Recorder(type(model).__name__)
     compiled = torch.compile(model, backend=with_causal_sdpa(recorder), fullgraph=False, dynamic=False)
     with state_kept(model), torch.enable_grad(), backward_without_autocast(), no_aot_autograd_cache(), quiet_graph_breaks():
-        outputs = compiled(*args, **kwargs)
+        try:
+            outputs = compiled(*args, **kwargs)
+        except Exception as e:  # torch.compile wraps what the backend raises
+            if isinstance(backend_error_cause(e), DataDependentShape):
+                raise backend_error_cause(e) from e
+            raise
     # a region without a backward (nothing in it requires grad) is left out: its outputs are inputs of the step
     calls = [c for c in recorder.calls if "joint" in recorder.regions[c[0]]]
     if not calls:
