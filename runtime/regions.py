@@ -2,10 +2,11 @@
 
 ``torch.compile`` (without ``fullgraph``) compiles such a model as regions, in the
 order the forward reaches them (:mod:`profiles.regions`). :class:`RegionBackend`
-is its backend: it takes the ``c``-th graph it is given as the plan's regions
-with ``graph == c`` and compiles one split per region, each by the decisions on
-the region's nodes (``Plan.regions[k].prefix``), checked against the region's
-fingerprint. A graph that runs several times in a step (a module that breaks the
+is its backend: it finds the plan's regions a graph it is given is a call of, by
+the fingerprint of its joint graph, and compiles one split per region, each by
+the decisions on the region's nodes (``Plan.regions[k].prefix``). Dynamo compiles
+a region again when a guard fails (after ``if x.item() > 0:`` it guards on the
+value); the same graph gets the same split. A graph that runs several times in a step (a module that breaks the
 graph, called in turn for each layer) runs the split of its ``t``-th region on
 its ``t``-th call of the step (:meth:`RegionBackend.start_step` starts the count).
 Inputs of other shapes recompile every region: they are split by the plan made
@@ -70,25 +71,27 @@ class RegionBackend:
         return self.backend(gm, example_inputs)
 
     def _compile(self, gm: fx.GraphModule, example_inputs) -> Callable:
-        plan = self.plan
-        c = self.compiled.get(id(plan), 0)  # dynamo compiles each plan's graphs in the order the capture did
+        plan, where = self.plan, where_traced(gm)
+        c = self.compiled.get(id(plan), 0)  # dynamo compiles a plan's graphs in the order the capture did
         self.compiled[id(plan)] = c + 1
-        mine = [k for k, r in enumerate(plan.regions) if r.graph == c]
-        if not mine:
-            # a graph without backward (nothing in it requires grad): the capture left it out
-            return aot_autograd(fw_compiler=_boxed_compiler, bw_compiler=_boxed_compiler,
-                                partition_fn=self._unplanned(where_traced(gm)))(gm, example_inputs)
-        runs = [aot_autograd(fw_compiler=_boxed_compiler, bw_compiler=_boxed_compiler,
-                             partition_fn=self._partition(plan, k, where_traced(gm)))(copy_graph_module(gm), example_inputs)
-                for k in mine]
+        found: dict[str, list[int]] = {}
+        first = aot_autograd(fw_compiler=_boxed_compiler, bw_compiler=_boxed_compiler,
+                             partition_fn=self._first(plan, c, where, found))(copy_graph_module(gm), example_inputs)
+        if "regions" not in found:
+            return first  # a graph without backward (nothing in it requires grad): the capture left it out
+        mine = found["regions"]
+        runs = [first] + [aot_autograd(fw_compiler=_boxed_compiler, bw_compiler=_boxed_compiler,
+                                       partition_fn=self._partition(plan, k))(copy_graph_module(gm), example_inputs)
+                          for k in mine[1:]]
+        key = (id(plan), id(runs[0]))
 
         def run(*args):
-            t = self.calls.get((id(plan), c), 0)
-            self.calls[(id(plan), c)] = t + 1
+            t = self.calls.get(key, 0)
+            self.calls[key] = t + 1
             if t >= len(runs):
                 raise RegionMismatch(
-                    f"the graph region at {plan.regions[mine[0]].where} runs more than the {len(runs)} time(s) per "
-                    "step it was planned for: plan again for these inputs with planner.plan(model, budget_gb, inputs)"
+                    f"the graph region at {where} runs more than the {len(runs)} time(s) per step it was planned "
+                    "for: plan again for these inputs with planner.plan(model, budget_gb, inputs)"
                 )
             return runs[t](*args)
 
@@ -96,24 +99,31 @@ class RegionBackend:
             run._boxed_call = True
         return run
 
-    def _partition(self, plan: Plan, k: int, where: str):
+    def _first(self, plan: Plan, c: int, where: str, found: dict):
+        """The partition of a newly compiled graph: finds the plan's regions it is a
+        call of by fingerprint (preferring those of the ``c``-th compiled graph: two
+        places in the forward can trace the same graph), then splits it as the first."""
+
+        def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
+            got = graph_fingerprint(joint, num_fwd_outputs)
+            same = [k for k, r in enumerate(plan.regions) if r.fingerprint == got]
+            if not same:
+                raise RegionMismatch(_unlisted(f"{where} (fingerprint {got})"))
+            graphs = {plan.regions[k].graph for k in same}
+            graph = c if c in graphs else plan.regions[same[0]].graph  # dynamo compiled it again (a guard failed)
+            found["regions"] = [k for k in same if plan.regions[k].graph == graph]
+            return self._partition(plan, found["regions"][0])(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+
+        return partition
+
+    def _partition(self, plan: Plan, k: int):
         region = plan.regions[k]
         recompute = frozenset(n[len(region.prefix):] for n in plan.recomputed if n.startswith(region.prefix))
 
         def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
-            got = graph_fingerprint(joint, num_fwd_outputs)
-            if got != region.fingerprint:
-                raise RegionMismatch(_unlisted(f"{where} (fingerprint {got}; the plan's region "
-                                               f"{region.prefix} at {region.where} has {region.fingerprint})"))
             prepare_joint(joint, dropout=plan.dropout, num_fwd_outputs=num_fwd_outputs)
             fwd, bwd, _ = split_joint(joint, recompute, num_fwd_outputs=num_fwd_outputs)
             self.graphs.append((fwd, bwd))
             return fwd, bwd
-
-        return partition
-
-    def _unplanned(self, where: str):
-        def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
-            raise RegionMismatch(_unlisted(where))
 
         return partition

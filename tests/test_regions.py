@@ -21,7 +21,8 @@ from torch import nn
 import planner
 import runtime
 from helpers import assert_same_step, measured_step_peak
-from profiles import capture
+from planner import OptimizerSpec
+from profiles import capture, measure_peak, storage_bytes
 from profiles.joint import CaptureError
 
 
@@ -55,6 +56,18 @@ class Breaky(nn.Module):
         return self.head(self.b4(h)).pow(2).mean()
 
 
+class BreakyLogits(Breaky):
+    """Returns its output for a loss computed outside; the ``.item()`` branch is always taken."""
+
+    def forward(self, x):
+        h = self.b2(self.b1(self.emb(x)))
+        print("between blocks")
+        h = self.b3(h)
+        if h.abs().sum().item() > 0:
+            h = h * 2
+        return self.head(self.b4(h))
+
+
 class LoopBreaky(Breaky):
     """The same blocks run in a loop with the ``.item()`` branch inside it."""
 
@@ -71,9 +84,9 @@ class LoopBreaky(Breaky):
 def planned():
     torch.manual_seed(0)
     model, x = Breaky(), torch.randn(128, 16)
-    free = planner.plan(model, 1.0, (x,))
-    budget = free.static_bytes + int(0.6 * (free.baseline_peak_bytes - free.static_bytes))
-    return model, x, free, planner.plan(model, budget / 2**30, (x,))
+    with planner.prepare(model, (x,)) as step:
+        free = step.plan(2**30)
+        return model, x, free, step.plan(free.static_bytes + int(0.6 * (free.baseline_peak_bytes - free.static_bytes)))
 
 
 def test_regions_in_order_with_their_lines(planned):
@@ -98,6 +111,50 @@ def test_planned_regions_train_exactly_within_budget(planned):
     peak = measured_step_peak(wrapped, m, (x,))
     assert peak <= plan.budget_bytes
     assert plan.predicted_peak_bytes * 0.95 <= peak <= plan.predicted_peak_bytes
+
+
+def test_everyday_loop_within_budget_and_equal_to_eager():
+    """``loss = mse(wrapped(x), y); loss.backward(); opt.step()`` with AdamW (foreach):
+    four iterations give eager's losses and weights; the second is measured within
+    the budget and within 5% of the prediction. Dynamo compiles the region after
+    ``.item()`` again every step (it guards on the value): the same split is reused."""
+    torch.manual_seed(0)
+    model, x, y = BreakyLogits(), torch.randn(128, 16), torch.randn(128, 1)
+
+    def loss_fn(out):
+        return nn.functional.mse_loss(out, y)
+
+    spec = OptimizerSpec(name="adamw", implementation="foreach")
+    static = storage_bytes(list(model.parameters()) + [x])
+    with planner.prepare(model, (x,), loss_fn=loss_fn, optimizer=spec) as step:
+        free = step.plan(2**30)
+        base = static + free.training_loop.optimizer_state_bytes
+        plan = step.plan(int(base + 0.6 * (free.baseline_peak_bytes - base)))
+    assert plan.recomputed and len(plan.regions) == 3
+    eager, planned_model = copy.deepcopy(model), copy.deepcopy(model)
+    wrapped = runtime.apply(planned_model, plan)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=True) for m in (eager, planned_model)]
+
+    def iteration(module, opt):
+        torch.manual_seed(1)
+        loss = loss_fn(module(x))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    for i in range(4):
+        expected = iteration(eager, opts[0])
+        if i == 1:
+            peak, loss = measure_peak(lambda: iteration(wrapped, opts[1]))
+            measured = base + peak
+        else:
+            loss = iteration(wrapped, opts[1])
+        torch.testing.assert_close(loss, expected, rtol=0, atol=0, msg=lambda m: f"loss of iteration {i}: {m}")
+    for (name, a), (_, b) in zip(eager.named_parameters(), planned_model.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"{name} after 4 steps: {m}")
+    assert measured <= plan.budget_bytes
+    assert abs(plan.predicted_peak_bytes - measured) <= 0.05 * measured
 
 
 def test_region_plan_json(planned):
