@@ -291,6 +291,8 @@ def memory_timeline(plan) -> list[dict]:
       plan does not record when backward frees each saved value.
     - ``recomputed_bytes``: for a ``"recompute"`` step, the bytes it rebuilds (0
       for a view); 0 otherwise.
+    - ``region``: for a model that breaks the graph, the region the step belongs to
+      (``"r1"``, ``"r2"``, ...: ``Plan.regions``); ``""`` otherwise and for placeholders.
     """
     decisions = {n.name: n for n in plan.nodes}
     forward_names = {p[1] for p in (*plan.timeline, *plan.baseline_timeline) if p[0] == "forward"}
@@ -320,6 +322,7 @@ def memory_timeline(plan) -> list[dict]:
                     "static_bytes": plan.static_bytes,
                     "saved_bytes": saved_so_far if phase == "forward" else None,
                     "recomputed_bytes": (d.bytes if d is not None else 0) if kind == "recompute" else 0,
+                    "region": next((r.prefix[:-1] for r in plan.regions if node.startswith(r.prefix)), ""),
                 }
             )
     return rows
@@ -352,9 +355,21 @@ def _mark_phases(ax, n_fwd: int, n_steps: int, top: float) -> None:
         ax.text(n_fwd - 0.5, top * 1.02, " backward →", ha="left", va="bottom", fontsize=8, color="0.3")
 
 
+def _mark_regions(ax, rows: list[dict], top: float) -> None:
+    """A faint line where each graph region starts (a model that breaks the graph), labelled with its name."""
+    last = ""
+    for i, r in enumerate(rows):
+        if r["region"] and r["region"] != last:
+            if i:
+                ax.axvline(i - 0.5, color="0.75", lw=0.8)
+            ax.text(i, top * 0.97, r["region"], ha="left", va="top", fontsize=7, color="0.45")
+            last = r["region"]
+
+
 def plot(plan, *, ax=None, title: str | None = None):
     """Draw :func:`memory_timeline`: eager vs the plan, the budget, the forward/backward
-    boundary, what forward keeps for backward, and where backward recomputes.
+    boundary, what forward keeps for backward, where backward recomputes, and where
+    each graph region starts (a model that breaks the graph).
     Returns the matplotlib ``Axes``."""
     plt = pyplot()
     # Placeholder steps (inputs, saved values, tangents) allocate nothing: leave them out.
@@ -385,6 +400,7 @@ def plot(plan, *, ax=None, title: str | None = None):
     top = max(eager + planned + [plan.budget_bytes / size])
     ax.set_ylim(0, top * 1.1)
     _mark_phases(ax, n_fwd, len(rows), top)
+    _mark_regions(ax, rows, top)
     ax.set_xlim(0, max(len(rows) - 1, 1))
     ax.set_xlabel("op of the training step, in the order it runs (forward, then backward)")
     ax.set_ylabel(f"predicted live {unit}")

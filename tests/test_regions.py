@@ -157,6 +157,21 @@ def test_everyday_loop_within_budget_and_equal_to_eager():
     assert abs(plan.predicted_peak_bytes - measured) <= 0.05 * measured
 
 
+def test_timeline_and_plot_mark_the_regions(planned):
+    """Forward runs the regions in order, backward in reverse; the plot labels where each starts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    plan = planned[3]
+    rows = plan.memory_timeline()
+    fwd = [int(r["region"][1:]) for r in rows if r["phase"] == "forward" and r["kind"] == "forward"]
+    bwd = [int(r["region"][1:]) for r in rows if r["phase"] == "backward" and r["kind"] == "gradient"]
+    assert fwd == sorted(fwd) and set(fwd) == {1, 2, 3}
+    assert bwd == sorted(bwd, reverse=True) and bwd[-1] == 1
+    ax = plan.plot()
+    assert {"r1", "r2", "r3"} <= {t.get_text() for t in ax.texts}
+
+
 def test_region_plan_json(planned):
     plan = planned[3]
     d = json.loads(plan.to_json())
