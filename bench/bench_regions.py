@@ -4,7 +4,7 @@ The model is Hugging Face's GPT-2 blocks (random init) called one by one, with a
 ``print`` after the second block and a branch on a tensor after the third, so
 ``torch.compile`` runs it as three regions. Peaks of one training step (CPU
 allocator events plus parameters and inputs), for: eager; ``torch.compile`` with
-``aot_eager`` (torch's default partition, op by op); every block checkpointed
+``aot_eager`` (torch's min-cut partition, op by op); every block checkpointed
 (``torch.utils.checkpoint``, non-reentrant); the planner with no recomputation;
 and plans at fractions of the activation memory and at the planner's minimum, with
 their predicted peaks.
