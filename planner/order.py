@@ -35,6 +35,7 @@ import torch.fx as fx
 
 from profiles.graph_profile import GraphProfile
 
+from .distributed import EngineBytes
 from .incremental import MovePeaks, moved
 from .schedule import GraphOrder, Schedule
 from .reuse import Reuse, plan_reuse, profile_with_reuse
@@ -45,7 +46,7 @@ __all__ = ["Arrangement", "arrange", "improve_order", "greedy_order", "greedy_sc
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Arrangement:
-    """A schedule as :func:`arrange` leaves it, and what that gained."""
+    """A schedule as :func:`arrange` leaves it, and what it started from."""
 
     #: The forward and backward node orders to run.
     schedule: Schedule
@@ -53,11 +54,24 @@ class Arrangement:
     reuse: Reuse
     #: The profile to simulate ``schedule`` with (``reuse`` applied).
     profile: GraphProfile
-    #: Simulated step peak of the schedule as given and as arranged (bytes).
-    before_bytes: int
-    after_bytes: int
     #: Whether the forward and the backward order changed.
     reordered: tuple[bool, bool]
+    #: The schedule as given, and the profile it was given with.
+    given: Schedule
+    given_profile: GraphProfile
+    #: The simulation's allocation granularity and data-parallel engine bytes.
+    granularity: int = 1
+    engine: EngineBytes | None = None
+
+    @property
+    def before_bytes(self) -> int:
+        """Simulated step peak of the schedule as given (bytes)."""
+        return simulate(self.given_profile, self.given, granularity=self.granularity, engine=self.engine).peak_bytes
+
+    @property
+    def after_bytes(self) -> int:
+        """Simulated step peak of the schedule as arranged (bytes)."""
+        return simulate(self.profile, self.schedule, granularity=self.granularity, engine=self.engine).peak_bytes
 
 
 def _round(nbytes: int, granularity: int) -> int:
@@ -298,7 +312,7 @@ def arrange(gp: GraphProfile, schedule: Schedule, *, reuse: bool = True, reorder
 
     The choices ignore op temporaries, so the runtime, which has no measured
     temporaries, makes the same ones from the graphs alone; ``after_bytes`` is the
-    exact simulation of the result, temporaries included. ``incremental``: as
+    exact simulation of the result, temporaries included (simulated when asked for). ``incremental``: as
     :func:`improve_order`'s (the same result either way)."""
     plain = _without_temps(gp)
     memo: dict = {}
@@ -312,9 +326,8 @@ def arrange(gp: GraphProfile, schedule: Schedule, *, reuse: bool = True, reorder
     profile = profile_with_reuse(gp, rw)  # its own node records: the memo holds the temporary-free ones
     return Arrangement(
         schedule=new, reuse=rw, profile=profile,
-        before_bytes=simulate(gp, schedule, granularity=granularity, engine=engine).peak_bytes,
-        after_bytes=simulate(profile, new, granularity=granularity, engine=engine).peak_bytes,
         reordered=(new.forward != schedule.forward, new.backward != schedule.backward),
+        given=schedule, given_profile=gp, granularity=granularity, engine=engine,
     )
 
 
