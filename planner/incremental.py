@@ -166,7 +166,9 @@ class MovePeaks:
 
     ``profile`` is the profile the schedule is simulated with: ``plain`` with
     ``reuse`` applied (:func:`~planner.reuse.profile_with_reuse`), or ``plain`` itself
-    when ``reuse`` is None; ``memo`` is :func:`~planner.reuse.plan_reuse`'s for ``plain``."""
+    when ``reuse`` is None; ``memo`` is :func:`~planner.reuse.plan_reuse`'s for ``plain``.
+    The step is simulated without a training loop around it, as
+    :func:`planner.order.improve_order` simulates it."""
 
     def __init__(self, plain: GraphProfile, schedule: Schedule, profile: GraphProfile, *,
                  reuse: Reuse | None, memo: dict, granularity: int = 1, engine=None):
