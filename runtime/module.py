@@ -61,7 +61,7 @@ from profiles.signature import (
 
 from .arrange import arrange_graphs
 from .distributed import check_wrapping
-from .inductor import PlanPartitioner, compile_inference, compile_planned, compiling, plans_key
+from .inductor import PlanPartitioner, compile_inference, compile_planned, compiling, planned_options, plans_key
 from .partition import split_joint
 
 __all__ = ["PlannedModule", "ShapeEntry", "PlanMismatch", "AutocastMismatch", "ShapeWarning", "BudgetWarning", "apply"]
@@ -184,7 +184,8 @@ class PlannedModule(nn.Module):
 
         allow_recompiles()
         if self.executor == "inductor":
-            compiled = compile_planned(model, PlanPartitioner(partition, self._plans_key), self.compile_options)
+            compiled = compile_planned(model, PlanPartitioner(partition, self._plans_key),
+                                       planned_options(model, plan, self.compile_options))
         else:
             # attention rewritten as the capture rewrote it (profiles.causal_sdpa)
             backend = with_causal_sdpa(aot_autograd(fw_compiler=_boxed_compiler, bw_compiler=_boxed_compiler,
