@@ -215,5 +215,6 @@ def test_conv_net_compiled_by_inductor_on_cpu_peaks_as_predicted_within_its_budg
     assert abs(measured - p.predicted_peak_bytes) <= 0.01 * p.predicted_peak_bytes, (measured, p.predicted_peak_bytes)
     with pytest.warns(planner.InductorLayoutWarning, match="layout_optimization=True"):
         runtime.apply(copy.deepcopy(model), p, compile_options={"layout_optimization": True})
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 1, 3), nn.Flatten(0))  # one element: the loss
     with pytest.warns(planner.InductorLayoutWarning, match="realize_reads_threshold=4"):
-        planner.plan(model, 1.0, inputs, executor="inductor", compile_options={"realize_reads_threshold": 4})
+        planner.plan(net, 1.0, (torch.randn(1, 3, 5, 5),), executor="inductor", compile_options={"realize_reads_threshold": 4})
