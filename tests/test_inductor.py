@@ -167,35 +167,32 @@ def test_inductor_cost_model_prices_fused_ops_at_their_arithmetic():
     assert not is_extern("aten.mul.Tensor") and is_extern("aten.bmm.default") and is_extern("planner_rng.state.default")
 
 
-def _cbr(cin: int, cout: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)]
-
-
 class _ConvNet(nn.Module):
-    """A stem and two residual blocks (the second downsamples through a 1x1 conv), BatchNorm, cross-entropy."""
+    """A conv stem and two residual blocks (the second downsamples through a 1x1 conv), cross-entropy;
+    no BatchNorm, so that Inductor compiles few kernels."""
 
     def __init__(self, w: int = 4):
         super().__init__()
-        self.stem = nn.Sequential(*_cbr(3, w, 1), nn.ReLU())
-        self.a = nn.Sequential(*_cbr(w, w, 1), nn.ReLU(), *_cbr(w, w, 1))
-        self.b = nn.Sequential(*_cbr(w, 2 * w, 2), nn.ReLU(), *_cbr(2 * w, 2 * w, 1))
-        self.down = nn.Sequential(nn.Conv2d(w, 2 * w, 1, 2, bias=False), nn.BatchNorm2d(2 * w))
+        self.stem = nn.Conv2d(3, w, 3, 1, 1)
+        self.a = nn.Sequential(nn.Conv2d(w, w, 3, 1, 1), nn.ReLU(), nn.Conv2d(w, w, 3, 1, 1))
+        self.b = nn.Sequential(nn.Conv2d(w, 2 * w, 3, 2, 1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, 1, 1))
+        self.down = nn.Conv2d(w, 2 * w, 1, 2)
         self.fc = nn.Linear(2 * w, 10)
 
     def forward(self, x, y):
-        h = self.stem(x)
+        h = torch.relu(self.stem(x))
         h = torch.relu(self.a(h) + h)
         h = torch.relu(self.b(h) + self.down(h))
         return nn.functional.cross_entropy(self.fc(h.mean((2, 3))), y)
 
 
 def test_conv_net_compiled_by_inductor_on_cpu_peaks_as_predicted_within_its_budget():
-    """On the CPU Inductor lays convolutions out channels-last and recomputes a value
-    read by several kernels in each of them, keeping buffers the simulation does not
-    (this net measured 5.6% above its prediction so). A plan whose graph convolves is
-    compiled without both (``CONV_CPU_OPTIONS``): the measured peak is the predicted
-    one within 1%, within the budget, with eager's loss and gradients. Options that
-    undo them warn, when applying and when planning."""
+    """With its default options Inductor on the CPU lays convolutions out channels-last
+    (and recomputes a value read by several kernels in each of them), keeping buffers
+    the simulation does not: this net measured 4.2% above its prediction so. A plan
+    whose graph convolves is compiled without both (``CONV_CPU_OPTIONS``): the measured
+    peak is the predicted one within 1%, within the budget, with eager's loss and
+    gradients. Options that undo them warn, when planning and when applying."""
     torch.manual_seed(0)
     model = _ConvNet()
     g = torch.Generator().manual_seed(0)
@@ -203,7 +200,11 @@ def test_conv_net_compiled_by_inductor_on_cpu_peaks_as_predicted_within_its_budg
     probe = copy.deepcopy(model)
     eager = measured_step_peak(probe, probe, inputs)
     static = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers(), *inputs])
-    p = planner.plan(model, (static + 0.8 * (eager - static)) / planner.GiB, inputs, executor="inductor")
+    # options that undo them warn when planning; the graph planned is the same (they act after it)
+    with pytest.warns(planner.InductorLayoutWarning, match="realize_reads_threshold=4"):
+        step = planner.prepare(model, inputs, executor="inductor", compile_options={"realize_reads_threshold": 4})
+    with step:
+        p = step.plan(int(static + 0.95 * (eager - static)))
     assert p.recomputed
     ref_model, planned_model = copy.deepcopy(model), copy.deepcopy(model)
     _, loss_r = run_step(ref_model, inputs)
@@ -215,6 +216,3 @@ def test_conv_net_compiled_by_inductor_on_cpu_peaks_as_predicted_within_its_budg
     assert abs(measured - p.predicted_peak_bytes) <= 0.01 * p.predicted_peak_bytes, (measured, p.predicted_peak_bytes)
     with pytest.warns(planner.InductorLayoutWarning, match="layout_optimization=True"):
         runtime.apply(copy.deepcopy(model), p, compile_options={"layout_optimization": True})
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 1, 3), nn.Flatten(0))  # one element: the loss
-    with pytest.warns(planner.InductorLayoutWarning, match="realize_reads_threshold=4"):
-        planner.plan(net, 1.0, (torch.randn(1, 3, 5, 5),), executor="inductor", compile_options={"realize_reads_threshold": 4})
