@@ -181,10 +181,12 @@ def _capture_regions(model: torch.nn.Module, args: tuple, kwargs: dict, *, dropo
     sources, values, roles, names = _sources(model, args, kwargs, calls, recorder.regions)
     _check_outputs(model, outputs, calls, recorder.regions)
     raw = []
-    for (k, _, _), src in zip(calls, sources):
+    model_outputs = {id(t) for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)}
+    for (k, _, outs), src in zip(calls, sources):
         rec = recorder.regions[k]
         gm, nfo = rec["joint"], rec["num_fwd_outputs"]
-        raw.append(CapturedRegion(raw_gm=gm, num_fwd_outputs=nfo, sources=src, graph=k,
+        returned = tuple(o for o, t in enumerate(outs) if id(t) in model_outputs)
+        raw.append(CapturedRegion(raw_gm=gm, num_fwd_outputs=nfo, sources=src, graph=k, returned=returned,
                                   fingerprint=graph_fingerprint(gm, nfo), structure=structure_fingerprint(gm, nfo),
                                   where=rec["where"]))
     return _joint(raw, dropout, prepare, primal_values=values, primal_roles=roles, primal_names=names)

@@ -289,7 +289,7 @@ class PlannedModule(nn.Module):
         entry = self.shapes.get(self._call_key)
         self._regions.start_step(self.plan if entry is None else entry.plan)
         try:
-            with quiet_graph_breaks(), backward_without_autocast():
+            with no_ddp_graph_split(), quiet_graph_breaks(), backward_without_autocast():
                 return self._compiled(*args, **kwargs)
         except Exception as e:
             inner = backend_error_cause(e) or e
