@@ -3,8 +3,10 @@ its reason for every forward value backward needs, with the step's numbers."""
 
 from __future__ import annotations
 
+from profiles.region_stitch import region_prefix
+
 from .evaluation import Evaluation
-from .plan_type import ModelInfo, NodeDecision, Plan, SolverInfo
+from .plan_type import ModelInfo, NodeDecision, Plan, RegionInfo, SolverInfo
 from .problem import Problem
 
 __all__ = ["build_plan"]
@@ -23,7 +25,9 @@ def build_plan(
     gp = prob.gp
     recomputed = set(ev.recomputed)
     saved = set(ev.saved)
-    decisions = tuple(_decision(prob, name, name in recomputed) for name in prob.fwd if name in recomputed or name in saved)
+    boundary = {n.name for n in gp.joint.gm.graph.nodes if n.meta.get("region_boundary")} if gp.joint.regions else set()
+    decisions = tuple(_decision(prob, name, name in recomputed, name in boundary)
+                      for name in prob.fwd if name in recomputed or name in saved)
     total_flops = sum(n.flops for n in gp.nodes.values() if n.phase in ("forward", "backward"))
     step_time = sum(n.time_s for n in gp.nodes.values() if n.phase in ("forward", "backward"))
     return Plan(
@@ -44,16 +48,22 @@ def build_plan(
         nodes=decisions,
         timeline=tuple(prob.timeline(ev.recompute)),
         baseline_timeline=tuple(prob.timeline(baseline.recompute)),
+        regions=tuple(
+            RegionInfo(prefix=region_prefix(k), graph=r.graph, fingerprint=r.fingerprint, structure=r.structure, where=r.where)
+            for k, r in enumerate(gp.joint.regions)
+        ),
     )
 
 
-def _decision(prob: Problem, name: str, recomputed: bool) -> NodeDecision:
+def _decision(prob: Problem, name: str, recomputed: bool, boundary: bool) -> NodeDecision:
     """What the plan does with forward value ``name``, and why."""
     ni = prob.gp.nodes[name]
     if recomputed:
         reason = "view: free to rebuild" if prob.own_bytes.get(name, 0) == 0 else "recomputed from saved inputs"
     elif name in prob.free_save:
         reason = "model output: held anyway"
+    elif boundary:
+        reason = "region output: the next region's input, kept by it"
     elif not ni.recomputable:
         reason = "random or effectful op: never recomputed"
     else:
@@ -69,3 +79,4 @@ def _decision(prob: Problem, name: str, recomputed: bool) -> NodeDecision:
         reason=reason,
         inputs=tuple(prob.fwd_inputs[name]),
     )
+

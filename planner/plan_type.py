@@ -16,7 +16,7 @@ from . import view
 from .training_loop import TrainingLoopInfo
 from .units import GiB
 
-__all__ = ["Plan", "ModelInfo", "DistributedInfo", "NodeDecision", "SolverInfo", "TrainingLoopInfo", "SCHEMA_VERSION",
+__all__ = ["Plan", "ModelInfo", "DistributedInfo", "NodeDecision", "SolverInfo", "RegionInfo", "TrainingLoopInfo", "SCHEMA_VERSION",
            "READABLE_VERSIONS", "GiB"]
 
 SCHEMA_VERSION = 3
@@ -165,6 +165,23 @@ class SolverInfo:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RegionInfo:
+    """One region of a step that breaks the graph (:mod:`profiles.regions`): a compiled
+    piece of forward with its backward. A plan lists them in the order the step runs them."""
+
+    #: Prefix of the region's node names in the plan (``"r1_"``).
+    prefix: str
+    #: Which compiled graph the region is a call of, in the order torch.compile compiles
+    #: them (a module that breaks the graph and runs twice is one graph called twice).
+    graph: int
+    #: Fingerprint of the region's joint graph, shapes included, and without them.
+    fingerprint: str
+    structure: str
+    #: The user's code the region was traced from (``file:first-last`` line).
+    where: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Plan:
     """An activation-checkpointing plan for one model and input shape."""
 
@@ -219,6 +236,9 @@ class Plan:
     #: the optimizer step and its predicted peak); ``None`` when not recorded
     #: (``plan_profile`` without a loop, a version 1 or 2 file); per rank for a per-rank plan.
     training_loop: TrainingLoopInfo | None = None
+    #: The regions of a model that breaks the graph, in the order the step runs them;
+    #: empty for a step captured as one graph.
+    regions: tuple[RegionInfo, ...] = ()
 
     # -- derived -----------------------------------------------------------
     @property
@@ -256,6 +276,8 @@ class Plan:
             del d["executor"]  # op by op: the key is left out
         if self.training_loop is None:
             del d["training_loop"]
+        if not self.regions:
+            del d["regions"]  # one graph: the key is left out
         return d
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 1) -> str:
@@ -282,6 +304,7 @@ class Plan:
             d["distributed"] = DistributedInfo(**d["distributed"]) if d.get("distributed") else None
             d["training_loop"] = TrainingLoopInfo(**d["training_loop"]) if d.get("training_loop") else None
             d["solver"] = SolverInfo(**d["solver"])
+            d["regions"] = tuple(RegionInfo(**r) for r in d.get("regions", ()))
             nodes = []
             for n in d["nodes"]:
                 n = dict(n)

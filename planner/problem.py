@@ -235,7 +235,8 @@ def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "t
         engine=engine,
         loop=loop,
         # Inductor orders and reuses buffers itself: the runtime arranges only what runs op by op
-        arrange=gp.joint.executor == "eager",
+        # and a step run as regions runs each region's graphs as split (:mod:`profiles.regions`)
+        arrange=gp.joint.executor == "eager" and not gp.joint.regions,
     )
 
 

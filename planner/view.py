@@ -69,8 +69,32 @@ def headline(plan) -> list[tuple[str, str]]:
         ("values for backward", f"{len(plan.saved)} saved ({format_bytes(saved)}), "
                                 f"{len(plan.recomputed)} recomputed ({format_bytes(recomputed)})"),
         *_loop_lines(plan),
+        *_region_headline(plan),
         ("solver", _solver_text(plan)),
     ]
+
+
+def _region_headline(plan) -> list[tuple[str, str]]:
+    """How many graph regions the step runs as, for a model that breaks the graph."""
+    regions = getattr(plan, "regions", ())
+    if not regions:
+        return []
+    return [("graph regions", f"{len(regions)}: the model breaks the graph; node names start with the region "
+                              f"({regions[0].prefix}...{regions[-1].prefix}), see the regions table")]
+
+
+def _region_table(plan) -> list[str]:
+    """Per region, in the order the step runs them: where in the user's code, bytes saved and recomputed."""
+    regions = getattr(plan, "regions", ())
+    if not regions:
+        return []
+    lines = ["", "graph regions, in the order forward runs them (backward runs them in reverse):"]
+    for r in regions:
+        mine = [n for n in plan.nodes if n.name.startswith(r.prefix)]
+        saved = sum(n.bytes for n in mine if n.decision == "save")
+        recomputed = sum(n.bytes for n in mine if n.decision == "recompute")
+        lines.append(f"  {r.prefix:<5} saved {format_bytes(saved):>11}, recomputed {format_bytes(recomputed):>11}  {r.where}")
+    return lines
 
 
 def _loop_lines(plan) -> list[tuple[str, str]]:
@@ -146,7 +170,7 @@ def table(plan, *, depth: int | None = 2, top: int = 10) -> str:
     """A text report: :func:`summary`; per module (path cut to ``depth`` parts) the
     bytes saved and recomputed and the FLOPs recomputed; totals; the ``top``
     largest recomputed values. This is what ``planner show`` prints."""
-    lines = [summary(plan), *_module_table(plan, depth)]
+    lines = [summary(plan), *_region_table(plan), *_module_table(plan, depth)]
     rec = _largest_recomputed(plan, top)
     if rec:
         lines += ["", f"largest recomputed values (top {len(rec)} of {len(plan.recomputed)}):"]
@@ -189,7 +213,7 @@ def html(plan, *, depth: int | None = 3, top: int = 10) -> str:
 def explain(plan, *, depth: int | None = 3, top: int = 10) -> str:
     """:func:`summary`, then per module (path cut to ``depth`` parts) MiB saved and
     recomputed and GFLOP recomputed, then the ``top`` largest recomputed values by bytes."""
-    lines = [summary(plan), "", f"{'module':<40} {'saved MiB':>10} {'recomp MiB':>10} {'recomp GFLOP':>12}"]
+    lines = [summary(plan), *_region_table(plan), "", f"{'module':<40} {'saved MiB':>10} {'recomp MiB':>10} {'recomp GFLOP':>12}"]
     for r in plan.by_module(depth):
         lines.append(
             f"{r['module'][:40]:<40} {r['saved_bytes'] / MiB:>10.2f} {r['recomputed_bytes'] / MiB:>10.2f} "
@@ -267,6 +291,8 @@ def memory_timeline(plan) -> list[dict]:
       plan does not record when backward frees each saved value.
     - ``recomputed_bytes``: for a ``"recompute"`` step, the bytes it rebuilds (0
       for a view); 0 otherwise.
+    - ``region``: for a model that breaks the graph, the region the step belongs to
+      (``"r1"``, ``"r2"``, ...: ``Plan.regions``); ``""`` otherwise and for placeholders.
     """
     decisions = {n.name: n for n in plan.nodes}
     forward_names = {p[1] for p in (*plan.timeline, *plan.baseline_timeline) if p[0] == "forward"}
@@ -296,6 +322,7 @@ def memory_timeline(plan) -> list[dict]:
                     "static_bytes": plan.static_bytes,
                     "saved_bytes": saved_so_far if phase == "forward" else None,
                     "recomputed_bytes": (d.bytes if d is not None else 0) if kind == "recompute" else 0,
+                    "region": next((r.prefix[:-1] for r in plan.regions if node.startswith(r.prefix)), ""),
                 }
             )
     return rows
@@ -328,9 +355,21 @@ def _mark_phases(ax, n_fwd: int, n_steps: int, top: float) -> None:
         ax.text(n_fwd - 0.5, top * 1.02, " backward →", ha="left", va="bottom", fontsize=8, color="0.3")
 
 
+def _mark_regions(ax, rows: list[dict], top: float) -> None:
+    """A faint line where each graph region starts (a model that breaks the graph), labelled with its name."""
+    last = ""
+    for i, r in enumerate(rows):
+        if r["region"] and r["region"] != last:
+            if i:
+                ax.axvline(i - 0.5, color="0.75", lw=0.8)
+            ax.text(i, top * 0.97, r["region"], ha="left", va="top", fontsize=7, color="0.45")
+            last = r["region"]
+
+
 def plot(plan, *, ax=None, title: str | None = None):
     """Draw :func:`memory_timeline`: eager vs the plan, the budget, the forward/backward
-    boundary, what forward keeps for backward, and where backward recomputes.
+    boundary, what forward keeps for backward, where backward recomputes, and where
+    each graph region starts (a model that breaks the graph).
     Returns the matplotlib ``Axes``."""
     plt = pyplot()
     # Placeholder steps (inputs, saved values, tangents) allocate nothing: leave them out.
@@ -361,6 +400,7 @@ def plot(plan, *, ax=None, title: str | None = None):
     top = max(eager + planned + [plan.budget_bytes / size])
     ax.set_ylim(0, top * 1.1)
     _mark_phases(ax, n_fwd, len(rows), top)
+    _mark_regions(ax, rows, top)
     ax.set_xlim(0, max(len(rows) - 1, 1))
     ax.set_xlabel("op of the training step, in the order it runs (forward, then backward)")
     ax.set_ylabel(f"predicted live {unit}")

@@ -5,7 +5,7 @@ a device you don't have, and :func:`measure_peak` for measuring real peaks.
 """
 
 from .capture import capture, normalize_inputs
-from .capture_errors import GraphBreak, InputsRejected
+from .capture_errors import DataDependentShape, GraphBreak, InputsRejected
 from .device import DeviceProfile, available_targets, load_device_profile
 from .graph_profile import FlopCountWarning, GraphProfile, NodeInfo, profile_graph
 from .joint import CaptureError, JointGraph
@@ -16,6 +16,7 @@ __all__ = [
     "capture",
     "CaptureError",
     "GraphBreak",
+    "DataDependentShape",
     "InputsRejected",
     "JointGraph",
     "graph_fingerprint",

@@ -40,6 +40,8 @@ __all__ = [
     "keep_random_ops",
     "backend_error_cause",
     "graph_break_info",
+    "aot_descriptor",
+    "quiet_graph_breaks",
     "real_tensors",
     "backward_without_autocast",
     "profiler_active",
@@ -198,6 +200,47 @@ def graph_break_info(exc: BaseException) -> dict | None:
         "explanation": explanation,
         "hints": hints,
     }
+
+
+def aot_descriptor(desc) -> tuple[str, int] | None:
+    """What a joint graph's placeholder or output stands for, from AOTAutograd's
+    descriptor (``node.meta["desc"]``): ``("input", i)`` the compiled graph's i-th
+    input, ``("output", i)`` its i-th output, ``("grad", i)`` the gradient of input
+    i, ``("tangent", i)`` the gradient of output i; ``None`` for anything else
+    (input mutations, RNG seeds, tensor-subclass parts). Private: the descriptor
+    classes live in ``torch._functorch._aot_autograd.descriptors``."""
+    from torch._functorch._aot_autograd import descriptors as d
+
+    if isinstance(desc, d.PlainAOTInput):
+        return ("input", desc.idx)
+    if isinstance(desc, d.PlainAOTOutput):
+        return ("output", desc.idx)
+    if isinstance(desc, d.GradAOTOutput) and isinstance(desc.grad_of, d.PlainAOTInput):
+        return ("grad", desc.grad_of.idx)
+    if isinstance(desc, d.TangentAOTInput) and isinstance(desc.output, d.PlainAOTOutput):
+        return ("tangent", desc.output.idx)
+    return None
+
+
+@contextlib.contextmanager
+def quiet_graph_breaks():
+    """Run the body with dynamo's graph-break warnings (``.item()`` and the like)
+    silenced: the planner reports regions itself, and prints nothing unless asked.
+    Dynamo's own look at the ``.grad`` of a non-leaf tensor it resumes with (a
+    ``UserWarning``) is silenced too. Private: the warnings come from the
+    ``torch._dynamo`` logger and its variable builder."""
+    import logging
+    import warnings
+
+    log = logging.getLogger("torch._dynamo")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf Tensor")
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def real_tensors():

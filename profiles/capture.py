@@ -20,12 +20,13 @@ from ._torch_private import (
     copy_graph_module,
     no_aot_autograd_cache,
 )
-from .capture_errors import explain_capture_failure
+from .capture_errors import DataDependentShape, GraphBreak, explain_capture_failure
 from .dropout_pass import rewrite_dropout
 from .executors import JointRecorded, check_executor, recording_backend
 from .joint import CaptureError, JointGraph, mutated_primals
 from .meta import capture_meta, uses_meta
 from .norm_dtypes import record_layer_norm_stat_dtypes
+from .regions import capture_regions, restitch
 from .signature import check_input_devices, graph_fingerprint, node_digests, structure_fingerprint
 
 __all__ = ["capture", "normalize_inputs", "prepare_joint", "with_dropout", "state_kept"]
@@ -106,7 +107,7 @@ def _record_step(model: torch.nn.Module, args: tuple, kwargs: dict, executor: st
     ``executor="inductor"``), its number of forward outputs and the tensors its
     primals stand for. The compile stops at the partitioner when those tensors are
     known there (:class:`~profiles.executors.JointRecorded`); else the forward runs."""
-    recorded: dict[str, Any] = {}
+    recorded: dict[str, Any] = {"model_name": type(model).__name__}
     compiled = torch.compile(model, backend=recording_backend(recorded, executor, options), fullgraph=True, dynamic=False)
     with _state_kept(model):
         try:
@@ -115,6 +116,8 @@ def _record_step(model: torch.nn.Module, args: tuple, kwargs: dict, executor: st
         except Exception as e:  # torch.compile wraps every failure; say which step failed and why
             if isinstance(backend_error_cause(e), JointRecorded):
                 return _recorded_step(recorded)
+            if isinstance(backend_error_cause(e), DataDependentShape):
+                raise backend_error_cause(e) from e
             err = explain_capture_failure(model, args, kwargs, e)
             raise err from (getattr(err, "error", None) or e)
     if "joint" not in recorded:
@@ -158,7 +161,8 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
     Inductor partitions (after its decompositions and joint-graph passes, with
     Inductor options ``compile_options``), without generating code. A model or
     inputs on the meta device are captured on fake tensors, allocating nothing
-    (see :mod:`profiles.meta`)."""
+    (see :mod:`profiles.meta`). A model that breaks the graph is captured as
+    regions stitched into one joint graph (:mod:`profiles.regions`; op by op only)."""
     check_executor(executor)
     args, kwargs = normalize_inputs(model, example_inputs)
     if uses_meta(model, args, kwargs):
@@ -166,7 +170,15 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
                             compile_options=compile_options)
     check_input_devices(model, args, kwargs, allow_meta=True)
     allow_recompiles()
-    gm, num_fwd_outputs, primals = _record_step(model, args, kwargs, executor, compile_options)
+    try:
+        gm, num_fwd_outputs, primals = _record_step(model, args, kwargs, executor, compile_options)
+    except GraphBreak as e:
+        if executor != "eager":
+            raise
+        gm, first_break = None, f"{e.file}:{e.line} ({e.reason})"
+    if gm is None:
+        return capture_regions(model, args, kwargs, dropout=dropout, prepare=prepare_joint, state_kept=_state_kept,
+                               first_break=first_break)
     roles, names = _primal_roles(model, primals)
     fingerprint = graph_fingerprint(gm, num_fwd_outputs)  # of the graph as captured, before prepare_joint
     structure = structure_fingerprint(gm, num_fwd_outputs)
@@ -194,6 +206,8 @@ def with_dropout(joint: JointGraph, dropout: str) -> JointGraph:
     from the graph as captured: the same as capturing again, without running the model."""
     if joint.raw_gm is None:
         raise ValueError("this JointGraph keeps no copy of the captured graph; capture the model again")
+    if joint.regions:
+        return restitch(joint, dropout, prepare_joint)
     gm = copy_graph_module(joint.raw_gm)
     return JointGraph(
         gm=gm,

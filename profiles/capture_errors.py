@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from ._torch_private import backend_error_cause, graph_break_info
+from ._torch_private import backend_error_cause, graph_break_info, tree_leaves
 from .joint import CaptureError
 from .signature import describe_inputs
 
-__all__ = ["GraphBreak", "InputsRejected", "explain_capture_failure"]
+__all__ = ["GraphBreak", "InputsRejected", "DataDependentShape", "check_static_shapes", "explain_capture_failure"]
 
 
 class GraphBreak(CaptureError):
@@ -36,6 +36,49 @@ class InputsRejected(CaptureError, ValueError):
         super().__init__(message)
         self.error = error
         self.inputs = inputs
+
+
+class DataDependentShape(CaptureError):
+    """A tensor's size depends on the values of the data (boolean-mask indexing,
+    ``nonzero``, ``unique``): the planner counts bytes of known sizes.
+
+    ``file``, ``line`` and ``code`` say where (``None`` and "" when unknown)."""
+
+    def __init__(self, message: str, *, file: str | None, line: int | None, code: str):
+        super().__init__(message)
+        self.file = file
+        self.line = line
+        self.code = code
+
+
+def _user_frame(trace: str) -> tuple[str | None, int | None, str]:
+    """``(file, line, code)`` of the innermost frame of an fx node's ``stack_trace``."""
+    lines = trace.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        text = lines[i].strip()
+        if text.startswith("File "):
+            file, _, rest = text[len("File "):].partition(", line ")
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            return file.strip('"'), int(rest.split(",")[0]), code
+    return None, None, ""
+
+
+def check_static_shapes(gm, model_name: str) -> None:
+    """:class:`DataDependentShape` naming the first node of dynamo's graph ``gm``
+    whose size depends on the data (a symbolic size: the capture runs with
+    ``dynamic=False``, so any is data-dependent)."""
+    for node in gm.graph.nodes:
+        for t in tree_leaves(node.meta.get("example_value")):
+            if isinstance(t, torch.Tensor) and not all(isinstance(s, int) for s in t.shape):
+                file, line, code = _user_frame(node.meta.get("stack_trace") or "")
+                where = f"{file}:{line} (`{code}`)" if file else f"node {node.name!r}"
+                raise DataDependentShape(
+                    f"cannot plan {model_name}: at {where} a tensor's size depends on the values of the data "
+                    f"(shape {tuple(t.shape)}; boolean-mask indexing, nonzero or unique), and the planner counts the "
+                    "bytes of tensors of known size. Keep the size fixed: multiply by the mask or use torch.where "
+                    "instead of indexing with it, or move that code out of forward",
+                    file=file, line=line, code=code,
+                )
 
 
 _ADVICE = {
@@ -67,8 +110,9 @@ def explain_capture_failure(model: torch.nn.Module, args: tuple, kwargs: dict, e
         detail = f": {brk['explanation']}" if brk["explanation"] else ""
         return GraphBreak(
             f"cannot capture {name} as one graph: torch.compile breaks the graph at {where}{fn}{code} "
-            f"({brk['reason']}{detail}). The planner needs the whole training step as one graph; "
-            f"to plan this model, change that line: {advice}.",
+            f"({brk['reason']}{detail}). The planner needs the whole training step as one graph here (it plans "
+            f"a model that breaks the graph as regions only when planned and run op by op, executor='eager', "
+            f"at the shapes planned); to plan this model, change that line: {advice}.",
             file=brk["file"],
             line=brk["line"],
             reason=brk["reason"],

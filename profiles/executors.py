@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from .capture_errors import check_static_shapes
 from .causal_sdpa import with_causal_sdpa
 from ._torch_private import (
     CustomPartitionerFn,
@@ -132,6 +133,7 @@ def recording_backend(recorded: dict, executor: str, options: dict | None) -> Ca
     aot = aot_autograd(fw_compiler=lambda gm, ex: run_forward(gm), bw_compiler=lambda gm, ex: gm, partition_fn=partition)
 
     def backend(gm, example_inputs):
+        check_static_shapes(gm, recorded.get("model_name", "the model"))
         recorded["backend_inputs"] = list(example_inputs)
         return aot(gm, example_inputs)
 

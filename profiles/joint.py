@@ -11,11 +11,37 @@ from typing import Any
 
 import torch.fx as fx
 
-__all__ = ["JointGraph", "CaptureError", "mutated_primals"]
+__all__ = ["JointGraph", "CapturedRegion", "CaptureError", "mutated_primals"]
 
 
 class CaptureError(RuntimeError):
     """The model could not be captured as one forward+backward graph."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CapturedRegion:
+    """One region of a step that breaks the graph: a compiled piece of forward with
+    its backward (:mod:`profiles.regions`)."""
+
+    #: The region's joint graph as captured (AOTAutograd's, before ``prepare_joint``).
+    raw_gm: fx.GraphModule
+    #: How many of its outputs are forward outputs.
+    num_fwd_outputs: int
+    #: Per input of the region's graph (in the order it is called with), where the
+    #: tensor comes from: ``("primal", i, 0)``, the whole step's ``i``-th primal, or
+    #: ``("output", j, o)``, output ``o`` of region ``j`` (an earlier one).
+    sources: tuple[tuple[str, int, int], ...]
+    #: Which compiled graph this is a call of, numbered in the order torch.compile
+    #: compiles them (a module that breaks the graph runs one compiled graph per call).
+    graph: int
+    #: The outputs (by index) the model returns to its caller, who holds them until
+    #: backward ends; the others are freed after their last use.
+    returned: tuple[int, ...] = ()
+    #: ``signature.graph_fingerprint`` and ``structure_fingerprint`` of ``raw_gm``.
+    fingerprint: str
+    structure: str
+    #: Where in the user's code the region's forward starts and ends ("file:line-line").
+    where: str
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -56,6 +82,10 @@ class JointGraph:
     #: What runs the split graphs: ``"eager"`` (op by op) or ``"inductor"`` (the joint
     #: graph after Inductor's decompositions and joint-graph passes, compiled by Inductor).
     executor: str = "eager"
+    #: The regions the step runs as, in order, when the model breaks the graph
+    #: (``gm`` is then their joint graphs stitched together, :mod:`profiles.region_stitch`);
+    #: empty for a step captured as one graph.
+    regions: tuple[CapturedRegion, ...] = ()
 
     def drop_tensors(self) -> None:
         """Forget the real tensors so the graph no longer keeps them alive."""

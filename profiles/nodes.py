@@ -64,10 +64,13 @@ def op_name(node: fx.Node) -> str:
 def is_recomputable(node: fx.Node) -> bool:
     """False for nodes whose second run would differ from the first: random ops,
     ops that mutate an argument, higher-order ops and Python callables (kept as
-    they ran), and a ``getitem`` of any of these."""
+    they ran), a ``getitem`` of any of these, and a region's output that later
+    regions read (``meta["region_boundary"]``: :mod:`profiles.region_stitch`)."""
     target = node.target
     if node.op != "call_function":
         return True
+    if node.meta.get("region_boundary"):
+        return False
     if target is operator.getitem:
         return is_recomputable(node.args[0])
     if not is_op_overload(target):

@@ -135,16 +135,16 @@ def planned_options(model: nn.Module, plan: Plan, options: dict | None) -> dict 
             "buffers the planner does not simulate (channels-last copies, values recomputed in each kernel that "
             "reads them), and the measured peak can exceed the budget; leave these options unset",
             InductorLayoutWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
     return conv_cpu_options(options, convolves=convolves, device_type=device_type)
 
 
-def compile_planned(model: nn.Module, partitioner: PlanPartitioner, options: dict | None):
-    """``model`` compiled by Inductor (with ``options``) as one graph for static
-    shapes, its joint graph split by ``partitioner``."""
+def compile_planned(model: nn.Module, partitioner: PlanPartitioner, options: dict | None, plan: Plan):
+    """``model`` compiled by Inductor (with ``options``, and what :func:`planned_options`
+    adds for ``plan``) as one graph for static shapes, its joint graph split by ``partitioner``."""
     import_inductor_passes()
-    opts = {**(options or {}), "custom_partitioner_fn": partitioner}
+    opts = {**(planned_options(model, plan, options) or {}), "custom_partitioner_fn": partitioner}
     return torch.compile(model, backend="inductor", options=opts, fullgraph=True, dynamic=False)
 
 

@@ -42,6 +42,7 @@ from profiles._torch_private import (
     graph_break_info,
     make_boxed,
     no_ddp_graph_split,
+    quiet_graph_breaks,
 )
 from profiles.allocator import granularity, graph_device_type
 from profiles.autocast_state import autocast_mismatch, step_autocast
@@ -61,8 +62,9 @@ from profiles.signature import (
 
 from .arrange import arrange_graphs
 from .distributed import check_wrapping
-from .inductor import PlanPartitioner, compile_inference, compile_planned, compiling, planned_options, plans_key
+from .inductor import PlanPartitioner, compile_inference, compile_planned, compiling, plans_key
 from .partition import split_joint
+from .regions import RegionBackend, RegionMismatch
 
 __all__ = ["PlannedModule", "ShapeEntry", "PlanMismatch", "AutocastMismatch", "ShapeWarning", "BudgetWarning", "apply"]
 
@@ -183,9 +185,14 @@ class PlannedModule(nn.Module):
             return fwd, bwd
 
         allow_recompiles()
-        if self.executor == "inductor":
-            compiled = compile_planned(model, PlanPartitioner(partition, self._plans_key),
-                                       planned_options(model, plan, self.compile_options))
+        regions = None
+        if plan.regions:  # a model that breaks the graph: each region split by its own decisions
+            if self.executor != "eager":
+                raise PlanMismatch("a plan for a model that breaks the graph runs op by op only: apply it with compile='eager'")
+            regions = RegionBackend(plan, graphs)
+            compiled = torch.compile(model, backend=regions, fullgraph=False, dynamic=False)
+        elif self.executor == "inductor":
+            compiled = compile_planned(model, PlanPartitioner(partition, self._plans_key), self.compile_options, plan)
         else:
             # attention rewritten as the capture rewrote it (profiles.causal_sdpa)
             backend = with_causal_sdpa(aot_autograd(fw_compiler=_boxed_compiler, bw_compiler=_boxed_compiler,
@@ -193,6 +200,7 @@ class PlannedModule(nn.Module):
             compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
         # Not submodules: the compiled wrappers would list the parameters again.
         object.__setattr__(self, "_compiled", compiled)
+        object.__setattr__(self, "_regions", regions)
         object.__setattr__(self, "_inference", None)
 
     def _plans_key(self) -> str:
@@ -273,6 +281,22 @@ class PlannedModule(nn.Module):
             object.__setattr__(self, "_inference", compile_inference(self.module, self.compile_options))
         return self._inference(*args, **kwargs)
 
+    def _run_regions(self, args, kwargs):
+        """A training step of a model that breaks the graph (:mod:`runtime.regions`); inputs
+        of other shapes than planned are planned again (a :class:`ShapeWarning` says so)."""
+        if self.shapes and self._call_key not in self.shapes:
+            self._replan(args, kwargs)
+        entry = self.shapes.get(self._call_key)
+        self._regions.start_step(self.plan if entry is None else entry.plan)
+        try:
+            with no_ddp_graph_split(), quiet_graph_breaks(), backward_without_autocast():
+                return self._compiled(*args, **kwargs)
+        except Exception as e:
+            inner = backend_error_cause(e) or e
+            if isinstance(inner, RegionMismatch):
+                raise PlanMismatch(str(inner)) from e
+            raise
+
     def forward(self, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled()):
             return self._infer(*args, **kwargs)
@@ -281,6 +305,8 @@ class PlannedModule(nn.Module):
         if why:
             raise AutocastMismatch(why)
         self._call_key = _key(describe_inputs(args, kwargs))
+        if self._regions is not None:
+            return self._run_regions(args, kwargs)
         for attempt in range(2):
             try:
                 # one graph even inside DistributedDataParallel's forward; backward traced as eager runs it

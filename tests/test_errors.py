@@ -19,7 +19,7 @@ from torch import nn
 import planner
 import runtime
 from helpers import run_step
-from profiles.capture_errors import GraphBreak, InputsRejected
+from profiles.capture_errors import DataDependentShape, GraphBreak, InputsRejected
 
 
 class Small(nn.Module):
@@ -58,6 +58,13 @@ class Chatty(Small):
     def forward(self, x):
         h = self.a(x)
         print("shape", h.shape)
+        return self.b(h).square().mean()
+
+
+class Masky(Small):
+    def forward(self, x):
+        h = self.a(x)
+        h = h[h.sum(-1) > 0]  # as many rows as the data says
         return self.b(h).square().mean()
 
 
@@ -101,15 +108,25 @@ def test_inputs_the_model_rejects_give_its_own_error_and_the_shapes_tried():
      (Chatty, "print(", "print")],
 )
 def test_graph_break_names_file_line_and_what_to_change(cls, needle, words):
+    """Planned for Inductor, a graph break is an error (op by op, it is a region boundary: test_regions.py)."""
     model = cls()
     with pytest.raises(GraphBreak) as info:
-        planner.plan(model, 1.0, (torch.randn(4, 16),))
+        planner.plan(model, 1.0, (torch.randn(4, 16),), executor="inductor")
     e = info.value
     line = _line_of(cls, needle)
     assert e.file == __file__ and e.line == line
     msg = str(e)
     assert f"{__file__}:{line}" in msg and needle in msg and words in msg
     assert "change that line" in msg
+
+
+def test_data_dependent_shape_names_file_and_line():
+    with pytest.raises(DataDependentShape) as info:
+        planner.plan(Masky(), 1.0, (torch.randn(8, 16),))
+    e = info.value
+    line = _line_of(Masky, "h = h[h.sum(-1) > 0]")
+    assert (e.file, e.line) == (__file__, line)
+    assert f"{__file__}:{line}" in str(e) and "torch.where" in str(e)
 
 
 def test_model_state_is_untouched_by_a_failed_capture():

@@ -1,0 +1,211 @@
+"""Capture a step that breaks the graph as regions, stitched into one joint graph.
+
+``torch.compile`` without ``fullgraph`` compiles a model that breaks the graph
+(a ``print``, a branch on ``.item()``) as regions: each a piece of forward with
+its own backward, compiled when the forward first reaches it, with Python code
+running in between. :func:`capture_regions` runs the model's forward once that
+way, records each region's joint graph and, by tensor identity, where each of its
+inputs comes from (a parameter, a model input, or an earlier region's output), and
+stitches the regions into one joint graph of the step (:mod:`profiles.region_stitch`).
+Nothing runs backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from ._torch_private import (
+    aot_autograd,
+    backend_error_cause,
+    backward_without_autocast,
+    copy_graph_module,
+    default_partition,
+    make_boxed,
+    no_aot_autograd_cache,
+    quiet_graph_breaks,
+    tree_leaves,
+)
+from .capture_errors import DataDependentShape, check_static_shapes
+from .causal_sdpa import with_causal_sdpa
+from .joint import CaptureError, CapturedRegion, JointGraph
+from .region_stitch import stitch
+from .signature import graph_fingerprint, node_digests, structure_fingerprint
+
+__all__ = ["capture_regions", "restitch", "where_traced"]
+
+
+class _Recorder:
+    """A ``torch.compile`` backend that keeps each region's joint graph and every
+    call of each compiled region (its inputs and outputs)."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.regions: list[dict] = []
+        self.calls: list[tuple[int, list, list]] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
+        check_static_shapes(gm, self.model_name)
+        k = len(self.regions)
+        rec: dict[str, Any] = {"where": where_traced(gm)}
+        self.regions.append(rec)
+
+        def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
+            rec["joint"], rec["num_fwd_outputs"] = copy_graph_module(joint), num_fwd_outputs
+            return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+
+        compiled = aot_autograd(fw_compiler=lambda g, ex: make_boxed(g), bw_compiler=lambda g, ex: make_boxed(g),
+                                partition_fn=partition)(gm, example_inputs)
+
+        def run(*args):
+            boxed = len(args) == 1 and isinstance(args[0], list)  # dynamo's boxed calling convention
+            inputs = list(args[0]) if boxed else list(args)
+            out = compiled(*args)
+            self.calls.append((k, inputs, list(out)))
+            return out
+
+        if getattr(compiled, "_boxed_call", False):
+            run._boxed_call = True
+        return run
+
+
+def where_traced(gm: fx.GraphModule) -> str:
+    """``file:first-last`` lines of the outermost user code a dynamo graph was traced from."""
+    lines = []
+    for node in gm.graph.nodes:
+        trace = node.meta.get("stack_trace") or ""
+        frames = [ln.strip() for ln in trace.splitlines() if ln.strip().startswith("File ")]
+        if frames:
+            file_part, _, rest = frames[0][len("File "):].partition(", line ")
+            lines.append((file_part.strip('"'), int(rest.split(",")[0])))
+    if not lines:
+        return "an unknown place"
+    file = lines[0][0]
+    nums = [n for f, n in lines if f == file]
+    return f"{file}:{min(nums)}-{max(nums)}"
+
+
+def _sources(model: torch.nn.Module, args: tuple, kwargs: dict, calls: list, regions: list) -> tuple[list, list, list, list]:
+    """Per region, where each input comes from, and the step's primals: their
+    tensors, roles ("param", "buffer", "input") and names."""
+    named: dict[int, tuple[str, str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        named.setdefault(id(p), ("param", name))
+    for name, b in model.named_buffers(remove_duplicate=False):
+        named.setdefault(id(b), ("buffer", name))
+    user_inputs = {id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+    values, roles, names, index = [], [], [], {}
+    produced: dict[int, tuple[int, int]] = {}
+    sources = []
+    for k, (region, inputs, outputs) in enumerate(calls):
+        src = []
+        for i, t in enumerate(inputs):
+            if id(t) in produced and id(t) not in named:
+                j, o = produced[id(t)]
+                src.append(("output", j, o))
+                continue
+            if isinstance(t, torch.Tensor) and t.grad_fn is not None and id(t) not in named and id(t) not in user_inputs:
+                where = regions[region]["where"]
+                raise CaptureError(
+                    f"the graph region at {where} takes a tensor that requires grad and was computed outside any "
+                    "compiled region: torch.compile runs eagerly the code around a graph break it cannot resume "
+                    "after (one inside a loop, or in a function it skips), and the planner cannot see that code's "
+                    "backward. Move the graph break (print, .item(), data-dependent if) out of the loop, into the "
+                    "forward of the module that runs the loop, or remove it"
+                )
+            if id(t) not in index:
+                index[id(t)] = len(values)
+                values.append(t)
+                role, name = named.get(id(t), ("input", ""))
+                roles.append(role)
+                names.append(name)
+            src.append(("primal", index[id(t)], 0))
+        for o, t in enumerate(outputs):
+            if isinstance(t, torch.Tensor):
+                produced[id(t)] = (k, o)
+        sources.append(tuple(src))
+    return sources, values, roles, names
+
+
+def _check_outputs(model: torch.nn.Module, outputs: Any, calls: list, regions: list) -> None:
+    """``CaptureError`` when an output of the model that has a backward was computed
+    outside the compiled regions (eagerly, where the planner does not see it)."""
+    produced = {id(t) for _, _, outs in calls for t in outs}
+    for t in tree_leaves(outputs):
+        if isinstance(t, torch.Tensor) and t.grad_fn is not None and id(t) not in produced:
+            last = regions[calls[-1][0]]["where"]
+            raise CaptureError(
+                f"{type(model).__name__} returns a tensor {tuple(t.shape)} computed outside its compiled graph regions "
+                f"(after the region at {last}): torch.compile runs eagerly the code after a graph break it cannot "
+                "resume after (one inside a loop or a `with` block it does not support, or in a function it skips), "
+                "and the planner cannot see that code's memory. Move the graph break out of that code, or compute "
+                "the loss outside the model (planner.plan(..., loss_fn=...))"
+            )
+
+
+def capture_regions(model: torch.nn.Module, args: tuple, kwargs: dict, *, dropout: str, prepare: Callable,
+                    state_kept: Callable, first_break: str = "") -> JointGraph:
+    """The step of ``model`` on ``(args, kwargs)``, which breaks the graph, as regions
+    stitched into one joint graph (:class:`~profiles.joint.JointGraph` with ``regions``).
+    ``prepare`` is ``capture.prepare_joint``; ``state_kept`` restores the model's
+    state (buffers, RNG, mode) after the forward. ``first_break`` (where torch.compile
+    first breaks the graph) is added to the errors raised."""
+    try:
+        return _capture_regions(model, args, kwargs, dropout=dropout, prepare=prepare, state_kept=state_kept)
+    except CaptureError as e:
+        if not first_break:
+            raise
+        raise CaptureError(f"{e} (torch.compile first breaks the graph at {first_break})") from e
+
+
+def _capture_regions(model: torch.nn.Module, args: tuple, kwargs: dict, *, dropout: str, prepare: Callable,
+                     state_kept: Callable) -> JointGraph:
+    recorder = _Recorder(type(model).__name__)
+    compiled = torch.compile(model, backend=with_causal_sdpa(recorder), fullgraph=False, dynamic=False)
+    with state_kept(model), torch.enable_grad(), backward_without_autocast(), no_aot_autograd_cache(), quiet_graph_breaks():
+        try:
+            outputs = compiled(*args, **kwargs)
+        except Exception as e:  # torch.compile wraps what the backend raises
+            if isinstance(backend_error_cause(e), DataDependentShape):
+                raise backend_error_cause(e) from e
+            raise
+    # a region without a backward (nothing in it requires grad) is left out: its outputs are inputs of the step
+    calls = [c for c in recorder.calls if "joint" in recorder.regions[c[0]]]
+    if not calls:
+        raise CaptureError(
+            f"{type(model).__name__} produced no backward graph: no output requires grad. "
+            "Make sure some parameters have requires_grad=True and the outputs depend on them."
+        )
+    sources, values, roles, names = _sources(model, args, kwargs, calls, recorder.regions)
+    _check_outputs(model, outputs, calls, recorder.regions)
+    raw = []
+    model_outputs = {id(t) for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)}
+    for (k, _, outs), src in zip(calls, sources):
+        rec = recorder.regions[k]
+        gm, nfo = rec["joint"], rec["num_fwd_outputs"]
+        returned = tuple(o for o, t in enumerate(outs) if id(t) in model_outputs)
+        raw.append(CapturedRegion(raw_gm=gm, num_fwd_outputs=nfo, sources=src, graph=k, returned=returned,
+                                  fingerprint=graph_fingerprint(gm, nfo), structure=structure_fingerprint(gm, nfo),
+                                  where=rec["where"]))
+    return _joint(raw, dropout, prepare, primal_values=values, primal_roles=roles, primal_names=names)
+
+
+def _joint(regions: list[CapturedRegion], dropout: str, prepare: Callable, **primals) -> JointGraph:
+    raw_gm, nfo = stitch([r.raw_gm for r in regions], regions, len(primals["primal_values"]))
+    graphs, dropouts = [], 0
+    for r in regions:
+        gm = copy_graph_module(r.raw_gm)
+        dropouts += prepare(gm, dropout=dropout, num_fwd_outputs=r.num_fwd_outputs)
+        graphs.append(gm)
+    gm, _ = stitch(graphs, regions, len(primals["primal_values"]))
+    return JointGraph(gm=gm, num_fwd_outputs=nfo, fingerprint=graph_fingerprint(raw_gm, nfo),
+                      structure=structure_fingerprint(raw_gm, nfo), node_digests=node_digests(raw_gm), dropout=dropout,
+                      num_dropouts=dropouts, raw_gm=raw_gm, regions=tuple(regions), **primals)
+
+
+def restitch(joint: JointGraph, dropout: str, prepare: Callable) -> JointGraph:
+    """``joint`` (captured as regions) with dropout rewritten as ``dropout`` in every region."""
+    return _joint(list(joint.regions), dropout, prepare, primal_values=list(joint.primal_values),
+                  primal_roles=list(joint.primal_roles), primal_names=list(joint.primal_names))
