@@ -26,6 +26,7 @@ from ._torch_private import (
     make_boxed,
     no_aot_autograd_cache,
     quiet_graph_breaks,
+    reads_fake_value,
     tree_leaves,
 )
 from .capture_errors import DataDependentShape, check_static_shapes
@@ -170,6 +171,13 @@ def _capture_regions(model: torch.nn.Module, args: tuple, kwargs: dict, *, dropo
         except Exception as e:  # torch.compile wraps what the backend raises
             if isinstance(backend_error_cause(e), DataDependentShape):
                 raise backend_error_cause(e) from e
+            if reads_fake_value(e):
+                raise CaptureError(
+                    f"{type(model).__name__} on the meta device reads a tensor's value between its graph regions "
+                    "(`.item()`, a branch on a tensor), which a meta tensor does not have: build the model on a real "
+                    "device (the CPU will do, with smaller sizes) to plan it, or make the branch traceable "
+                    "(torch.where, torch.cond)"
+                ) from e
             raise
     # a region without a backward (nothing in it requires grad) is left out: its outputs are inputs of the step
     calls = [c for c in recorder.calls if "joint" in recorder.regions[c[0]]]
