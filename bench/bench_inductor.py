@@ -4,7 +4,9 @@ For each model (a 4-layer GPT-2 and a small ResNet), in one run, on one model
 instance (every configuration wraps the same parameters):
 
 1. eager;
-2. ``torch.compile(model)`` (Inductor, its default partition);
+2. ``torch.compile(model)`` (Inductor, its default partition), and for a model
+   with convolutions on the CPU also with ``profiles.inductor_conv.CONV_CPU_OPTIONS``
+   (the options planned + Inductor compiles such a model with: what they cost);
 3. the planner's op-by-op runtime (``runtime.apply(model, plan)``) and
 4. planned + Inductor (``planner.plan(..., executor="inductor")``, ``runtime.apply``)
    at a budget above eager's peak, and at 50% and 30% of eager's activation memory
@@ -45,6 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 import planner  # noqa: E402
 import runtime  # noqa: E402
 from profiles import measure_peak, storage_bytes  # noqa: E402
+from profiles.inductor_conv import CONV_CPU_OPTIONS  # noqa: E402
 from profiles._torch_private import allow_recompiles, memory_budget_backend, no_aot_autograd_cache  # noqa: E402
 
 MiB, GiB = 2**20, 2**30
@@ -158,6 +161,10 @@ def _configs(wl: Workload, eager_peak: int, executors=("eager", "inductor"), amb
     budgets = [("above eager's peak", 2 * eager_peak)] + [(f"{int(f * 100)}% of activations", int(wl.static + f * act)) for f in fractions]
     out = [{"label": "eager", "kind": "eager", "module": wl.model},
            {"label": "torch.compile", "kind": "compile", "module": torch.compile(wl.model)}]
+    if wl.device.type == "cpu" and any(isinstance(m, torch.nn.Conv2d) for m in wl.model.modules()):
+        opts = ", ".join(f"{k}={v}" for k, v in CONV_CPU_OPTIONS.items())
+        out.append({"label": f"torch.compile, {opts}", "kind": "compile-conv-options",
+                    "module": torch.compile(wl.model, options=dict(CONV_CPU_OPTIONS))})
     for executor in executors:
         for what, budget in budgets:
             label = f"planned {'op by op' if executor == 'eager' else '+ Inductor'}, {what}"

@@ -8,7 +8,7 @@ sqrt(L) heuristic, with peaks checked by exact liveness simulation.
 from .api import SOLVERS, BudgetTooSmall, PreparedStep, minimum_budget_bytes, plan, plan_profile, prepare
 from .batch import BatchFit, fit_batch
 from .plan_type import GiB, SCHEMA_VERSION, DistributedInfo, ModelInfo, NodeDecision, Plan, SolverInfo
-from .executor import InductorLayoutWarning
+from .inductor_layout import InductorLayoutWarning
 from .loss_phase import LossNotCountedWarning
 from .optimizer_memory import OptimizerSpec
 from .resimulation import LoopNotResimulated, resimulate

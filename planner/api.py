@@ -26,7 +26,7 @@ from .build import build_plan
 from .deepspeed import deepspeed_engine
 from .distributed import Distributed, EngineBytes, engine_bytes, record
 from .evaluation import Evaluation
-from .executor import warn_unmodelled_layouts
+from .inductor_layout import budget_margin, warn_unmodelled_layouts
 from .ilp import backend_name, solve_ilp
 from .loop_capture import LoopSetup, check_engine_loop, loop_setup, optimizer_spec
 from .memory_model import refine
@@ -244,7 +244,7 @@ def prepare(
     inputs = kwargs if kwargs else args
     captured = _capture(model, inputs, executor=executor, compile_options=compile_options, progress=progress)
     device_type = _device_type(model, target)
-    warn_unmodelled_layouts(captured, device_type)
+    warn_unmodelled_layouts(captured, device_type, compile_options)
     loop = loop_setup(model, args, kwargs, captured, loss_fn=loss_fn, grad_accumulation=grad_accumulation,
                       optimizer=spec, device_type=device_type, granularity=granularity(device_type))
     request = _Request(
@@ -428,7 +428,7 @@ def plan_profile(
                          loop=loop.loop if loop is not None else None)
     baseline = prob.evaluate(frozenset())
     _log(progress, f"no-checkpoint peak {baseline.sim.peak_bytes / GiB:.4f} GiB, budget {budget_bytes / GiB:.4f} GiB")
-    if baseline.sim.peak_bytes <= budget_bytes:
+    if baseline.sim.peak_bytes <= budget_bytes * (1 - budget_margin(gp.joint, device_type)):
         ev, info = baseline, SolverInfo(name="none", status="budget fits without recomputation", seconds=0.0)
     else:
         ev, info = _solve(prob, budget_bytes, device_type, solver=solver, time_limit_s=time_limit_s, progress=progress)
@@ -444,7 +444,7 @@ def _solve(prob: Problem, budget_bytes: int, device_type: str, *, solver: str, t
     ``"auto"`` the cheaper of both (each checked by exact simulation); for
     ``"ilp"`` sqrt(L)'s plan only when the ILP found none. When none fits, the
     lowest plan if it fits, else :class:`BudgetTooSmall` with the minimum budget."""
-    usable = usable_bytes(budget_bytes, device_type)
+    usable = usable_bytes(budget_bytes, device_type, extra := budget_margin(prob.gp.joint, device_type))
     search = prob.unarranged()  # the solvers search the graphs as split; the plan found is then arranged
     best: tuple[Evaluation, SolverInfo] | None = None
     _log(progress, "trying sqrt(L) segments")
@@ -473,8 +473,8 @@ def _solve(prob: Problem, budget_bytes: int, device_type: str, *, solver: str, t
     if run is not None:
         return run
     bound = peak_lower_bound(search) if backend_name() == "highs" else None
-    raise BudgetTooSmall(budget_bytes, budget_for(prob.evaluate(low_ev.recompute).sim.peak_bytes, device_type),
-                         None if bound is None else budget_for(int(bound), device_type))
+    raise BudgetTooSmall(budget_bytes, budget_for(prob.evaluate(low_ev.recompute).sim.peak_bytes, device_type, extra),
+                         None if bound is None else budget_for(int(bound), device_type, extra))
 
 
 def _named(found: tuple[Evaluation, SolverInfo] | None, blocks) -> tuple[Evaluation, SolverInfo] | None:
@@ -497,4 +497,4 @@ def minimum_budget_bytes(gp_or_problem: GraphProfile | Problem, *, time_limit_s:
         prob = build_problem(gp_or_problem, granularity=granularity(device_type))
     # the lowest plan the solvers find on the graphs as split, as the runtime runs it (arranged)
     low = lowest_plan(prob.unarranged(), time_limit_s)[0]
-    return budget_for(prob.evaluate(low.recompute).sim.peak_bytes, device_type)
+    return budget_for(prob.evaluate(low.recompute).sim.peak_bytes, device_type, budget_margin(prob.gp.joint, device_type))

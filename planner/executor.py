@@ -11,42 +11,15 @@ its own and no launch. Matmuls, convolutions and attention, which Inductor hands
 to library kernels, and custom ops (called as they are) keep their roofline time.
 So under Inductor the solvers recompute pointwise work and keep matmul outputs.
 
-One thing Inductor does is not modelled: on the CPU it lays convolutions out
-channels-last after the graph the planner simulates, so :func:`warn_unmodelled_layouts`
-warns when such a step is planned.
+What Inductor's memory does beyond the simulation, for convolutions on the CPU,
+is :mod:`planner.inductor_layout`'s.
 """
 
 from __future__ import annotations
 
-import warnings
-
 from profiles.graph_profile import GraphProfile
-from profiles.joint import JointGraph
 
-__all__ = ["EXTERN_OPS", "is_extern", "recompute_costs", "InductorLayoutWarning", "warn_unmodelled_layouts"]
-
-
-class InductorLayoutWarning(UserWarning):
-    """A plan for Inductor on the CPU whose graph has convolutions: Inductor lays them
-    out channels-last after the graph the planner simulates, so the measured peak can
-    exceed the prediction and the budget."""
-
-
-def warn_unmodelled_layouts(joint: JointGraph, device_type: str) -> None:
-    """:class:`InductorLayoutWarning` when ``joint`` is Inductor's graph, convolves, and
-    the step runs on the CPU (``device_type``: the model's device, or for a meta-device
-    model its target's)."""
-    if joint.executor != "inductor" or device_type != "cpu":
-        return
-    if any("convolution" in str(n.target) for n in joint.gm.graph.nodes if n.op == "call_function"):
-        warnings.warn(
-            "planning convolutions for Inductor on the CPU: Inductor lays them out channels-last after the graph "
-            "the planner simulates, and a ResNet-18-like net measured up to 17% above its predicted peak, over "
-            "the budget (README, Compiling with Inductor). Leave that much headroom in the budget, or plan this "
-            "model op by op (executor='eager'), whose peaks are simulated exactly.",
-            InductorLayoutWarning,
-            stacklevel=3,
-        )
+__all__ = ["EXTERN_OPS", "is_extern", "recompute_costs"]
 
 #: aten ops (by overload packet name) Inductor runs as library kernels, not fused:
 #: their recomputation costs their roofline time under Inductor too.

@@ -42,6 +42,7 @@ __all__ = [
     "graph_break_info",
     "aot_descriptor",
     "quiet_graph_breaks",
+    "reads_fake_value",
     "real_tensors",
     "backward_without_autocast",
     "profiler_active",
@@ -220,6 +221,15 @@ def aot_descriptor(desc) -> tuple[str, int] | None:
     if isinstance(desc, d.TangentAOTInput) and isinstance(desc.output, d.PlainAOTOutput):
         return ("tangent", desc.output.idx)
     return None
+
+
+def reads_fake_value(exc: BaseException) -> bool:
+    """Whether ``exc`` is a fake tensor asked for its value (``.item()``, a branch on
+    a tensor) outside a graph: a meta-device model's step that needs real data.
+    Private: the exception lives in ``torch._subclasses.fake_tensor``."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    return isinstance(exc, DataDependentOutputException)
 
 
 @contextlib.contextmanager

@@ -67,11 +67,12 @@ def margin(device_type: str) -> float:
     return SAFETY.get(device_type, SAFETY["cuda"])
 
 
-def usable_bytes(budget_bytes: int, device_type: str = "cpu") -> int:
-    """Bytes a recomputing plan may use of ``budget_bytes``."""
-    return int(math.floor(budget_bytes * (1 - margin(device_type))))
+def usable_bytes(budget_bytes: int, device_type: str = "cpu", extra: float = 0.0) -> int:
+    """Bytes a recomputing plan may use of ``budget_bytes``; ``extra``: a further
+    fraction of it left unused (an executor's margin)."""
+    return int(math.floor(budget_bytes * (1 - margin(device_type) - extra)))
 
 
-def budget_for(peak_bytes: int, device_type: str = "cpu") -> int:
-    """The smallest budget whose usable part holds ``peak_bytes``."""
-    return int(math.ceil(peak_bytes / (1 - margin(device_type)))) + 1
+def budget_for(peak_bytes: int, device_type: str = "cpu", extra: float = 0.0) -> int:
+    """The smallest budget whose usable part (with ``extra``, as :func:`usable_bytes`) holds ``peak_bytes``."""
+    return int(math.ceil(peak_bytes / (1 - margin(device_type) - extra))) + 1

@@ -34,6 +34,9 @@ class CapturedRegion:
     #: Which compiled graph this is a call of, numbered in the order torch.compile
     #: compiles them (a module that breaks the graph runs one compiled graph per call).
     graph: int
+    #: The outputs (by index) the model returns to its caller, who holds them until
+    #: backward ends; the others are freed after their last use.
+    returned: tuple[int, ...] = ()
     #: ``signature.graph_fingerprint`` and ``structure_fingerprint`` of ``raw_gm``.
     fingerprint: str
     structure: str

@@ -18,9 +18,10 @@ planner's simulator and solvers see the whole step:
   region's backward (:func:`profiles.nodes.is_recomputable`);
 - gradients of one tensor from several regions are summed (``aten.add``), as
   autograd accumulates them;
-- every region output is a forward output of the whole step: Python code between
-  regions holds it (the frames of the resumed forward keep their locals until the
-  forward returns), and the caller holds the model's outputs.
+- a region output the model returns, or that no later region reads, is a forward
+  output of the whole step (the caller holds it until backward ends); one that
+  later regions read is freed after its last use, as it is at run time (measured:
+  the frames dynamo resumes the forward in do not keep it).
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ def stitch(graphs: list[fx.GraphModule], regions: list[CapturedRegion], num_prim
                 grads.setdefault(a, []).append(env[g])
                 if len(grads[a]) > 1:
                     grads[a] = [_sum(graph, grads[a], f"{prefix}grad_accumulate")]
-    fwd_outputs = [envs[k][out] for k, p in enumerate(parts) for out in p.outputs]
+    fwd_outputs = [envs[k][out] for k, (p, r) in enumerate(zip(parts, regions)) for o, out in enumerate(p.outputs)
+                   if (k, o) not in consumers or o in r.returned]
     graph.output((*fwd_outputs, *[grads[i][0] if i in grads else None for i in range(num_primals)]))
     gm = fx.GraphModule(root, graph)
     gm.graph.lint()

@@ -26,6 +26,7 @@ from ._torch_private import (
     make_boxed,
     no_aot_autograd_cache,
     quiet_graph_breaks,
+    reads_fake_value,
     tree_leaves,
 )
 from .capture_errors import DataDependentShape, check_static_shapes
@@ -170,6 +171,13 @@ def _capture_regions(model: torch.nn.Module, args: tuple, kwargs: dict, *, dropo
         except Exception as e:  # torch.compile wraps what the backend raises
             if isinstance(backend_error_cause(e), DataDependentShape):
                 raise backend_error_cause(e) from e
+            if reads_fake_value(e):
+                raise CaptureError(
+                    f"{type(model).__name__} on the meta device reads a tensor's value between its graph regions "
+                    "(`.item()`, a branch on a tensor), which a meta tensor does not have: build the model on a real "
+                    "device (the CPU will do, with smaller sizes) to plan it, or make the branch traceable "
+                    "(torch.where, torch.cond)"
+                ) from e
             raise
     # a region without a backward (nothing in it requires grad) is left out: its outputs are inputs of the step
     calls = [c for c in recorder.calls if "joint" in recorder.regions[c[0]]]
@@ -181,10 +189,12 @@ def _capture_regions(model: torch.nn.Module, args: tuple, kwargs: dict, *, dropo
     sources, values, roles, names = _sources(model, args, kwargs, calls, recorder.regions)
     _check_outputs(model, outputs, calls, recorder.regions)
     raw = []
-    for (k, _, _), src in zip(calls, sources):
+    model_outputs = {id(t) for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)}
+    for (k, _, outs), src in zip(calls, sources):
         rec = recorder.regions[k]
         gm, nfo = rec["joint"], rec["num_fwd_outputs"]
-        raw.append(CapturedRegion(raw_gm=gm, num_fwd_outputs=nfo, sources=src, graph=k,
+        returned = tuple(o for o, t in enumerate(outs) if id(t) in model_outputs)
+        raw.append(CapturedRegion(raw_gm=gm, num_fwd_outputs=nfo, sources=src, graph=k, returned=returned,
                                   fingerprint=graph_fingerprint(gm, nfo), structure=structure_fingerprint(gm, nfo),
                                   where=rec["where"]))
     return _joint(raw, dropout, prepare, primal_values=values, primal_roles=roles, primal_names=names)

@@ -17,8 +17,13 @@ recomputation where the plan puts it: Inductor fuses a recomputed op into the
 kernels that consume it, not horizontally into an unrelated kernel that shares an
 input (which would run it early and hold its outputs, above the simulated peak).
 
+A plan whose graph convolves, run on the CPU, is compiled with
+:data:`profiles.inductor_conv.CONV_CPU_OPTIONS` added to the options
+(:func:`planned_options`): Inductor's layout optimisation and its inlining of
+values read by several kernels keep buffers alive that the simulation does not.
+
 Inference (``eval()`` or ``torch.no_grad()``) runs the model compiled by Inductor
-with the same options and its own partition: there is no backward to plan for.
+with the options given and its own partition: there is no backward to plan for.
 """
 
 from __future__ import annotations
@@ -26,13 +31,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from planner.inductor_layout import InductorLayoutWarning
 from planner.plan_type import Plan
 from planner.schedule import forward_node_names
+from profiles.device import target_device_type
+from profiles.inductor_conv import conv_cpu_options, ops_convolve, unmodelled_options
 from profiles._torch_private import (
     RECOMPUTED,
     CustomPartitionerFn,
@@ -45,6 +54,7 @@ __all__ = [
     "PlanPartitioner",
     "plans_key",
     "compile_planned",
+    "planned_options",
     "compile_inference",
     "compiling",
     "FUSION_RULES",
@@ -107,11 +117,34 @@ def plans_key(plans: Iterable[Plan]) -> str:
     return f"checkpoint-planner:{FUSION_RULES}:" + h.hexdigest()[:24]
 
 
-def compile_planned(model: nn.Module, partitioner: PlanPartitioner, options: dict | None):
-    """``model`` compiled by Inductor (with ``options``) as one graph for static
-    shapes, its joint graph split by ``partitioner``."""
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def planned_options(model: nn.Module, plan: Plan, options: dict | None) -> dict | None:
+    """The Inductor options ``plan``'s graphs are compiled with: ``options``, plus
+    :data:`~profiles.inductor_conv.CONV_CPU_OPTIONS` when the plan's graph convolves
+    (a convolution among its values, or a convolution module in ``model``) and the
+    model runs on the CPU (a meta-device model: on the plan's target). Warns
+    (:class:`planner.InductorLayoutWarning`) when ``options`` undo them there."""
+    param = next(iter(model.parameters()), None)
+    device_type = param.device.type if param is not None and param.device.type != "meta" else target_device_type(plan.target)
+    convolves = ops_convolve(d.op for d in plan.nodes) or any(isinstance(m, _CONV_MODULES) for m in model.modules())
+    if convolves and device_type == "cpu" and unmodelled_options(options):
+        warnings.warn(
+            f"compiling convolutions on the CPU with {', '.join(unmodelled_options(options))}: Inductor then keeps "
+            "buffers the planner does not simulate (channels-last copies, values recomputed in each kernel that "
+            "reads them), and the measured peak can exceed the budget; leave these options unset",
+            InductorLayoutWarning,
+            stacklevel=5,
+        )
+    return conv_cpu_options(options, convolves=convolves, device_type=device_type)
+
+
+def compile_planned(model: nn.Module, partitioner: PlanPartitioner, options: dict | None, plan: Plan):
+    """``model`` compiled by Inductor (with ``options``, and what :func:`planned_options`
+    adds for ``plan``) as one graph for static shapes, its joint graph split by ``partitioner``."""
     import_inductor_passes()
-    opts = {**(options or {}), "custom_partitioner_fn": partitioner}
+    opts = {**(planned_options(model, plan, options) or {}), "custom_partitioner_fn": partitioner}
     return torch.compile(model, backend="inductor", options=opts, fullgraph=True, dynamic=False)
 
 

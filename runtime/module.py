@@ -192,7 +192,7 @@ class PlannedModule(nn.Module):
             regions = RegionBackend(plan, graphs)
             compiled = torch.compile(model, backend=regions, fullgraph=False, dynamic=False)
         elif self.executor == "inductor":
-            compiled = compile_planned(model, PlanPartitioner(partition, self._plans_key), self.compile_options)
+            compiled = compile_planned(model, PlanPartitioner(partition, self._plans_key), self.compile_options, plan)
         else:
             # attention rewritten as the capture rewrote it (profiles.causal_sdpa)
             backend = with_causal_sdpa(aot_autograd(fw_compiler=_boxed_compiler, bw_compiler=_boxed_compiler,
@@ -289,7 +289,7 @@ class PlannedModule(nn.Module):
         entry = self.shapes.get(self._call_key)
         self._regions.start_step(self.plan if entry is None else entry.plan)
         try:
-            with quiet_graph_breaks(), backward_without_autocast():
+            with no_ddp_graph_split(), quiet_graph_breaks(), backward_without_autocast():
                 return self._compiled(*args, **kwargs)
         except Exception as e:
             inner = backend_error_cause(e) or e

@@ -11,8 +11,9 @@ peak must be within the budget and within 5% of the plan's per-rank prediction
 (measured: within 500 bytes of it, on 2.9-3.3 MB). The DDP ranks also train a small
 GPT-2 with the loss computed outside the model, planned with ``loss_fn`` and
 ``grad_accumulation=True``, over ``no_sync()`` micro-steps (measured: within 40
-bytes of the prediction, on 2.1 MB). The FSDP2 ranks also train a plan compiled by
-Inductor, under DDP and under FSDP2 (``tests/dist_inductor.py``).
+bytes of the prediction, on 2.1 MB), and a model that breaks the graph, planned as
+regions, under DDP and FSDP2 (``tests/dist_regions.py``). The FSDP2 ranks also train
+a plan compiled by Inductor, under DDP and under FSDP2 (``tests/dist_inductor.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available in this torch build", allow_module_level=True)
 
 import dist_inductor  # noqa: E402
+import dist_regions  # noqa: E402
 from dist_harness import WORLD, assert_same_grads, init, local_grads, spawn, train, wrap  # noqa: E402
 
 
@@ -54,7 +56,7 @@ def _inputs(rank: int):
 
 
 def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str, gpt2: tuple | None,
-            inductor: dict | None) -> None:
+            inductor: dict | None, regions: dict | None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     init(rank, port)
@@ -91,6 +93,8 @@ def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str, g
             result["gpt2"] = _gpt2_accumulation(rank, *gpt2)
         if inductor is not None:
             result["inductor"] = dist_inductor.on_rank(rank, inductor)
+        if regions is not None:
+            result["regions"] = dist_regions.on_rank(rank, regions)
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(result, f)
     finally:
@@ -127,10 +131,12 @@ def test_planned_module_trains_under_engine_within_budget(single, sharding, frac
     # FSDP2 ranks a plan compiled by Inductor under both engines (tests/dist_inductor.py)
     gpt2 = _gpt2_plan() if sharding == "ddp" else None
     inductor = dist_inductor.plans() if sharding == "fsdp" else None
+    regions = dist_regions.plans() if sharding == "ddp" else None
     with pytest.MonkeyPatch.context() as env:
         env.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")  # the ranks read Inductor's caches: no pool of compile workers
         spawn(_worker, p.to_json(), sharding, str(tmp_path), (gpt2.to_json(), _gpt2_expected_grads()) if gpt2 else None,
-              {s: q.to_json() for s, q in inductor.items()} if inductor else None)
+              {s: q.to_json() for s, q in inductor.items()} if inductor else None,
+              {s: q.to_json() for s, q in regions.items()} if regions else None)
     for rank in range(WORLD):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         measured = r["measured"]
@@ -144,6 +150,8 @@ def test_planned_module_trains_under_engine_within_budget(single, sharding, frac
             assert abs(accumulating - gpt2.predicted_peak_bytes) <= 0.05 * accumulating, (rank, r["gpt2"], gpt2.predicted_peak_bytes)
         if inductor is not None:
             dist_inductor.check(rank, r["inductor"], inductor)
+        if regions is not None:
+            dist_regions.check(rank, r["regions"], regions)
 
 
 def _gpt2():

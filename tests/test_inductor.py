@@ -3,7 +3,8 @@
 A one-layer GPT-2 without dropout is exact against eager and within its budget; a
 small MLP with dropout is exact against ``torch.compile``'s default run (Inductor's
 own RNG, seeded the same way), also at another batch size, and runs ``no_grad``
-calls compiled. Inductor compiles take tens of seconds each on a CPU, so the
+calls compiled; a small residual conv net (compiled without channels-last layouts)
+peaks as predicted. Inductor compiles take tens of seconds each on a CPU, so the
 compiled cases are few and small; what needs no compilation (an executor mismatch,
 an already compiled model, the cost model, the plan's JSON) is checked without one.
 """
@@ -166,13 +167,52 @@ def test_inductor_cost_model_prices_fused_ops_at_their_arithmetic():
     assert not is_extern("aten.mul.Tensor") and is_extern("aten.bmm.default") and is_extern("planner_rng.state.default")
 
 
-def test_convolutions_planned_for_inductor_on_cpu_warn_of_the_unmodelled_layout():
-    """Inductor lays CPU convolutions out channels-last after the graph the planner
-    simulates (a ResNet measured over its budget, BENCHMARKS.md): such a plan warns;
-    the op-by-op plan of the same net, whose peak is exact, does not."""
+class _ConvNet(nn.Module):
+    """A conv stem and two residual blocks (the second downsamples through a 1x1 conv), cross-entropy;
+    no BatchNorm, so that Inductor compiles few kernels."""
+
+    def __init__(self, w: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, w, 3, 1, 1)
+        self.a = nn.Sequential(nn.Conv2d(w, w, 3, 1, 1), nn.ReLU(), nn.Conv2d(w, w, 3, 1, 1))
+        self.b = nn.Sequential(nn.Conv2d(w, 2 * w, 3, 2, 1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, 1, 1))
+        self.down = nn.Conv2d(w, 2 * w, 1, 2)
+        self.fc = nn.Linear(2 * w, 10)
+
+    def forward(self, x, y):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(self.a(h) + h)
+        h = torch.relu(self.b(h) + self.down(h))
+        return nn.functional.cross_entropy(self.fc(h.mean((2, 3))), y)
+
+
+def test_conv_net_compiled_by_inductor_on_cpu_peaks_as_predicted_within_its_budget():
+    """With its default options Inductor on the CPU lays convolutions out channels-last
+    (and recomputes a value read by several kernels in each of them), keeping buffers
+    the simulation does not: this net measured 4.2% above its prediction so. A plan
+    whose graph convolves is compiled without both (``CONV_CPU_OPTIONS``): the measured
+    peak is the predicted one within 1%, within the budget, with eager's loss and
+    gradients. Options that undo them warn, when planning and when applying."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 1, 3), nn.Flatten(0))  # one element: the loss
-    x = torch.randn(1, 3, 5, 5)
-    with pytest.warns(planner.InductorLayoutWarning, match="channels-last"):
-        planner.plan(net, 1.0, (x,), executor="inductor")
-    planner.plan(net, 1.0, (x,))  # warnings are errors in the suite: none here
+    model = _ConvNet()
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, 3, 16, 16, generator=g), torch.randint(0, 10, (2,), generator=g))
+    probe = copy.deepcopy(model)
+    eager = measured_step_peak(probe, probe, inputs)
+    static = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers(), *inputs])
+    # options that undo them warn when planning; the graph planned is the same (they act after it)
+    with pytest.warns(planner.InductorLayoutWarning, match="realize_reads_threshold=4"):
+        step = planner.prepare(model, inputs, executor="inductor", compile_options={"realize_reads_threshold": 4})
+    with step:
+        p = step.plan(int(static + 0.95 * (eager - static)))
+    assert p.recomputed
+    ref_model, planned_model = copy.deepcopy(model), copy.deepcopy(model)
+    _, loss_r = run_step(ref_model, inputs)
+    wrapped = runtime.apply(planned_model, p)
+    _, loss_p = run_step(wrapped, inputs)
+    _assert_same(planned_model, ref_model, loss_p, loss_r, rtol=1e-4, atol=1e-5)
+    measured = measured_step_peak(wrapped, planned_model, inputs)
+    assert measured <= p.budget_bytes, (measured, p.budget_bytes)
+    assert abs(measured - p.predicted_peak_bytes) <= 0.01 * p.predicted_peak_bytes, (measured, p.predicted_peak_bytes)
+    with pytest.warns(planner.InductorLayoutWarning, match="layout_optimization=True"):
+        runtime.apply(copy.deepcopy(model), p, compile_options={"layout_optimization": True})

@@ -218,6 +218,37 @@ def test_another_path_through_the_branch_says_where(planned):
     assert all(p.grad is None for p in m.parameters())
 
 
+class MetaBreaky(nn.Module):
+    """Two blocks with a print between them; ``item=True`` branches on ``.item()`` instead."""
+
+    def __init__(self, item: bool, d: int = 32):
+        super().__init__()
+        self.item = item
+        self.b1, self.b2 = Block(d), Block(d)
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x):
+        h = self.b1(x)
+        if self.item:
+            if h.sum().item() > 0:
+                h = h * 2
+        else:
+            print("between blocks")
+        return self.head(self.b2(h)).pow(2).mean()
+
+
+def test_meta_device_model_plans_across_a_print_and_refuses_item():
+    with torch.device("meta"):
+        chatty, branchy = MetaBreaky(item=False), MetaBreaky(item=True)
+    x = torch.randn(64, 32, device="meta")
+    plan = planner.plan(chatty, 1.0, (x,), target="h100")
+    assert len(plan.regions) == 2
+    lines = Path(__file__).read_text().splitlines()
+    item_line = lines.index("            if h.sum().item() > 0:", lines.index("class MetaBreaky(nn.Module):")) + 1
+    with pytest.raises(CaptureError, match=rf"meta device reads a tensor's value.*{__file__}:{item_line}"):
+        planner.plan(branchy, 1.0, (x,), target="h100")
+
+
 def test_break_inside_a_loop_says_where():
     torch.manual_seed(0)
     with pytest.raises(CaptureError, match=r"computed outside any compiled region.*first breaks the graph at "
