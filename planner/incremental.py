@@ -178,7 +178,8 @@ class MovePeaks:
         #: The schedule's simulation, as ``simulate(profile, schedule, track_peak=True)`` gives it.
         self.result = SimResult(peak_bytes=st.peak, peak_node=st.peak_node, peak_phase=st.peak_phase,
                                 static_bytes=st.static_bytes, peak_storages=st.live_at_peak())
-        #: The gradient reduction's bytes beyond backward's last level, and its point (0 without an engine).
+        #: The gradient reduction's bytes beyond backward's last level (None without an engine),
+        #: and the bytes of its point after the schedule's backward (0 without an engine).
         self.engine_end = engine.end if engine is not None else None
         self.end = st.level + engine.end if engine is not None else 0
         self._views: dict[str, _View] = {}
