@@ -1,16 +1,15 @@
-"""The regions case of the distributed tests: a model that breaks the graph, planned per rank, under DDP and FSDP2.
+"""The regions case of the distributed tests: a model that breaks the graph, planned per rank, under DDP.
 
 ``tests/test_distributed.py`` runs it inside the DDP ranks it already spawns. A
 model of three small blocks with a ``print`` and a branch on a tensor between
-them (three graph regions) is planned per rank (``world_size=2``, each engine's
-sharding, AdamW state included) at 85% of its no-checkpoint peak, so the plan
-recomputes. Each rank trains it under DDP,
-then under FSDP2 (one ``fully_shard`` group around the planned module), against
-the same engine around the eager model: gradients equal at two steps (the second
-after an AdamW step), and the second step, measured from torch.profiler allocator
-events, within the budget and within 5% of the plan's prediction.
+them (three graph regions) is planned per rank (``world_size=2``, DDP, AdamW
+state included) at 85% of its no-checkpoint peak, so the plan recomputes. Each
+rank trains it under DDP against DDP around the eager model: gradients equal at
+two steps (the second after an AdamW step), and the second step, measured from
+torch.profiler allocator events, within the budget and within 5% of the plan's
+prediction. (FSDP2 as one group around a region plan passed the same checks when
+run by hand; it is left out to keep the suite's time.)
 """
-
 from __future__ import annotations
 
 import copy
@@ -27,7 +26,7 @@ from profiles.memory import allocator_peak
 
 __all__ = ["ENGINES", "plans", "on_rank", "check"]
 
-ENGINES = ("ddp", "fsdp")
+ENGINES = ("ddp",)  # DDP splits compiled graphs at its buckets unless told not to: the case to guard
 
 
 class _Block(nn.Module):
