@@ -180,8 +180,9 @@ def _node_infos(joint: JointGraph, profile: DeviceProfile, flops: dict[str, int]
     infos: dict[str, NodeInfo] = {}
     for node in gm.graph.nodes:
         ids, new_bytes = [], 0
-        for t in _tensors(node.meta.get("val")):
-            key = storage_key(t)
+        tensors = _tensors(node.meta.get("val"))
+        # a stitched graph names its storages itself (profiles.region_stitch)
+        for t, key in zip(tensors, node.meta.get("storage_keys") or [storage_key(t) for t in tensors]):
             if key not in storage_ids:
                 storage_ids[key] = len(storage_bytes)
                 nbytes = t.untyped_storage().nbytes()

@@ -18,6 +18,10 @@ planner's simulator and solvers see the whole step:
   region's backward (:func:`profiles.nodes.is_recomputable`);
 - gradients of one tensor from several regions are summed (``aten.add``), as
   autograd accumulates them;
+- each node's ``meta["storage_keys"]`` names the storage of each tensor it makes
+  (what :func:`profiles.graph_profile.profile_graph` counts): a region's inputs are
+  the storages they come from, and a compiled graph called several times (whose
+  fake values the copies share) gets storages of its own in each copy;
 - a region output the model returns, or that no later region reads, is a forward
   output of the whole step (the caller holds it until backward ends); one that
   later regions read is freed after its last use, as it is at run time (measured:
@@ -29,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ._torch_private import aot_descriptor
+from ._torch_private import aot_descriptor, storage_key, tree_leaves
 from .joint import CaptureError, CapturedRegion
 
 __all__ = ["stitch", "region_prefix"]
@@ -97,7 +101,21 @@ def _sum(graph: fx.Graph, values: list[fx.Node], name: str) -> fx.Node:
         total = graph.create_node("call_function", torch.ops.aten.add.Tensor, (total, v), name=name)
         total.meta = {k: v for k, v in values[0].meta.items() if k in ("val", "tensor_meta")}
         total.meta["partitioner_tag"] = _BACKWARD
+        total.meta["storage_keys"] = [("sum", total.name)]
     return total
+
+
+def _keys(node: fx.Node, alias: dict, k: int) -> list:
+    """The storage of each tensor ``node`` (of region ``k``) makes: an input's, or one of the region's own."""
+    return [alias.get(storage_key(t), ("r", k, storage_key(t)))
+            for t in tree_leaves(node.meta.get("val")) if isinstance(t, torch.Tensor)]
+
+
+def _alias(alias: dict, node: fx.Node, source: fx.Node) -> None:
+    """Region input ``node`` is ``source``: its storage (and its views') is ``source``'s."""
+    for t in tree_leaves(node.meta.get("val")):
+        if isinstance(t, torch.Tensor):
+            alias[storage_key(t)] = source.meta["storage_keys"][0]
 
 
 def stitch(graphs: list[fx.GraphModule], regions: list[CapturedRegion], num_primals: int) -> tuple[fx.GraphModule, int]:
@@ -119,6 +137,7 @@ def stitch(graphs: list[fx.GraphModule], regions: list[CapturedRegion], num_prim
     for idx in range(num_primals):
         ph = graph.placeholder(f"primals_{idx + 1}")
         ph.meta = {k: v for k, v in first_use[idx].meta.items() if k in ("val", "tensor_meta")}
+        ph.meta["storage_keys"] = [("primal", idx)]
         primals.append(ph)
     tangents: dict[tuple[int, int], fx.Node] = {}
     for j, p in enumerate(parts):
@@ -126,16 +145,20 @@ def stitch(graphs: list[fx.GraphModule], regions: list[CapturedRegion], num_prim
             if not any(i in parts[k].grads for k, i in consumers.get((j, o), [])):
                 ph = graph.placeholder(f"tangents_{len(tangents) + 1}")
                 ph.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")}
+                ph.meta["storage_keys"] = [("tangent", j, o)]
                 tangents[(j, o)] = ph
     envs: list[dict] = [{} for _ in parts]
+    aliases: list[dict] = [{} for _ in parts]
     for k, (p, r) in enumerate(zip(parts, regions)):
         env, prefix = envs[k], region_prefix(k)
         for node in p.gm.graph.nodes:
             if node in p.inputs:
                 kind, a, b = r.sources[p.inputs[node]]
                 env[node] = primals[a] if kind == "primal" else envs[a][parts[a].outputs[b]]
+                _alias(aliases[k], node, env[node])
             elif node.op in ("call_function", "get_attr") and node.meta.get("partitioner_tag") != _BACKWARD:
                 env[node] = _copy(graph, root, node, env, prefix)
+                env[node].meta["storage_keys"] = _keys(node, aliases[k], k)
         for out in p.outputs:
             if out.op != "placeholder":
                 envs[k][out].meta["region_boundary"] = True
@@ -145,9 +168,11 @@ def stitch(graphs: list[fx.GraphModule], regions: list[CapturedRegion], num_prim
         for node, o in p.tangents.items():
             given = [envs[c][parts[c].grads[i]] for c, i in consumers.get((k, o), []) if i in parts[c].grads]
             env[node] = _sum(graph, given, f"{prefix}grad_sum") if given else tangents[(k, o)]
+            _alias(aliases[k], node, env[node])
         for node in p.gm.graph.nodes:
             if node.op in ("call_function", "get_attr") and node.meta.get("partitioner_tag") == _BACKWARD:
                 env[node] = _copy(graph, root, node, env, prefix)
+                env[node].meta["storage_keys"] = _keys(node, aliases[k], k)
         for i, g in p.grads.items():
             kind, a, _ = r.sources[i]
             if kind == "primal":

@@ -68,6 +68,28 @@ class BreakyLogits(Breaky):
         return self.head(self.b4(h))
 
 
+class ChattyBlock(Block):
+    """A block that prints in its forward: torch.compile runs it as two regions, one compiled graph each."""
+
+    def forward(self, x):
+        h = self.drop(nn.functional.gelu(self.fc1(self.ln(x))))
+        print("inside a block")
+        return x + self.fc2(h)
+
+
+class ChattyBlocks(nn.Module):
+    """Three printing blocks called one by one: each of the block's two graphs runs three times per step."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.emb = nn.Linear(16, d)
+        self.b1, self.b2, self.b3 = (ChattyBlock(d) for _ in range(3))
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x):
+        return self.head(self.b3(self.b2(self.b1(self.emb(x))))).pow(2).mean()
+
+
 class LoopBreaky(Breaky):
     """The same blocks run in a loop with the ``.item()`` branch inside it."""
 
@@ -170,6 +192,26 @@ def test_timeline_and_plot_mark_the_regions(planned):
     assert bwd == sorted(bwd, reverse=True) and bwd[-1] == 1
     ax = plan.plot()
     assert {"r1", "r2", "r3"} <= {t.get_text() for t in ax.texts}
+
+
+def test_a_graph_run_three_times_gets_each_calls_decisions():
+    """Each call of a compiled graph is its own region with its own decisions: the run
+    takes them in order (exact with dropout, the peak as predicted)."""
+    torch.manual_seed(0)
+    model, x = ChattyBlocks(), torch.randn(128, 16)
+    with planner.prepare(model, (x,)) as step:
+        plan = step.plan(int(0.9 * step.plan(2**30).baseline_peak_bytes))
+    assert [r.graph for r in plan.regions] == [0, 1, 2, 1, 2, 1, 2, 3] and plan.recomputed
+    by_region = {r.prefix: {n.name[len(r.prefix):] for n in plan.nodes
+                            if n.name.startswith(r.prefix) and n.decision == "recompute"} for r in plan.regions}
+    assert len({frozenset(by_region[p]) for p in ("r2_", "r4_", "r6_")}) > 1, "the calls should differ"
+    assert_same_step(model, lambda m: runtime.apply(m, plan), (x,))
+    m = copy.deepcopy(model)
+    wrapped = runtime.apply(m, plan)
+    measured_step_peak(wrapped, m, (x,))
+    peak = measured_step_peak(wrapped, m, (x,))
+    assert peak <= plan.budget_bytes
+    assert plan.predicted_peak_bytes * 0.95 <= peak <= plan.predicted_peak_bytes
 
 
 def test_region_plan_json(planned):
