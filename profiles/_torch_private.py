@@ -41,6 +41,7 @@ __all__ = [
     "backend_error_cause",
     "graph_break_info",
     "aot_descriptor",
+    "mutation_descriptor",
     "quiet_graph_breaks",
     "reads_fake_value",
     "real_tensors",
@@ -207,15 +208,18 @@ def aot_descriptor(desc) -> tuple[str, int] | None:
     """What a joint graph's placeholder or output stands for, from AOTAutograd's
     descriptor (``node.meta["desc"]``): ``("input", i)`` the compiled graph's i-th
     input, ``("output", i)`` its i-th output, ``("grad", i)`` the gradient of input
-    i, ``("tangent", i)`` the gradient of output i; ``None`` for anything else
-    (input mutations, RNG seeds, tensor-subclass parts). Private: the descriptor
-    classes live in ``torch._functorch._aot_autograd.descriptors``."""
+    i, ``("tangent", i)`` the gradient of output i, ``("mutation", i)`` the new value
+    of input i, updated in place (BatchNorm statistics); ``None`` for anything else
+    (RNG seeds, tensor-subclass parts). Private: the descriptor classes live in
+    ``torch._functorch._aot_autograd.descriptors``."""
     from torch._functorch._aot_autograd import descriptors as d
 
     if isinstance(desc, d.PlainAOTInput):
         return ("input", desc.idx)
     if isinstance(desc, d.PlainAOTOutput):
         return ("output", desc.idx)
+    if isinstance(desc, d.InputMutationAOTOutput) and isinstance(desc.mutated_input, d.PlainAOTInput):
+        return ("mutation", desc.mutated_input.idx)
     if isinstance(desc, d.GradAOTOutput) and isinstance(desc.grad_of, d.PlainAOTInput):
         return ("grad", desc.grad_of.idx)
     if isinstance(desc, d.TangentAOTInput) and isinstance(desc.output, d.PlainAOTOutput):
@@ -230,6 +234,14 @@ def reads_fake_value(exc: BaseException) -> bool:
     from torch._subclasses.fake_tensor import DataDependentOutputException
 
     return isinstance(exc, DataDependentOutputException)
+
+
+def mutation_descriptor(idx: int):
+    """AOTAutograd's descriptor of a forward output that is the new value of input
+    ``idx`` (what :func:`profiles.joint.mutated_primals` reads). Private: as above."""
+    from torch._functorch._aot_autograd import descriptors as d
+
+    return d.InputMutationAOTOutput(mutated_input=d.PlainAOTInput(idx=idx))
 
 
 @contextlib.contextmanager

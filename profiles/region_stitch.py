@@ -22,6 +22,8 @@ planner's simulator and solvers see the whole step:
   (what :func:`profiles.graph_profile.profile_graph` counts): a region's inputs are
   the storages they come from, and a compiled graph called several times (whose
   fake values the copies share) gets storages of its own in each copy;
+- the new values of buffers a region updates in place (BatchNorm statistics) come
+  first among the forward outputs, described as AOTAutograd describes them;
 - a region output the model returns, or that no later region reads, is a forward
   output of the whole step (the caller holds it until backward ends); one that
   later regions read is freed after its last use, as it is at run time (measured:
@@ -33,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ._torch_private import aot_descriptor, storage_key, tree_leaves
+from ._torch_private import aot_descriptor, mutation_descriptor, storage_key, tree_leaves
 from .joint import CaptureError, CapturedRegion
 
 __all__ = ["stitch", "region_prefix"]
@@ -68,14 +70,18 @@ class _Parts:
         values = list(out.args[0])
         descs = list(out.meta.get("desc") or [None] * len(values))
         self.outputs: list[fx.Node] = []
+        #: (new value, input index) of each input the region updates in place (BatchNorm statistics).
+        self.mutations: list[tuple[fx.Node, int]] = []
         self.grads: dict[int, fx.Node] = {}
         for i, (value, desc) in enumerate(zip(values, descs)):
             kind = aot_descriptor(desc)
-            if i < num_fwd_outputs:
+            if i < num_fwd_outputs and kind is not None and kind[0] == "mutation" and isinstance(value, fx.Node):
+                self.mutations.append((value, kind[1]))
+            elif i < num_fwd_outputs:
                 if kind is None or kind[0] != "output" or kind[1] != len(self.outputs) or not isinstance(value, fx.Node):
                     raise CaptureError(
                         f"the region at {where} returns a value the planner cannot place ({desc}); regions may not "
-                        "mutate their inputs in place (BatchNorm statistics, x.add_(...)) or return non-tensors"
+                        "return non-tensors or update their inputs' metadata"
                     )
                 self.outputs.append(value)
             elif value is not None and kind is not None and kind[0] == "grad":
@@ -179,9 +185,19 @@ def stitch(graphs: list[fx.GraphModule], regions: list[CapturedRegion], num_prim
                 grads.setdefault(a, []).append(env[g])
                 if len(grads[a]) > 1:
                     grads[a] = [_sum(graph, grads[a], f"{prefix}grad_accumulate")]
+    mutations = []
+    for k, (p, r) in enumerate(zip(parts, regions)):
+        for value, i in p.mutations:
+            kind, a, _ = r.sources[i]
+            if kind != "primal":
+                raise CaptureError(f"the region at {r.where} updates in place a tensor an earlier region made; "
+                                   "the planner plans in-place updates of parameters, buffers and inputs only")
+            mutations.append((envs[k][value], a))
     fwd_outputs = [envs[k][out] for k, (p, r) in enumerate(zip(parts, regions)) for o, out in enumerate(p.outputs)
                    if (k, o) not in consumers or o in r.returned]
-    graph.output((*fwd_outputs, *[grads[i][0] if i in grads else None for i in range(num_primals)]))
+    out = graph.output((*[v for v, _ in mutations], *fwd_outputs,
+                        *[grads[i][0] if i in grads else None for i in range(num_primals)]))
+    out.meta["desc"] = [mutation_descriptor(a) for _, a in mutations] + [None] * (len(fwd_outputs) + num_primals)
     gm = fx.GraphModule(root, graph)
     gm.graph.lint()
-    return gm, len(fwd_outputs)
+    return gm, len(mutations) + len(fwd_outputs)

@@ -90,6 +90,20 @@ class ChattyBlocks(nn.Module):
         return self.head(self.b3(self.b2(self.b1(self.emb(x))))).pow(2).mean()
 
 
+class NormBreaky(nn.Module):
+    """BatchNorm (statistics updated in place) on both sides of a print."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(16, 4 * d), nn.BatchNorm1d(4 * d), nn.ReLU(), nn.Linear(4 * d, d))
+        self.b = nn.Sequential(nn.Linear(d, 4 * d), nn.BatchNorm1d(4 * d), nn.ReLU(), nn.Linear(4 * d, 1))
+
+    def forward(self, x):
+        h = self.a(x)
+        print("between blocks")
+        return self.b(h).pow(2).mean()
+
+
 class LoopBreaky(Breaky):
     """The same blocks run in a loop with the ``.item()`` branch inside it."""
 
@@ -212,6 +226,20 @@ def test_a_graph_run_three_times_gets_each_calls_decisions():
     peak = measured_step_peak(wrapped, m, (x,))
     assert peak <= plan.budget_bytes
     assert plan.predicted_peak_bytes * 0.95 <= peak <= plan.predicted_peak_bytes
+
+
+def test_batch_norm_statistics_are_updated_once_across_regions():
+    torch.manual_seed(0)
+    model, x = NormBreaky(), torch.randn(128, 16)
+    with planner.prepare(model, (x,)) as step:
+        plan = step.plan(int(0.95 * step.plan(2**30).baseline_peak_bytes))
+    assert len(plan.regions) == 2 and plan.recomputed
+    assert_same_step(model, lambda m: runtime.apply(m, plan), (x,))  # outputs, gradients and running statistics
+    m = copy.deepcopy(model)
+    wrapped = runtime.apply(m, plan)
+    measured_step_peak(wrapped, m, (x,))
+    peak = measured_step_peak(wrapped, m, (x,))
+    assert plan.predicted_peak_bytes * 0.95 <= peak <= plan.budget_bytes
 
 
 def test_region_plan_json(planned):
