@@ -11,6 +11,8 @@ function below says why it needs a private name.
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 
 import torch
 from torch._dynamo.backends.common import aot_autograd  # private: backend factory with partition_fn
@@ -143,8 +145,6 @@ def allow_recompiles(count: int = 256) -> None:
     # Logging calls inside forward (Hugging Face's ``logger.warning_once``) would
     # break the graph; inside compiled regions they become no-ops instead. The
     # ``*_once`` and ``warning_advice`` methods exist once transformers has added them.
-    import logging
-
     for name in ("debug", "info", "warning", "warn", "warning_once", "info_once", "warning_advice"):
         fn = getattr(logging.Logger, name, None)
         if fn is not None:
@@ -205,13 +205,11 @@ def graph_break_info(exc: BaseException) -> dict | None:
 
 
 def aot_descriptor(desc) -> tuple[str, int] | None:
-    """What a joint graph's placeholder or output stands for, from AOTAutograd's
-    descriptor (``node.meta["desc"]``): ``("input", i)`` the compiled graph's i-th
-    input, ``("output", i)`` its i-th output, ``("grad", i)`` the gradient of input
-    i, ``("tangent", i)`` the gradient of output i, ``("mutation", i)`` the new value
-    of input i, updated in place (BatchNorm statistics); ``None`` for anything else
-    (RNG seeds, tensor-subclass parts). Private: the descriptor classes live in
-    ``torch._functorch._aot_autograd.descriptors``."""
+    """What a joint graph's placeholder or output is, from its AOTAutograd descriptor
+    (``node.meta["desc"]``): ``("input"|"output", i)``, the compiled graph's i-th;
+    ``("grad", i)``, input i's gradient; ``("tangent", i)``, output i's; ``("mutation", i)``,
+    input i's new value (BatchNorm statistics); else ``None``. Private: the classes
+    live in ``torch._functorch._aot_autograd.descriptors``."""
     from torch._functorch._aot_autograd import descriptors as d
 
     if isinstance(desc, d.PlainAOTInput):
@@ -228,17 +226,15 @@ def aot_descriptor(desc) -> tuple[str, int] | None:
 
 
 def reads_fake_value(exc: BaseException) -> bool:
-    """Whether ``exc`` is a fake tensor asked for its value (``.item()``, a branch on
-    a tensor) outside a graph: a meta-device model's step that needs real data.
-    Private: the exception lives in ``torch._subclasses.fake_tensor``."""
+    """Whether ``exc`` is a fake tensor asked for its value (``.item()``) outside a
+    graph. Private: the exception lives in ``torch._subclasses.fake_tensor``."""
     from torch._subclasses.fake_tensor import DataDependentOutputException
 
     return isinstance(exc, DataDependentOutputException)
 
 
 def mutation_descriptor(idx: int):
-    """AOTAutograd's descriptor of a forward output that is the new value of input
-    ``idx`` (what :func:`profiles.joint.mutated_primals` reads). Private: as above."""
+    """The descriptor of a forward output that is input ``idx``'s new value (private: as above)."""
     from torch._functorch._aot_autograd import descriptors as d
 
     return d.InputMutationAOTOutput(mutated_input=d.PlainAOTInput(idx=idx))
@@ -246,14 +242,9 @@ def mutation_descriptor(idx: int):
 
 @contextlib.contextmanager
 def quiet_graph_breaks():
-    """Run the body with dynamo's graph-break warnings (``.item()`` and the like)
-    silenced: the planner reports regions itself, and prints nothing unless asked.
-    Dynamo's own look at the ``.grad`` of a non-leaf tensor it resumes with (a
-    ``UserWarning``) is silenced too. Private: the warnings come from the
-    ``torch._dynamo`` logger and its variable builder."""
-    import logging
-    import warnings
-
+    """Run the body with dynamo's graph-break warnings (``.item()``, and its look at a
+    resumed non-leaf tensor's ``.grad``) silenced: the planner reports regions itself.
+    Private: they come from the ``torch._dynamo`` logger and its variable builder."""
     log = logging.getLogger("torch._dynamo")
     level = log.level
     log.setLevel(logging.ERROR)
@@ -381,8 +372,6 @@ def import_inductor_passes() -> None:
     passes import ``torch.utils.mkldnn``, whose module body warns (a deprecated
     ``torch.jit.script_method``): under ``-W error`` that import would fail inside
     the compilation. Private: the module is ``torch._inductor.fx_passes.pre_grad``."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import torch._inductor.compile_fx  # noqa: F401  (imports the passes)
