@@ -11,6 +11,9 @@ With ``compile="inductor"`` (the default for a plan made with
 compiled by Inductor instead of run op by op (:mod:`runtime.inductor`);
 inference calls then run the model compiled by Inductor.
 
+A plan for a model that breaks the graph (``Plan.regions``) compiles the model
+without ``fullgraph``, each region split by its own decisions (:mod:`runtime.regions`).
+
 Inputs of other shapes than planned (the last, smaller batch of an epoch) compile
 again: when the graph is the plan's apart from sizes the plan's decisions are
 reused (with a :class:`BudgetWarning` when the re-simulated peak is over the
