@@ -242,8 +242,8 @@ def mutation_descriptor(idx: int):
 
 @contextlib.contextmanager
 def quiet_graph_breaks():
-    """Run the body with dynamo's graph-break warnings (``.item()``, and its look at a
-    resumed non-leaf tensor's ``.grad``) silenced: the planner reports regions itself.
+    """Run the body with dynamo's graph-break warnings (``.item()``, its look at a resumed
+    non-leaf tensor's ``.grad``, ``lru_cache`` calls it traces) silenced: the planner reports regions itself.
     Private: they come from the ``torch._dynamo`` logger and its variable builder."""
     log = logging.getLogger("torch._dynamo")
     level = log.level
@@ -251,6 +251,7 @@ def quiet_graph_breaks():
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf Tensor")
+            warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
             yield
     finally:
         log.setLevel(level)

@@ -242,6 +242,36 @@ def test_batch_norm_statistics_are_updated_once_across_regions():
     assert plan.predicted_peak_bytes * 0.95 <= peak <= plan.budget_bytes
 
 
+def test_wav2vec2_for_ctc_plans_across_its_graph_breaks():
+    """Wav2Vec2ForCTC (tiny, random init) breaks the graph where its feature encoder
+    sets ``requires_grad`` on its input: three regions. Its CTC loss cannot be captured
+    (``ctc_loss`` has a data-dependent output size), so the loss is a ``loss_fn`` on the
+    logits. Planned at 80% of its no-checkpoint peak: exact and within budget."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.Wav2Vec2Config(
+        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16),
+        conv_stride=(5, 4), conv_kernel=(10, 4), num_feat_extract_layers=2, num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        feat_proj_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, final_dropout=0.0)
+    torch.manual_seed(0)
+    model, inputs = transformers.Wav2Vec2ForCTC(cfg).train(), {"input_values": torch.randn(2, 4000)}
+
+    def loss_fn(out):
+        return out["logits"].float().square().mean()  # what assert_same_step and measured_step_peak take as the loss
+
+    with planner.prepare(model, inputs, loss_fn=loss_fn) as step:
+        plan = step.plan(int(0.8 * step.plan(2**30).baseline_peak_bytes))
+    assert len(plan.regions) == 3 and plan.recomputed
+    assert_same_step(model, lambda m: runtime.apply(m, plan), inputs)
+    m = copy.deepcopy(model)
+    wrapped = runtime.apply(m, plan)
+    measured_step_peak(wrapped, m, inputs)
+    peak = measured_step_peak(wrapped, m, inputs)
+    assert plan.predicted_peak_bytes * 0.95 <= peak <= plan.budget_bytes
+
+
 def test_region_plan_json(planned):
     plan = planned[3]
     d = json.loads(plan.to_json())
