@@ -107,8 +107,9 @@ def _record_step(model: torch.nn.Module, args: tuple, kwargs: dict, executor: st
     ``executor="inductor"``), its number of forward outputs and the tensors its
     primals stand for. The compile stops at the partitioner when those tensors are
     known there (:class:`~profiles.executors.JointRecorded`); else the forward runs."""
-    recorded: dict[str, Any] = {"model_name": type(model).__name__}
-    compiled = torch.compile(model, backend=recording_backend(recorded, executor, options), fullgraph=True, dynamic=False)
+    recorded: dict[str, Any] = {}
+    backend = recording_backend(recorded, executor, options, type(model).__name__)
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     with _state_kept(model):
         try:
             with torch.enable_grad(), backward_without_autocast(), no_aot_autograd_cache():

@@ -13,7 +13,7 @@ from ._torch_private import backend_error_cause, graph_break_info, tree_leaves
 from .joint import CaptureError
 from .signature import describe_inputs
 
-__all__ = ["GraphBreak", "InputsRejected", "DataDependentShape", "check_static_shapes", "explain_capture_failure"]
+__all__ = ["GraphBreak", "InputsRejected", "DataDependentShape", "check_static_shapes", "trace_frames", "explain_capture_failure"]
 
 
 class GraphBreak(CaptureError):
@@ -51,16 +51,17 @@ class DataDependentShape(CaptureError):
         self.code = code
 
 
-def _user_frame(trace: str) -> tuple[str | None, int | None, str]:
-    """``(file, line, code)`` of the innermost frame of an fx node's ``stack_trace``."""
+def trace_frames(trace: str) -> list[tuple[str, int, str]]:
+    """``(file, line, code)`` of each frame of an fx node's ``stack_trace``, outermost first."""
     lines = trace.splitlines()
-    for i in range(len(lines) - 1, -1, -1):
-        text = lines[i].strip()
+    frames = []
+    for i, raw in enumerate(lines):
+        text = raw.strip()
         if text.startswith("File "):
             file, _, rest = text[len("File "):].partition(", line ")
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            return file.strip('"'), int(rest.split(",")[0]), code
-    return None, None, ""
+            frames.append((file.strip('"'), int(rest.split(",")[0]), code))
+    return frames
 
 
 def check_static_shapes(gm, model_name: str) -> None:
@@ -70,7 +71,7 @@ def check_static_shapes(gm, model_name: str) -> None:
     for node in gm.graph.nodes:
         for t in tree_leaves(node.meta.get("example_value")):
             if isinstance(t, torch.Tensor) and not all(isinstance(s, int) for s in t.shape):
-                file, line, code = _user_frame(node.meta.get("stack_trace") or "")
+                file, line, code = (trace_frames(node.meta.get("stack_trace") or "") or [(None, None, "")])[-1]
                 where = f"{file}:{line} (`{code}`)" if file else f"node {node.name!r}"
                 raise DataDependentShape(
                     f"cannot plan {model_name}: at {where} a tensor's size depends on the values of the data "

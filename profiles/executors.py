@@ -102,7 +102,7 @@ class _RecordingPartitioner(CustomPartitionerFn):
         return None  # a capture runs with AOTAutograd's cache off: never served from a cache
 
 
-def recording_backend(recorded: dict, executor: str, options: dict | None) -> Callable:
+def recording_backend(recorded: dict, executor: str, options: dict | None, model_name: str = "the model") -> Callable:
     """A ``torch.compile`` backend that records, in ``recorded``, the joint graph
     (``"joint"``), its number of forward outputs (``"num_fwd_outputs"``) and the
     tensors its primals stand for (``"primals"``): AOTAutograd's joint graph for
@@ -112,7 +112,8 @@ def recording_backend(recorded: dict, executor: str, options: dict | None) -> Ca
     partitioner (:class:`JointRecorded`) when the backend's inputs are the primals one
     to one; otherwise the forward graph runs op by op and its first call's arguments
     are the primals. Call it with AOTAutograd's cache off (``no_aot_autograd_cache``):
-    a cache hit records nothing."""
+    a cache hit records nothing. A graph whose sizes depend on the data is refused
+    naming ``model_name`` (:class:`~profiles.capture_errors.DataDependentShape`)."""
     partition = _RecordingPartitioner(recorded, stop=check_executor(executor) == "eager")
 
     def run_forward(gm):
@@ -133,7 +134,7 @@ def recording_backend(recorded: dict, executor: str, options: dict | None) -> Ca
     aot = aot_autograd(fw_compiler=lambda gm, ex: run_forward(gm), bw_compiler=lambda gm, ex: gm, partition_fn=partition)
 
     def backend(gm, example_inputs):
-        check_static_shapes(gm, recorded.get("model_name", "the model"))
+        check_static_shapes(gm, model_name)
         recorded["backend_inputs"] = list(example_inputs)
         return aot(gm, example_inputs)
 

@@ -29,7 +29,7 @@ from ._torch_private import (
     reads_fake_value,
     tree_leaves,
 )
-from .capture_errors import DataDependentShape, check_static_shapes
+from .capture_errors import DataDependentShape, check_static_shapes, trace_frames
 from .causal_sdpa import with_causal_sdpa
 from .joint import CaptureError, CapturedRegion, JointGraph
 from .region_stitch import stitch
@@ -76,11 +76,9 @@ def where_traced(gm: fx.GraphModule) -> str:
     """``file:first-last`` lines of the outermost user code a dynamo graph was traced from."""
     lines = []
     for node in gm.graph.nodes:
-        trace = node.meta.get("stack_trace") or ""
-        frames = [ln.strip() for ln in trace.splitlines() if ln.strip().startswith("File ")]
+        frames = trace_frames(node.meta.get("stack_trace") or "")
         if frames:
-            file_part, _, rest = frames[0][len("File "):].partition(", line ")
-            lines.append((file_part.strip('"'), int(rest.split(",")[0])))
+            lines.append(frames[0][:2])
     if not lines:
         return "an unknown place"
     file = lines[0][0]

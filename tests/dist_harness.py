@@ -8,8 +8,10 @@ steps with AdamW in between (the peak of a measured region:
 
 from __future__ import annotations
 
+import copy
 import gc
 import socket
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -19,8 +21,10 @@ import torch.distributed as dist
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
 from helpers import run_step
+from profiles import storage_bytes
+from profiles.memory import allocator_peak
 
-__all__ = ["WORLD", "free_port", "init", "spawn", "wrap", "local_grads", "assert_same_grads", "train"]
+__all__ = ["WORLD", "free_port", "init", "spawn", "wrap", "local_grads", "assert_same_grads", "train", "train_against_eager", "PlannedRun"]
 
 WORLD = 2
 
@@ -133,3 +137,38 @@ def train(wrapped, model, inputs, *, measure: str = ""):
     else:
         run_step(wrapped, inputs, seed=11)
     return first, local_grads(model)
+
+
+class PlannedRun(NamedTuple):
+    """What :func:`train_against_eager` measured of the planned run."""
+
+    #: Absolute peak of the second step (inputs included) and the frees the profiler evidently missed.
+    measured: int
+    missed_frees: int
+    #: The planned module's ``compiled_graphs``, and the reference's gradients at both steps.
+    compiled_graphs: list
+    reference: tuple
+
+
+def train_against_eager(base, inputs, sharding: str, apply, what: str, *, region: str, **tolerance) -> PlannedRun:
+    """Train ``sharding`` around ``apply(copy of base)`` and around a copy of ``base``
+    itself; assert equal gradients at both steps (``what`` names the case). Everything
+    the planned run holds is allocated inside a profiled session, so its frees are
+    seen too (frees of older memory are not reported); its second step is traced as
+    ``region``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ref_model = copy.deepcopy(base)
+    ref = train(wrap(ref_model, sharding), ref_model, inputs)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model = copy.deepcopy(base)
+        planned = apply(model)
+        got = train(wrap(planned, sharding), model, inputs, measure=region)
+        graphs = list(planned.compiled_graphs)
+        del model, planned
+        gc.collect()
+    for step in (0, 1):
+        assert_same_grads(ref[step], got[step], f"{what}, {sharding}, step {step + 1}", **tolerance)
+    peak, missed = allocator_peak(prof, region=region)
+    return PlannedRun(measured=storage_bytes(inputs.values()) + peak, missed_frees=missed, compiled_graphs=graphs,
+                      reference=ref)

@@ -23,7 +23,6 @@ Inductor's caches (a cold compile in both ranks at once costs twice the CPU).
 from __future__ import annotations
 
 import copy
-import gc
 
 import pytest
 import torch
@@ -32,10 +31,8 @@ from torch import nn
 
 import planner
 import runtime
-from dist_harness import WORLD, assert_same_grads, train, wrap
+from dist_harness import WORLD, assert_same_grads, train, train_against_eager, wrap
 from helpers import run_step
-from profiles import storage_bytes
-from profiles.memory import allocator_peak
 from runtime.inductor import plans_key
 
 __all__ = ["ENGINES", "plans", "on_rank", "check"]
@@ -88,43 +85,29 @@ def plans() -> dict[str, planner.Plan]:
     return out
 
 
-def _saved(planned) -> list[str]:
+def _saved(compiled_graphs: list) -> list[str]:
     """What the backward graph Inductor compiled takes from forward."""
-    (_, bwd), = planned.compiled_graphs
+    (_, bwd), = compiled_graphs
     return sorted(n.name for n in bwd.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents"))
 
 
 def on_rank(rank: int, plan_jsons: dict[str, str]) -> dict:
     """On one rank: each engine's run against the eager reference (asserted here); per
     engine the absolute peak of the measured step and what backward was given."""
-    from torch.profiler import ProfilerActivity, profile
-
     result = {}
     for sharding, plan_json in plan_jsons.items():
         plan = planner.Plan.from_json(plan_json)
         base, inputs = _model(), _inputs(rank)
-        ref_model = copy.deepcopy(base)
-        ref = train(wrap(ref_model, sharding), ref_model, inputs)
-        region = f"inductor_{sharding}"
-        # everything the planned rank holds is allocated inside the profiled session
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model = copy.deepcopy(base)
-            planned = runtime.apply(model, plan, compile="inductor")
-            got = train(wrap(planned, sharding), model, inputs, measure=region)
-            saved = _saved(planned)
-            del model, planned
-            gc.collect()
-        for step in (0, 1):
-            assert_same_grads(ref[step], got[step], f"Inductor, {sharding}, rank {rank}, step {step + 1}", **TOLERANCE)
+        run = train_against_eager(base, inputs, sharding, lambda m: runtime.apply(m, plan, compile="inductor"),
+                                  f"Inductor, rank {rank}", region=f"inductor_{sharding}", **TOLERANCE)
         if sharding == "fsdp":  # fully_shard on the model first, the plan compiled around it, also works
             inner_model = copy.deepcopy(base)
             wrap(inner_model, sharding)
             inner = train(runtime.apply(inner_model, plan, compile="inductor"), inner_model, inputs)
             for step in (0, 1):
-                assert_same_grads(ref[step], inner[step], f"Inductor, fully_shard(model) then apply, rank {rank}, "
+                assert_same_grads(run.reference[step], inner[step], f"Inductor, fully_shard(model) then apply, rank {rank}, "
                                   f"step {step + 1}", **TOLERANCE)
-        result[sharding] = {"measured": storage_bytes(inputs.values()) + allocator_peak(prof, region=region)[0],
-                            "saved": saved}
+        result[sharding] = {"measured": run.measured, "saved": _saved(run.compiled_graphs)}
     return result
 
 

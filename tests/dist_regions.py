@@ -12,17 +12,12 @@ run by hand; it is left out to keep the suite's time.)
 """
 from __future__ import annotations
 
-import copy
-import gc
-
 import torch
 from torch import nn
 
 import planner
 import runtime
-from dist_harness import WORLD, assert_same_grads, train, wrap
-from profiles import storage_bytes
-from profiles.memory import allocator_peak
+from dist_harness import WORLD, train_against_eager
 
 __all__ = ["ENGINES", "plans", "on_rank", "check"]
 
@@ -83,23 +78,12 @@ def plans() -> dict[str, planner.Plan]:
 def on_rank(rank: int, plan_jsons: dict[str, str]) -> dict:
     """On one rank: each engine's run against the eager reference (asserted here); per
     engine the absolute peak of the measured step."""
-    from torch.profiler import ProfilerActivity, profile
-
     result = {}
     for sharding, plan_json in plan_jsons.items():
         plan = planner.Plan.from_json(plan_json)
-        base, inputs = _model(), _inputs(rank)
-        ref_model = copy.deepcopy(base)
-        ref = train(wrap(ref_model, sharding), ref_model, inputs)
-        region = f"regions_{sharding}"
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model = copy.deepcopy(base)
-            got = train(wrap(runtime.apply(model, plan), sharding), model, inputs, measure=region)
-            del model
-            gc.collect()
-        for step in (0, 1):
-            assert_same_grads(ref[step], got[step], f"regions, {sharding}, rank {rank}, step {step + 1}")
-        result[sharding] = storage_bytes(inputs.values()) + allocator_peak(prof, region=region)[0]
+        run = train_against_eager(_model(), _inputs(rank), sharding, lambda m: runtime.apply(m, plan),
+                                  f"regions, rank {rank}", region=f"regions_{sharding}")
+        result[sharding] = run.measured
     return result
 
 

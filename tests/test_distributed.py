@@ -42,7 +42,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 import dist_inductor  # noqa: E402
 import dist_regions  # noqa: E402
-from dist_harness import WORLD, assert_same_grads, init, local_grads, spawn, train, wrap  # noqa: E402
+from dist_harness import WORLD, assert_same_grads, init, local_grads, spawn, train, train_against_eager, wrap  # noqa: E402
 
 
 def _model():
@@ -57,26 +57,15 @@ def _inputs(rank: int):
 
 def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str, gpt2: tuple | None,
             inductor: dict | None, regions: dict | None) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
     init(rank, port)
     try:
         plan = planner.Plan.from_json(plan_json)
         base = _model()
         inputs = _inputs(rank)
-        ref_model = copy.deepcopy(base)
-        ref = train(wrap(ref_model, sharding), ref_model, inputs)
-        # Everything the planned rank holds is allocated inside the profiled session,
-        # so frees of it are seen too (frees of older memory are not reported).
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model = copy.deepcopy(base)
-            got = train(wrap(runtime.apply(model, plan), sharding), model, inputs, measure="measured_step")
-            assert_same_grads(ref[0], got[0], f"rank {rank} step 1")
-            assert_same_grads(ref[1], got[1], f"rank {rank} step 2")
-            del model, got
-            gc.collect()
-        peak, missed = allocator_peak(prof, region="measured_step")
-        result = {"measured": storage_bytes(inputs.values()) + peak, "missed_frees": missed}
+        run = train_against_eager(base, inputs, sharding, lambda m: runtime.apply(m, plan), f"rank {rank}",
+                                  region="measured_step")
+        ref = run.reference
+        result = {"measured": run.measured, "missed_frees": run.missed_frees}
         if sharding == "ddp":
             with pytest.raises(TypeError, match="the model itself is wrapped by DistributedDataParallel"):
                 runtime.apply(wrap(copy.deepcopy(base), sharding), plan)
