@@ -39,6 +39,9 @@ class Distributed:
     #: ``"none"`` or ``"adamw"``: count ``torch.optim.AdamW``'s state (two moments per
     #: trainable parameter, sharded like the parameters under FSDP), live for the whole step.
     optimizer: str = "none"
+    #: Under ``"fsdp"``: ``"model"`` (one ``fully_shard`` around the planned module) or
+    #: ``"blocks"`` (``fully_shard`` on each repeated block, then on the model: :mod:`planner.fsdp_blocks`).
+    fsdp_wrap: str = "model"
 
     def __post_init__(self):
         ws = self.world_size
@@ -48,6 +51,10 @@ class Distributed:
             raise ValueError(f"unknown sharding {self.sharding!r}: choose one of {', '.join(SHARDINGS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.fsdp_wrap not in ("model", "blocks"):
+            raise ValueError(f"unknown fsdp_wrap {self.fsdp_wrap!r}: choose 'model' or 'blocks'")
+        if self.fsdp_wrap == "blocks" and self.sharding != "fsdp":
+            raise ValueError(f"fsdp_wrap='blocks' wraps FSDP2 per block: it needs sharding='fsdp', not {self.sharding!r}")
         if ws > 1 and self.sharding == "none":
             raise ValueError(
                 f"world_size={ws} needs sharding='ddp' or sharding='fsdp' (how the engine holds the model on one rank)"
@@ -72,6 +79,9 @@ class EngineBytes:
     end: int
     #: Of these, the optimizer's state (included in all three).
     optimizer: int
+    #: Per-block FSDP2 (``fsdp_wrap="blocks"``): the bytes that vary along the step, added at
+    #: each node on top of ``forward``/``backward`` (a :class:`planner.fsdp_blocks.BlockBytes`); None otherwise.
+    blocks: object | None = None
 
     @property
     def held(self) -> int:
@@ -133,6 +143,7 @@ def record(cfg: Distributed, eb: EngineBytes) -> DistributedInfo:
         world_size=cfg.world_size,
         sharding=cfg.sharding,
         optimizer=cfg.optimizer,
+        fsdp_wrap=cfg.fsdp_wrap,
         forward_bytes=eb.forward,
         backward_bytes=eb.backward,
         end_bytes=eb.end,
@@ -144,6 +155,11 @@ def from_record(distributed: DistributedInfo | None) -> EngineBytes | None:
     """The engine's bytes a plan was made with (None for a one-process plan)."""
     if distributed is None:
         return None
+    if distributed.fsdp_wrap == "blocks":
+        raise ValueError(
+            "a plan made with fsdp_wrap='blocks' has per-block FSDP2 bytes that vary along the step, which "
+            "depend on the graph: re-plan the model (planner.plan(..., fsdp_wrap='blocks')) to simulate it"
+        )
     return EngineBytes(
         forward=int(distributed.forward_bytes),
         backward=int(distributed.backward_bytes),
