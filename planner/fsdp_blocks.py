@@ -111,9 +111,10 @@ class BlockBytes:
     #: Joint-graph node -> index into ``blocks`` (forward and backward nodes of the blocks).
     block_of: Mapping[str, int]
 
-    def walk(self, phase: str) -> "BlockWalk":
-        """A walk through one graph's nodes in run order (``"forward"`` or ``"backward"``)."""
-        return BlockWalk(self, phase)
+    def walk(self, phase: str, nodes) -> "BlockWalk":
+        """A walk through one graph's ``nodes``, ``(name, op)`` in run order (``phase``:
+        ``"forward"`` or ``"backward"``)."""
+        return BlockWalk(self, phase, nodes)
 
 
 class BlockWalk:
@@ -123,13 +124,19 @@ class BlockWalk:
     bytes FSDP2 adds at that node beyond the phase's constant, and for the node that
     starts a block (or backward) the bytes of the moment just before it (the
     all-gather's copy-out and prefetch), to add to the level before the node, else None.
-    A node of a block already done counts as the block in flight's."""
+    A node of a block already done counts as the block in flight's, and so does a
+    node outside every block (a residual's gradient sum) while another block node
+    follows; after the last block node the root's own nodes run with that block done."""
 
-    __slots__ = ("bb", "backward", "current", "done", "grads", "started")
+    __slots__ = ("bb", "backward", "current", "done", "grads", "started", "pos", "last_block_pos")
 
-    def __init__(self, bb: BlockBytes, phase: str):
+    def __init__(self, bb: BlockBytes, phase: str, nodes):
         self.bb = bb
         self.backward = phase == "backward"
+        #: Position of the next node, and of the graph's last block node.
+        self.pos = 0
+        self.last_block_pos = max((i for i, (n, op) in enumerate(nodes) if op == "call_function" and n in bb.block_of),
+                                  default=-1)
         #: The block in flight, or the last one run (None before the first).
         self.current: int | None = None
         #: Blocks whose forward (backward) has ended, the last one last.
@@ -155,8 +162,9 @@ class BlockWalk:
         blocks, first = self.bb.blocks, not self.started
         self.started = True
         b = self.bb.block_of.get(name) if op == "call_function" else None  # a saved value's placeholder is no block's
-        if b is not None and b in self.done:
+        if (b is not None and b in self.done) or (b is None and self.pos < self.last_block_pos):
             b = self.current
+        self.pos += 1
         entry = None
         if b is not None and b != self.current:
             if self.current is not None:
@@ -233,10 +241,10 @@ def block_bytes(gp: GraphProfile, params: tuple[ParamSizes, ...], *, world_size:
 
 
 def node_bytes(bb: BlockBytes, names, phase: str) -> list[int]:
-    """For each node of ``names`` (one graph in run order), the most FSDP2 adds there
+    """For each call_function node of ``names`` (one graph in run order), the most FSDP2 adds there
     beyond the phase's constant: the node's delta, or the moment before it when higher
     (the ILP's rows, which have one point per node)."""
-    walk = bb.walk(phase)
+    walk = bb.walk(phase, [(n, "call_function") for n in names])
     out = []
     for name in names:
         delta, entry = walk.enter(name)

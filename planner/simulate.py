@@ -168,7 +168,7 @@ class _Liveness:
             for a in inputs:
                 last_use[a] = i
         outputs = set(order.outputs)
-        walk = self.blocks.walk(phase) if self.blocks is not None else None
+        walk = self.blocks.walk(phase, [(n, op) for n, op, _ in order.nodes]) if self.blocks is not None else None
         for i, (name, op, inputs) in enumerate(order.nodes):
             if walk is not None:
                 self.delta, entry = walk.enter(name, op)

@@ -58,7 +58,8 @@ def planning_errors(model) -> Iterator[None]:
 
 def _plan(model, budget_gb: float, inputs, loss_fn, a, target_name: str | None, out: Out) -> planner.Plan:
     """``planner.plan`` with the command's options; a budget below the minimum names one that works."""
-    per_rank = {k: getattr(a, k) for k in ("world_size", "sharding", "optimizer", "objective", "grad_accumulation", "deepspeed")}
+    per_rank = {k: getattr(a, k) for k in ("world_size", "sharding", "fsdp_wrap", "optimizer", "objective", "grad_accumulation",
+                                           "deepspeed")}
     if loss_fn is not None:
         per_rank["loss_fn"] = loss_fn
     with planning_errors(model), autocast_for(a.autocast, model, target_name):
