@@ -29,9 +29,12 @@ def _wrapper_types() -> tuple[tuple[type, str], ...]:
     )
 
 
-def check_wrapping(model: nn.Module) -> None:
+def check_wrapping(model: nn.Module, plan=None) -> None:
     """Raise ``TypeError`` naming the module when ``model`` is DDP/FSDP-wrapped in a way the
-    runtime cannot compile as one graph. ``fully_shard(model)`` on ``model`` itself is allowed."""
+    runtime cannot compile as one graph. ``fully_shard(model)`` on ``model`` itself is allowed.
+    With ``plan``: first :func:`check_plan_wrap`."""
+    if plan is not None:
+        check_plan_wrap(plan)
     kinds = _wrapper_types()
     for name, mod in model.named_modules():
         for cls, what in kinds:
