@@ -13,7 +13,8 @@ GPT-2 with the loss computed outside the model, planned with ``loss_fn`` and
 ``grad_accumulation=True``, over ``no_sync()`` micro-steps (measured: within 40
 bytes of the prediction, on 2.1 MB), and a model that breaks the graph, planned as
 regions, under DDP and FSDP2 (``tests/dist_regions.py``). The FSDP2 ranks also train
-a plan compiled by Inductor, under DDP and under FSDP2 (``tests/dist_inductor.py``).
+a plan compiled by Inductor, under DDP and under FSDP2 (``tests/dist_inductor.py``), and
+a GPT-2 wrapped per block, against its plan with ``fsdp_wrap="blocks"`` (``tests/dist_blocks.py``).
 """
 
 from __future__ import annotations
