@@ -20,10 +20,13 @@ import torch
 
 from .plan_type import DistributedInfo
 
-__all__ = ["Distributed", "EngineBytes", "SHARDINGS", "OPTIMIZERS", "engine_bytes", "record", "from_record"]
+__all__ = ["Distributed", "EngineBytes", "SHARDINGS", "OPTIMIZERS", "FSDP_WRAPS", "engine_bytes", "record", "from_record"]
 
 SHARDINGS = ("none", "ddp", "fsdp")
 OPTIMIZERS = ("none", "adamw")
+#: ``plan(fsdp_wrap=)``: ``"model"`` (one ``fully_shard`` around the planned module) or
+#: ``"blocks"`` (``fully_shard`` on each repeated block, then on the model: :mod:`planner.fsdp_blocks`).
+FSDP_WRAPS = ("model", "blocks")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -51,8 +54,8 @@ class Distributed:
             raise ValueError(f"unknown sharding {self.sharding!r}: choose one of {', '.join(SHARDINGS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        if self.fsdp_wrap not in ("model", "blocks"):
-            raise ValueError(f"unknown fsdp_wrap {self.fsdp_wrap!r}: choose 'model' or 'blocks'")
+        if self.fsdp_wrap not in FSDP_WRAPS:
+            raise ValueError(f"unknown fsdp_wrap {self.fsdp_wrap!r}: choose one of {', '.join(FSDP_WRAPS)}")
         if self.fsdp_wrap == "blocks" and self.sharding != "fsdp":
             raise ValueError(f"fsdp_wrap='blocks' wraps FSDP2 per block: it needs sharding='fsdp', not {self.sharding!r}")
         if ws > 1 and self.sharding == "none":

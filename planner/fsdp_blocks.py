@@ -45,13 +45,8 @@ from profiles.graph_profile import GraphProfile
 from .blocks import find_blocks
 from .distributed import EngineBytes, _shard_bytes
 
-__all__ = ["FSDP_WRAPS", "GroupBytes", "BlockBytes", "BlockWalk", "ParamSizes", "param_sizes", "block_bytes",
+__all__ = ["GroupBytes", "BlockBytes", "BlockWalk", "ParamSizes", "param_sizes", "block_bytes",
            "NoBlocksToWrap", "node_bytes"]
-
-#: ``plan(fsdp_wrap=)``: ``"model"`` (one ``fully_shard`` around the planned module) or
-#: ``"blocks"`` (``fully_shard`` on each repeated block, then on the model).
-FSDP_WRAPS = ("model", "blocks")
-
 
 class NoBlocksToWrap(ValueError):
     """``fsdp_wrap="blocks"`` for a step without repeated blocks to wrap."""

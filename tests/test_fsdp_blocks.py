@@ -103,7 +103,7 @@ class _Flat(nn.Module):
 
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"world_size": 2, "sharding": "ddp"}, ValueError, "needs sharding='fsdp', not 'ddp'"),
-    ({"world_size": 2, "sharding": "fsdp", "fsdp_wrap": "layers"}, ValueError, "unknown fsdp_wrap 'layers'"),
+    ({"world_size": 2, "sharding": "fsdp", "fsdp_wrap": "layers"}, ValueError, "unknown fsdp_wrap 'layers': choose one of model"),
     ({"world_size": 2, "sharding": "fsdp"}, NoBlocksToWrap, "found no repeated blocks.*fsdp_wrap='model'"),
 ])
 def test_bad_fsdp_wrap(kwargs, error, match):
