@@ -87,6 +87,8 @@ def test_plan_record_cli_and_refusals(tmp_path, capsys):
     with pytest.raises(ValueError, match="not made with fsdp_wrap='blocks'"):
         runtime.fully_shard_blocks(model, one_group)
     capsys.readouterr()
+    assert main(["verify", factory, str(out)]) == 2
+    assert "cannot verify" in capsys.readouterr().err
     assert main(["plan", factory, "--budget-gb", "0.01", "--world-size", "4", "--sharding", "ddp",
                  "--fsdp-wrap", "blocks", "-q"]) == 2
     assert "it needs sharding='fsdp', not 'ddp'" in capsys.readouterr().err
