@@ -9,6 +9,8 @@ is per rank in each phase of the step; the simulator and the ILP's memory rows a
 them to the phase they belong to (``planner.simulate``, ``planner.problem``), so a
 per-rank plan is solved and checked against the whole per-rank budget. Measured on CPU (gloo, torch 2.13) with
 ``torch.profiler`` allocator events; ``tests/test_distributed.py`` checks it.
+FSDP2 wrapped per block (``fsdp_wrap="blocks"``) holds bytes that vary node by node:
+:mod:`planner.fsdp_blocks` sizes them (``EngineBytes.blocks``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class Distributed:
     world_size: int = 1
     #: ``"none"`` (one process, or the caller counts the engine itself),
     #: ``"ddp"`` (``DistributedDataParallel(runtime.apply(model, plan))``) or
-    #: ``"fsdp"`` (``fully_shard(runtime.apply(model, plan))``, FSDP2, one parameter group).
+    #: ``"fsdp"`` (``fully_shard(runtime.apply(model, plan))``, FSDP2, one parameter group; per block
+    #: with ``fsdp_wrap="blocks"``).
     sharding: str = "none"
     #: ``"none"`` or ``"adamw"``: count ``torch.optim.AdamW``'s state (two moments per
     #: trainable parameter, sharded like the parameters under FSDP), live for the whole step.
