@@ -182,7 +182,7 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
     if repeat and executor == "eager":
         repeated = record_repeated(model, record, lambda primals: _primal_roles(model, primals)[1])
     try:
-        gm, num_fwd_outputs, primals = repeated or record()
+        gm, num_fwd_outputs, primals, how = repeated or (*record(), ())
     except GraphBreak as e:
         if executor != "eager":
             raise
@@ -209,6 +209,7 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
         num_dropouts=num_dropouts,
         raw_gm=raw_gm,
         executor=executor,
+        repeated=how,
     )
 
 
@@ -234,4 +235,5 @@ def with_dropout(joint: JointGraph, dropout: str) -> JointGraph:
         raw_gm=joint.raw_gm,
         fake=joint.fake,
         executor=joint.executor,
+        repeated=joint.repeated,
     )

@@ -420,13 +420,13 @@ def repeat_layers(gm: fx.GraphModule, num_fwd_outputs: int, primal_names: list[s
 
 
 def record_repeated(model: torch.nn.Module, record: Callable[[], tuple[fx.GraphModule, int, list]],
-                    primal_names: Callable[[list], list[str]]) -> tuple[fx.GraphModule, int, list] | None:
+                    primal_names: Callable[[list], list[str]]) -> tuple[fx.GraphModule, int, list, tuple] | None:
     """``record()`` (a capture returning ``(joint, num_fwd_outputs, primals)``) run with
     ``model``'s layer stack shortened to :data:`CAPTURED` layers, and its joint graph
     repeated to the stack's depth, with the primals of all layers. None when the model
     has no stack of :data:`MIN_DEPTH` layers, the shortened model does not capture, or
     its layers are not periodic: the caller captures the whole model then (and reports
-    its errors)."""
+    its errors). The fourth item is ``JointGraph.repeated``."""
     stack = find_layer_stack(model, MIN_DEPTH)
     if stack is None:
         return None
@@ -445,4 +445,4 @@ def record_repeated(model: torch.nn.Module, record: Callable[[], tuple[fx.GraphM
     layer_name = re.compile(rf"^{re.escape(stack.path)}\.\d+\.")
     values = [primals[i] if layer is None else tensors[layer_name.sub(f"{stack.path}.{layer}.", names[i])]
               for i, layer in origin]
-    return full, num_fwd_outputs, values
+    return full, num_fwd_outputs, values, (stack.path, CAPTURED, stack.depth)
