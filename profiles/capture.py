@@ -8,6 +8,7 @@ was: buffers (BatchNorm statistics) and the RNG state are restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Iterator
 
 import torch
@@ -167,7 +168,8 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
     regions stitched into one joint graph (:mod:`profiles.regions`; op by op only).
     With ``repeat``, a deep stack of identical layers is traced with four of them
     and its joint graph repeated to the stack's depth (:mod:`profiles.repeat_capture`;
-    op by op only): the same graph, traced in a fraction of the time."""
+    op by op only): the same graph, traced in a fraction of the time. The environment
+    variable ``PLANNER_REPEAT_LAYERS=0`` turns this off (every layer is traced)."""
     check_executor(executor)
     args, kwargs = normalize_inputs(model, example_inputs)
     if uses_meta(model, args, kwargs):
@@ -179,7 +181,7 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
         return _record_step(model, args, kwargs, executor, compile_options)
 
     repeated = None
-    if repeat and executor == "eager":
+    if repeat and executor == "eager" and os.environ.get("PLANNER_REPEAT_LAYERS", "1") != "0":
         repeated = record_repeated(model, record, lambda primals: _primal_roles(model, primals)[1])
     try:
         gm, num_fwd_outputs, primals, how = repeated or (*record(), ())

@@ -9,6 +9,10 @@ within the budget) is ``tests/test_end_to_end.py``'s "tied" (10 layers) and
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import jsonschema
 import pytest
 import torch
 from torch import nn
@@ -18,6 +22,7 @@ from planner.joint_index import fast_schedule
 from planner.problem import build_problem
 from planner.simulate import simulate
 from planner.sqrt import solve_sqrt
+import planner
 from profiles import capture, profile_graph
 from profiles.layer_stack import find_layer_stack
 from profiles import repeat_capture
@@ -115,3 +120,17 @@ def test_end_to_end_models_are_repeated(make, monkeypatch):
     model, inputs = make()
     stack = find_layer_stack(model, LIBRARY_DEPTH)
     assert capture(model, inputs).repeated == (stack.path, CAPTURED, stack.depth)
+
+
+def test_the_plan_says_how_the_step_was_traced(monkeypatch):
+    monkeypatch.setattr(repeat_capture, "MIN_DEPTH", LIBRARY_DEPTH)
+    torch.manual_seed(0)
+    model, ids = TiedNet(vocab=100, d=32, layers=LIBRARY_DEPTH), torch.randint(0, 100, (4, 16))
+    p = planner.plan(model, 1.0, (ids,))
+    assert p.model.repeated == ("layers", CAPTURED, LIBRARY_DEPTH)
+    assert f"traced:                {CAPTURED} of the {LIBRARY_DEPTH} layers of layers" in p.summary()
+    d = json.loads(p.to_json())
+    jsonschema.validate(d, json.loads((Path(__file__).parents[1] / "docs" / "plan.schema.json").read_text()))
+    assert planner.Plan.from_json(p.to_json()).model == p.model
+    monkeypatch.setenv("PLANNER_REPEAT_LAYERS", "0")
+    assert capture(model, (ids,)).repeated == ()
