@@ -46,7 +46,7 @@ from .blocks import find_blocks
 from .distributed import EngineBytes, _shard_bytes
 
 __all__ = ["GroupBytes", "BlockBytes", "BlockWalk", "ParamSizes", "param_sizes", "block_bytes",
-           "NoBlocksToWrap", "node_bytes"]
+           "NoBlocksToWrap", "node_bytes", "recomputable_in_blocks"]
 
 class NoBlocksToWrap(ValueError):
     """``fsdp_wrap="blocks"`` for a step without repeated blocks to wrap."""
@@ -245,3 +245,19 @@ def node_bytes(bb: BlockBytes, names, phase: str) -> list[int]:
         delta, entry = walk.enter(name)
         out.append(delta if entry is None else max(delta, entry))
     return out
+
+
+def recomputable_in_blocks(bb: BlockBytes, gm) -> frozenset[str]:
+    """The forward nodes the per-block runtime may recompute: a block's own nodes that
+    no forward node outside that block reads. The runtime compiles each block on its
+    own and runs the code between blocks eagerly, which keeps what autograd keeps: a
+    block's output, and every node outside the blocks, stay saved."""
+    out = set()
+    for node in gm.graph.nodes:
+        b = bb.block_of.get(node.name) if node.op == "call_function" else None
+        if b is None:
+            continue
+        readers = [u for u in node.users if u.op == "call_function" and u.meta.get("partitioner_tag") != "is_backward"]
+        if all(bb.block_of.get(u.name) == b for u in readers) and not any(u.op == "output" for u in node.users):
+            out.add(node.name)
+    return frozenset(out)

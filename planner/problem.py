@@ -26,6 +26,7 @@ from profiles.graph_profile import GraphProfile
 
 from .distributed import EngineBytes
 from .evaluation import Evaluation
+from .fsdp_blocks import recomputable_in_blocks
 from .executor import recompute_costs
 from .memory_model import MemoryModel, build_memory_model
 from .order import arrange
@@ -208,6 +209,7 @@ def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "t
     can_save = frozenset(n for n in fwd if own[n] > 0)
     free_save = frozenset(n for n in can_save if set(info[n].storages) <= held_storages | gp.static_storages)
     fwd_inputs = {n: [a.name for a in by_name[n].all_input_nodes if a.name in fwd_set] for n in fwd}
+    in_blocks = recomputable_in_blocks(engine.blocks, gm) if engine is not None and engine.blocks is not None else fwd_set
     memory = build_memory_model(
         gp, fwd=fwd, bwd=bwd, candidates=tuple(n for n in fwd if n in can_save and n not in free_save),
         parent=parent, fwd_inputs=fwd_inputs, free_save=free_save, creator=creator,
@@ -222,7 +224,8 @@ def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "t
         # the executor's cost model (op by op, or fused by Inductor) prices the rest.
         cost=_costs(gp, fwd, parent),
         flops={n: info[n].flops for n in fwd},
-        can_recompute=frozenset(n for n in fwd if info[n].recomputable),
+        # per-block FSDP2 runs the code between blocks eagerly: only views (which own no bytes) recomputed there
+        can_recompute=frozenset(n for n in fwd if info[n].recomputable and (own[n] == 0 or n in in_blocks)),
         can_save=can_save,
         free_save=free_save,
         bwd_needs=frozenset(a.name for b in bwd for a in by_name[b].all_input_nodes if a.name in fwd_set),

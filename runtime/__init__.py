@@ -1,7 +1,9 @@
 """Apply a plan: ``apply(model, plan)`` returns a module that trains within the budget."""
 
+from .block_plan import BlockMismatch
+from .block_runtime import PlannedBlocks
 from .fsdp_blocks import fully_shard_blocks
 from .module import AutocastMismatch, BudgetWarning, PlanMismatch, PlannedModule, ShapeEntry, ShapeWarning, apply
 
 __all__ = ["apply", "PlannedModule", "ShapeEntry", "PlanMismatch", "AutocastMismatch", "ShapeWarning", "BudgetWarning",
-           "fully_shard_blocks"]
+           "fully_shard_blocks", "PlannedBlocks", "BlockMismatch"]

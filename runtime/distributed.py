@@ -1,7 +1,7 @@
 """Check that a model handed to ``runtime.apply`` is wrapped by DDP/FSDP the supported way.
 
-A plan made for FSDP2 wrapped per block (``fsdp_wrap="blocks"``) is refused: its
-module would need FSDP2's hooks between the blocks of its one graph. A plan's module must be compiled as one graph: the data-parallel wrapper goes
+A plan made for FSDP2 wrapped per block (``fsdp_wrap="blocks"``) runs each block
+compiled on its own (:mod:`runtime.block_runtime`), never as one graph. Any other plan's module is compiled as one graph: the data-parallel wrapper goes
 outside it (``DistributedDataParallel(runtime.apply(model, plan))`` or
 ``fully_shard(runtime.apply(model, plan))``). Wrappers inside it (a DDP module, or
 ``fully_shard`` on submodules) put communication hooks in the middle of the graph
@@ -51,13 +51,12 @@ def check_wrapping(model: nn.Module, plan=None) -> None:
 
 
 def check_plan_wrap(plan) -> None:
-    """Raise ``ValueError`` for a plan made with ``fsdp_wrap="blocks"``, which the runtime cannot run."""
+    """Raise ``ValueError`` for a plan made with ``fsdp_wrap="blocks"``, which the one-graph runtime cannot run."""
     d = plan.distributed
     if d is None or d.fsdp_wrap != "blocks":
         return
     raise ValueError(
         f"this plan was made for FSDP2 wrapped per block (fsdp_wrap='blocks', fully_shard on {len(d.fsdp_blocks)} "
-        "blocks and the model), which runtime.apply cannot run: the planned module is one compiled graph, and "
-        "FSDP2's hooks between the blocks would break it. Plan with fsdp_wrap='model' to run the plan under "
-        "fully_shard(runtime.apply(model, plan)), or use this plan for sizing (its per-rank peak, budget and batch)"
+        "blocks and the model), which runs each block compiled on its own, not as one graph: use "
+        "runtime.fully_shard_blocks(runtime.apply(model, plan), plan, mesh=...)"
     )

@@ -2,9 +2,9 @@
 
 ``planner.plan(..., sharding="fsdp", fsdp_wrap="blocks")`` sizes a step with
 ``fully_shard`` on each repeated block (``Plan.distributed.fsdp_blocks``), then on the
-model. ``runtime.apply`` cannot run such a plan (FSDP2's hooks would sit between the
-blocks of its one compiled graph); :func:`fully_shard_blocks` wraps the unplanned
-model the way the plan's per-rank peak assumes, to train it eagerly at that size.
+model. :func:`fully_shard_blocks` wraps the module ``runtime.apply(model, plan)``
+returns for such a plan (each block compiled on its own: :mod:`runtime.block_runtime`),
+or the unplanned model, the way the plan's per-rank peak assumes.
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from torch import nn
 
 from planner import Plan
 
+from .block_runtime import PlannedBlocks
+
 __all__ = ["fully_shard_blocks"]
 
 
 def fully_shard_blocks(model: nn.Module, plan: Plan, **fully_shard_kwargs) -> nn.Module:
     """``fully_shard`` on each of ``plan``'s blocks in forward order, then on ``model``
-    (each call with ``fully_shard_kwargs``: ``mesh=``, ``mp_policy=``...); returns ``model``."""
+    (each call with ``fully_shard_kwargs``: ``mesh=``, ``mp_policy=``...); returns ``model``.
+    ``model`` is the model the plan was made for, or ``runtime.apply(model, plan)``."""
     d = plan.distributed
     if d is None or d.fsdp_wrap != "blocks":
         raise ValueError(
@@ -27,12 +30,13 @@ def fully_shard_blocks(model: nn.Module, plan: Plan, **fully_shard_kwargs) -> nn
         )
     from torch.distributed.fsdp import fully_shard
 
+    inner = model.module if isinstance(model, PlannedBlocks) else model
     blocks = []
     for path in d.fsdp_blocks:
         try:
-            blocks.append(model.get_submodule(path))
+            blocks.append(inner.get_submodule(path))
         except AttributeError as e:
-            raise ValueError(f"the plan's block {path!r} is not a submodule of this {type(model).__name__}: "
+            raise ValueError(f"the plan's block {path!r} is not a submodule of this {type(inner).__name__}: "
                              "wrap the model the plan was made for") from e
     for block in blocks:
         fully_shard(block, **fully_shard_kwargs)

@@ -64,6 +64,7 @@ from profiles.signature import (
 )
 
 from .arrange import arrange_graphs
+from .block_runtime import PlannedBlocks
 from .distributed import check_wrapping
 from .inductor import PlanPartitioner, compile_inference, compile_planned, compiling, plans_key
 from .partition import split_joint
@@ -361,7 +362,8 @@ def _executor(plan: Plan, compile: str | None, compiled: bool) -> str:
     return executor
 
 
-def apply(model: nn.Module, plan: Plan, *, compile: str | None = None, compile_options: dict | None = None) -> PlannedModule:
+def apply(model: nn.Module, plan: Plan, *, compile: str | None = None,
+          compile_options: dict | None = None) -> PlannedModule | PlannedBlocks:
     """Wrap ``model`` so that training steps follow ``plan``.
 
     ``compile``: ``"inductor"`` compiles the plan's graphs with Inductor (fused kernels;
@@ -372,5 +374,12 @@ def apply(model: nn.Module, plan: Plan, *, compile: str | None = None, compile_o
 
     Raises :class:`PlanMismatch` when the model's parameters or device differ from
     the planned model's, or the plan was made for another executor; a changed
-    forward is refused at the first training call."""
+    forward is refused at the first training call. A plan made with ``fsdp_wrap="blocks"``
+    gives a :class:`runtime.block_runtime.PlannedBlocks` (each block compiled on its own),
+    to wrap with :func:`runtime.fully_shard_blocks`."""
+    d = plan.distributed if isinstance(plan, Plan) else None
+    if d is not None and d.fsdp_wrap == "blocks":  # each block compiled on its own (runtime.block_runtime)
+        if compile not in (None, "eager") or compile_options:
+            raise ValueError("a plan made with fsdp_wrap='blocks' runs its blocks op by op only: apply it without compile=")
+        return PlannedBlocks(model, plan)
     return PlannedModule(model, plan, compile=compile, compile_options=compile_options)
