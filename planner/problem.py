@@ -238,8 +238,8 @@ def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "t
         engine=engine,
         loop=loop,
         # Inductor orders and reuses buffers itself: the runtime arranges only what runs op by op
-        # and a step run as regions runs each region's graphs as split (:mod:`profiles.regions`)
-        arrange=gp.joint.executor == "eager" and not gp.joint.regions,
+        # and a step run as regions (:mod:`profiles.regions`) or per block (per-block FSDP2) runs its graphs as split
+        arrange=gp.joint.executor == "eager" and not gp.joint.regions and (engine is None or engine.blocks is None),
     )
 
 

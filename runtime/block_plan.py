@@ -129,8 +129,9 @@ def block_recompute(path: str, planned: tuple[PlannedNode, ...], gm: fx.GraphMod
             raise BlockMismatch(
                 f"block {path!r} compiled on its own differs from the plan's graph at its forward node #{i}: "
                 f"{n.name!r} ({n.target}, {node_shapes(n)}) where the plan has {p.name!r} ({p.op}, {p.shapes}); "
-                "the block runs other operations when compiled alone than in the whole model's graph, or the "
-                "model changed since it was planned: plan again with planner.plan(..., fsdp_wrap='blocks')"
+                "the inputs have other shapes than planned (a per-block plan runs its planned shapes only), the "
+                "model changed since it was planned, or the block runs other operations when compiled alone than "
+                "in the whole model's graph: plan again for these inputs with planner.plan(..., fsdp_wrap='blocks')"
             )
     if len(planned) != len(own):
         raise BlockMismatch(

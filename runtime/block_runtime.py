@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from planner.plan_type import Plan
-from profiles._torch_private import aot_autograd, allow_recompiles, copy_graph_module, make_boxed
+from profiles._torch_private import aot_autograd, allow_recompiles, copy_graph_module, make_boxed, quiet_graph_breaks
 from profiles.capture import prepare_joint
 from profiles.causal_sdpa import with_causal_sdpa
 
@@ -85,7 +85,8 @@ class BlockBackend:
 def _block_forward(backend: BlockBackend, index: int, compiled):
     def forward(*args, **kwargs):
         backend.current = index
-        return compiled(*args, **kwargs)
+        with quiet_graph_breaks():  # dynamo's look at the block's input, a non-leaf tensor's .grad, warns
+            return compiled(*args, **kwargs)
 
     return forward
 

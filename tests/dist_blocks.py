@@ -1,16 +1,17 @@
-"""The per-block FSDP2 case of the distributed tests: the planner's accounting of ``fsdp_wrap="blocks"``.
+"""The per-block FSDP2 case of the distributed tests: ``fsdp_wrap="blocks"`` planned, and run.
 
 ``tests/test_distributed.py`` runs it inside the FSDP2 ranks it already spawns. A
 3-layer GPT-2 (random init, loss inside the model) is planned per rank with
-``world_size=2, sharding="fsdp", fsdp_wrap="blocks"`` and AdamW state, at a budget
-that needs no recomputation: the plan's prediction is the no-recompute per-rank
-peak. Each rank wraps the eager model as the plan records (``fully_shard`` on each
-of ``Plan.distributed.fsdp_blocks``, then on the model: ``runtime.fully_shard_blocks``)
-and trains two steps with AdamW in between; the second, measured from torch.profiler
-allocator events, peaks within 5% of the prediction (measured: 76 bytes above it, on
-8.0 MB). Then the same prepared step is planned at 60% of the higher rank's measured
-peak: a plan that recomputes, whose simulated per-rank peak is within the budget
-(``runtime.apply`` refuses such a plan, so it is not run).
+``world_size=2, sharding="fsdp", fsdp_wrap="blocks"`` and AdamW state twice: at a
+budget that needs no recomputation (the plan's prediction is the no-recompute
+per-rank peak), and at 60% of that prediction (a plan that recomputes inside the
+blocks). Each rank trains two steps with AdamW in between, with ``fully_shard`` on
+each of ``Plan.distributed.fsdp_blocks`` then on the model
+(``runtime.fully_shard_blocks``): the eager model, then ``runtime.apply(model, low)``
+(each block compiled on its own and split by the plan, the code between blocks
+eager). The planned run's gradients equal the eager run's at both steps; each
+second step, measured from torch.profiler allocator events, peaks within 5% of its
+plan's prediction, the planned one within the budget.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 import planner
 import runtime
-from dist_harness import WORLD, _ReduceScatterFreedHere, train
+from dist_harness import WORLD, _ReduceScatterFreedHere, assert_same_grads, train
 from profiles import storage_bytes
 from profiles.memory import allocator_peak
 
@@ -46,42 +47,54 @@ def _inputs(rank: int) -> dict:
     return {"input_ids": ids, "labels": ids}
 
 
-def prepare() -> tuple[planner.PreparedStep, planner.Plan]:
-    """The GPT-2's step prepared per rank for per-block FSDP2, and its plan without recomputation."""
+def prepare() -> tuple[planner.PreparedStep, planner.Plan, planner.Plan]:
+    """The GPT-2's step prepared per rank for per-block FSDP2, its plan without
+    recomputation, and its plan at 60% of that plan's per-rank peak."""
     step = planner.prepare(_gpt2(), _inputs(0), world_size=WORLD, sharding="fsdp", optimizer="adamw", fsdp_wrap="blocks")
     p = step.plan(1 << 30)
     assert not p.recomputed and p.distributed.fsdp_blocks == ("transformer.h.0", "transformer.h.1", "transformer.h.2")
-    return step, p
+    low = step.plan(int(0.6 * p.predicted_peak_bytes))
+    assert low.recomputed and low.predicted_peak_bytes <= low.budget_bytes and low.distributed.fsdp_wrap == "blocks"
+    return step, p, low
 
 
-def on_rank(rank: int, plan_json: str) -> dict:
-    """On one rank: the eager GPT-2 wrapped per block as the plan records, two steps; the
-    absolute peak of the second and the frees the profiler missed."""
+def _run(base, inputs, plan: planner.Plan, planned: bool) -> tuple[tuple, int, int]:
+    """Two steps of a copy of ``base`` wrapped per block (``runtime.apply``-d first when
+    ``planned``): the gradients of both, the absolute peak of the second and the frees the profiler missed."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule
     from torch.profiler import ProfilerActivity, profile
 
-    plan = planner.Plan.from_json(plan_json)
-    base, inputs = _gpt2(), _inputs(rank)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = copy.deepcopy(base)
-        runtime.fully_shard_blocks(model, plan, mesh=init_device_mesh("cpu", (WORLD,)))
-        groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        wrapped = runtime.apply(model, plan) if planned else model
+        runtime.fully_shard_blocks(wrapped, plan, mesh=init_device_mesh("cpu", (WORLD,)))
+        groups = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
         for g in groups:
             g.set_custom_reduce_scatter(_ReduceScatterFreedHere())  # the frees on this thread (tests/dist_harness.py)
-        train(model, model, inputs, measure=REGION)
-        del model, g, groups
+        grads = train(wrapped, model, inputs, measure=REGION)
+        del model, wrapped, g, groups
         gc.collect()
     peak, missed = allocator_peak(prof, region=REGION)
-    return {"measured": storage_bytes(inputs.values()) + peak, "missed_frees": missed}
+    return grads, storage_bytes(inputs.values()) + peak, missed
 
 
-def check(results: list[dict], step: planner.PreparedStep, p: planner.Plan) -> None:
-    """Every rank's peak within 5% of the plan's; the plan at 60% of the higher one fits."""
+def on_rank(rank: int, plans: list[str]) -> dict:
+    """On one rank: the eager GPT-2 wrapped per block as the plan records, then the same
+    under the low plan; their second steps' absolute peaks and the frees the profiler missed."""
+    p, low = (planner.Plan.from_json(s) for s in plans)
+    base, inputs = _gpt2(), _inputs(rank)
+    ref, measured, missed = _run(base, inputs, p, planned=False)
+    got, planned, planned_missed = _run(base, inputs, low, planned=True)
+    for step in range(2):  # the same FSDP2 step, exactly
+        assert_same_grads(ref[step], got[step], f"rank {rank} per-block plan, step {step + 1}", rtol=0, atol=0)
+    return {"measured": measured, "missed_frees": missed, "planned": planned, "planned_missed_frees": planned_missed}
+
+
+def check(results: list[dict], p: planner.Plan, low: planner.Plan) -> None:
+    """Every rank's peak within 5% of its plan's; the planned one within the budget too."""
     for rank, r in enumerate(results):
-        assert r["missed_frees"] == 0, (rank, r)
+        assert r["missed_frees"] == 0 and r["planned_missed_frees"] == 0, (rank, r)
         assert abs(r["measured"] - p.predicted_peak_bytes) <= 0.05 * r["measured"], (rank, r, p.predicted_peak_bytes)
-    budget = int(0.6 * max(r["measured"] for r in results))
-    low = step.plan(budget)
-    assert low.recomputed and low.predicted_peak_bytes <= low.budget_bytes == budget, (low.predicted_peak_bytes, budget)
-    assert low.distributed.fsdp_wrap == "blocks"
+        assert r["planned"] <= low.budget_bytes, (rank, r, low.budget_bytes)
+        assert abs(r["planned"] - low.predicted_peak_bytes) <= 0.05 * r["planned"], (rank, r, low.predicted_peak_bytes)

@@ -58,7 +58,7 @@ def _inputs(rank: int):
 
 
 def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str, gpt2: tuple | None,
-            inductor: dict | None, regions: dict | None, blocks: str | None) -> None:
+            inductor: dict | None, regions: dict | None, blocks: list[str] | None) -> None:
     init(rank, port)
     try:
         plan = planner.Plan.from_json(plan_json)
@@ -126,15 +126,17 @@ def test_planned_module_trains_under_engine_within_budget(single, sharding, frac
     inductor = dist_inductor.plans() if sharding == "fsdp" else None
     regions = dist_regions.plans() if sharding == "ddp" else None
     # the FSDP2 ranks also train a GPT-2 wrapped per block, as planned with fsdp_wrap="blocks" (tests/dist_blocks.py)
-    blocks_step, blocks = dist_blocks.prepare() if sharding == "fsdp" else (contextlib.nullcontext(), None)
+    blocks_step, *blocks = dist_blocks.prepare() if sharding == "fsdp" else (contextlib.nullcontext(), None)
+    blocks = blocks if blocks[0] is not None else None
     with blocks_step, pytest.MonkeyPatch.context() as env:
         env.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")  # the ranks read Inductor's caches: no pool of compile workers
         spawn(_worker, p.to_json(), sharding, str(tmp_path), (gpt2.to_json(), _gpt2_expected_grads()) if gpt2 else None,
               {s: q.to_json() for s, q in inductor.items()} if inductor else None,
-              {s: q.to_json() for s, q in regions.items()} if regions else None, blocks.to_json() if blocks else None)
+              {s: q.to_json() for s, q in regions.items()} if regions else None,
+              [q.to_json() for q in blocks] if blocks else None)
         if blocks is not None:
             dist_blocks.check([json.loads((tmp_path / f"rank{r}.json").read_text())["blocks"] for r in range(WORLD)],
-                              blocks_step, blocks)
+                              *blocks)
     for rank in range(WORLD):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         measured = r["measured"]
