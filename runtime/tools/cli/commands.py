@@ -131,7 +131,7 @@ def cmd_verify(a, out: Out) -> int:
     """Apply PLAN_JSON to MODEL and run one step against eager; exit 1 if it fails."""
     p = read_plan(a.plan)
     try:
-        check_plan_wrap(p)  # a plan for per-block FSDP2 sizes a run; it cannot be applied
+        check_plan_wrap(p)  # a plan for per-block FSDP2 runs per block under FSDP2 ranks, not as one graph here
     except ValueError as e:
         raise CliError(f"cannot verify {a.plan}: {e}") from e
     out.step(f"loading {a.model}")
