@@ -103,8 +103,20 @@ def test_layer_stacks():
             one = nn.Linear(4, 4)
             self.layers = nn.ModuleList(one for _ in range(DEPTH))
 
+    class Numbered(nn.Module):  # each layer knows its index (HF's layer_idx) and may hold a setting
+        def __init__(self, window_at: int | None = None):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(DEPTH))
+            for i, layer in enumerate(self.layers):
+                layer.layer_idx, layer.window = i, 16 if i == window_at else None
+
     assert find_layer_stack(Uneven(), DEPTH) is None
     assert find_layer_stack(Shared(), DEPTH) is None
+    assert find_layer_stack(Numbered(), DEPTH) is not None
+    assert find_layer_stack(Numbered(window_at=DEPTH - 1), DEPTH) is None  # layer 5 differs: trace every layer
+    mixed = Numbered()
+    mixed.config = type("Config", (), {"layer_types": ["sliding_attention"] * (DEPTH - 1) + ["full_attention"]})()
+    assert find_layer_stack(mixed, DEPTH) is None
     assert find_layer_stack(TiedNet(layers=DEPTH - 1), DEPTH) is None
     stack = find_layer_stack(TiedNet(layers=DEPTH), DEPTH)
     assert (stack.path, stack.depth) == ("layers", DEPTH)
