@@ -23,6 +23,7 @@ from planner.plan_type import Plan
 from profiles._torch_private import aot_autograd, allow_recompiles, copy_graph_module, make_boxed, quiet_graph_breaks
 from profiles.capture import prepare_joint
 from profiles.causal_sdpa import with_causal_sdpa
+from profiles.signature import parameter_mismatch
 
 from .block_plan import BlockMismatch, PlannedNode, block_recompute, planned_blocks
 from .distributed import check_wrapping
@@ -101,14 +102,22 @@ class PlannedBlocks(nn.Module):
         super().__init__()
         check_wrapping(model)
         plan.check()
+        why = parameter_mismatch(model, plan.model.parameters)
+        if why:
+            raise BlockMismatch(f"this plan was made for another model ({plan.model.class_name or '?'}): {why}; "
+                                "plan again with planner.plan(model, budget_gb, inputs, fsdp_wrap='blocks')")
         self.module = model
         self.plan = plan
         #: ``(block path, forward, backward)`` GraphModules of each block compiled, for inspection.
         self.compiled_graphs: list = []
+        blocks = [model.get_submodule(path) for path in plan.distributed.fsdp_blocks]
+        for path, block in zip(plan.distributed.fsdp_blocks, blocks):
+            if "forward" in vars(block):
+                raise ValueError(f"block {path!r} already runs another forward (runtime.apply was called on this model "
+                                 "before): apply the plan to a fresh model")
         allow_recompiles()
         backend = BlockBackend(plan, planned_blocks(model, plan), self.compiled_graphs)
-        for i, path in enumerate(plan.distributed.fsdp_blocks):
-            block = model.get_submodule(path)
+        for i, block in enumerate(blocks):
             compiled = torch.compile(block.forward, backend=backend, fullgraph=True, dynamic=False)
             block.forward = _block_forward(backend, i, compiled)
 

@@ -133,6 +133,8 @@ def test_apply_runs_blocks_compiled_alone():
     with pytest.raises(runtime.BlockMismatch, match=r"block 'blocks.0' .* forward node #1: 'addmm' .*\(128, 256\)"
                        r".*the plan has 'addmm_1' .*\(256, 256\).*other shapes than planned"):
         run_step(planned, {"x": torch.randn(128, 64), "target": torch.randint(0, 8, (128,))}, seed=3)
+    with pytest.raises(ValueError, match="block 'blocks.0' already runs another forward"):
+        runtime.apply(model, low)
 
 
 class _Flat(nn.Module):
