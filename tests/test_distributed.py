@@ -14,7 +14,8 @@ GPT-2 with the loss computed outside the model, planned with ``loss_fn`` and
 bytes of the prediction, on 2.1 MB), and a model that breaks the graph, planned as
 regions, under DDP and FSDP2 (``tests/dist_regions.py``). The FSDP2 ranks also train
 a plan compiled by Inductor, under DDP and under FSDP2 (``tests/dist_inductor.py``), and
-a GPT-2 wrapped per block, against its plan with ``fsdp_wrap="blocks"`` (``tests/dist_blocks.py``).
+a GPT-2 wrapped per block, eager and under ``runtime.apply`` of a plan made with ``fsdp_wrap="blocks"``
+(each block compiled on its own: ``tests/dist_blocks.py``).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def test_planned_module_trains_under_engine_within_budget(single, sharding, frac
     gpt2 = _gpt2_plan() if sharding == "ddp" else None
     inductor = dist_inductor.plans() if sharding == "fsdp" else None
     regions = dist_regions.plans() if sharding == "ddp" else None
-    # the FSDP2 ranks also train a GPT-2 wrapped per block, as planned with fsdp_wrap="blocks" (tests/dist_blocks.py)
+    # the FSDP2 ranks also train a GPT-2 wrapped per block, eager and planned with fsdp_wrap="blocks" (tests/dist_blocks.py)
     blocks_step, *blocks = dist_blocks.prepare() if sharding == "fsdp" else (contextlib.nullcontext(), None)
     blocks = blocks if blocks[0] is not None else None
     with blocks_step, pytest.MonkeyPatch.context() as env:
