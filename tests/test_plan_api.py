@@ -129,17 +129,21 @@ def test_plan_fields_json_round_trip_and_explain(plan70, tmp_path):
         planner.Plan.from_json(text.replace(f'"schema_version": {planner.SCHEMA_VERSION}', '"schema_version": 99'))
 
 
-def test_plans_are_deterministic(setup, plan70):
-    """The same plan from two calls, and from one captured step planned at two budgets."""
+def test_plans_are_deterministic(setup, plan70, capsys):
+    """The same plan from two calls, and from one captured step planned at two budgets
+    (the step profiled once per dropout mode, for all its plans)."""
     model, inputs, eager = setup
     a = plan70
     b = planner.plan(model, 0.7 * eager / planner.GiB, inputs)
-    with planner.prepare(model, inputs) as step:
+    capsys.readouterr()
+    with planner.prepare(model, inputs, progress=True) as step:
         low = step.plan(int(0.6 * eager))
         c = step.plan(int(0.7 * eager))
         sq = step.plan(int(0.7 * eager), solver="sqrt")
         with pytest.raises(ValueError, match="unknown solver"):
             step.plan(int(0.7 * eager), solver="fast")
+    log = capsys.readouterr().err
+    assert log.count("profiling (dropout: mask)") == log.count("profiling (dropout: replay)") == 1, log
     assert sq.solver.name == "sqrt" and sq.recompute_time_s >= c.recompute_time_s
     strip = lambda p: {k: v for k, v in p.to_dict().items() if k != "solver"}  # noqa: E731
     assert strip(a) == strip(b) == strip(c)
