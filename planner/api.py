@@ -13,13 +13,12 @@ from typing import Any, Callable
 import torch
 
 from profiles.allocator import budget_for, granularity, graph_device_type, usable_bytes
-from profiles.autocast_state import step_autocast
 from profiles.capture import capture, normalize_inputs
 from profiles.executors import unwrap_compiled
 from profiles.joint import JointGraph
 from profiles.device import load_device_profile
 from profiles.graph_profile import GraphProfile
-from profiles.signature import check_input_devices, describe_inputs, parameter_signature
+from profiles.signature import check_input_devices
 
 from .block_ilp import block_solver, peak_lower_bound
 from .build import build_plan
@@ -30,6 +29,7 @@ from .inductor_layout import budget_margin, warn_unmodelled_layouts
 from .ilp import backend_name, solve_ilp
 from .loop_capture import LoopSetup, check_engine_loop, loop_setup, optimizer_spec
 from .memory_model import refine
+from .model_record import model_info
 from .optimizer_memory import OptimizerSpec
 from .plan_type import DistributedInfo, GiB, ModelInfo, Plan, SolverInfo
 from .problem import OBJECTIVES, Problem, build_problem, rank_key
@@ -251,7 +251,7 @@ def prepare(
     request = _Request(
         budget_bytes=0, solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time,
         progress=progress, objective=objective, distributed=dist_cfg, engine=engine, distributed_info=info,
-        model_info=_model_info(model, captured, args, kwargs), loop=loop,
+        model_info=model_info(model, captured, args, kwargs), loop=loop,
     )
     return PreparedStep(captured, request)
 
@@ -312,19 +312,6 @@ def _device_type(model: torch.nn.Module, target: str | None) -> str:
     if param is not None and param.device.type != "meta":
         return param.device.type
     return load_device_profile(target).device_type if target is not None else "cpu"
-
-
-def _model_info(model: torch.nn.Module, captured: JointGraph, args: tuple, kwargs: dict) -> ModelInfo:
-    """``Plan.model``: what identifies the model and input the plan is for."""
-    return ModelInfo(
-        fingerprint=captured.fingerprint,
-        class_name=type(model).__name__,
-        inputs=describe_inputs(args, kwargs),
-        structure=captured.structure,
-        graph=captured.node_digests,
-        parameters=parameter_signature(model),
-        autocast=step_autocast(model, args, kwargs),
-    )
 
 
 def _plan_dropout_modes(profiles: StepProfiles, request: _Request) -> Plan:

@@ -63,9 +63,13 @@ class ModelInfo:
     #: The ``torch.autocast`` the step was captured under (``profiles.autocast_state``):
     #: ``"off"`` or ``"DEVICE_TYPE:DTYPE"`` (e.g. ``"cpu:bfloat16"``); the runtime refuses another.
     autocast: str | None = None
+    #: ``(stack path, layers traced, layers)`` when the step was traced with a few
+    #: layers of a deep stack and its graph repeated to all of them
+    #: (``profiles.repeat_capture``); None when traced whole.
+    repeated: tuple[str, int, int] | None = None
 
     def __post_init__(self):
-        for name in ("inputs", "graph", "parameters"):
+        for name in ("inputs", "graph", "parameters", "repeated"):
             object.__setattr__(self, name, _tuples(getattr(self, name)))
 
     def to_dict(self) -> dict:
@@ -87,7 +91,8 @@ class ModelInfo:
 
 #: ``ModelInfo`` field and JSON key, in the JSON's order.
 _MODEL_KEYS = (("fingerprint", "fingerprint"), ("class_name", "class"), ("inputs", "inputs"),
-               ("structure", "structure"), ("graph", "graph"), ("parameters", "parameters"), ("autocast", "autocast"))
+               ("structure", "structure"), ("graph", "graph"), ("parameters", "parameters"), ("autocast", "autocast"),
+               ("repeated", "repeated"))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -70,8 +70,17 @@ def headline(plan) -> list[tuple[str, str]]:
                                 f"{len(plan.recomputed)} recomputed ({format_bytes(recomputed)})"),
         *_loop_lines(plan),
         *_region_headline(plan),
+        *_repeated_headline(plan),
         ("solver", _solver_text(plan)),
     ]
+
+
+def _repeated_headline(plan) -> list[tuple[str, str]]:
+    """How the step was traced, when a deep stack was traced with a few layers and repeated."""
+    if not plan.model.repeated:
+        return []
+    stack, traced, layers = plan.model.repeated
+    return [("traced", f"{traced} of the {layers} layers of {stack}, the joint graph repeated to all {layers}")]
 
 
 def _region_headline(plan) -> list[tuple[str, str]]:

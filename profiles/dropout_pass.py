@@ -68,7 +68,9 @@ def _fake_state(like: torch.Tensor) -> torch.Tensor:
 
 
 def _meta_from(new: fx.Node, model: fx.Node, val, *, tag: str | None = None) -> None:
-    new.meta = {k: v for k, v in model.meta.items() if k not in ("val", "tensor_meta")}
+    """``model``'s metadata on ``new``, with value ``val`` (a new storage: a stitched or
+    repeated graph's ``storage_keys`` stay with ``model``)."""
+    new.meta = {k: v for k, v in model.meta.items() if k not in ("val", "tensor_meta", "storage_keys")}
     new.meta["val"] = val
     if tag is not None:
         new.meta["partitioner_tag"] = tag

@@ -86,6 +86,10 @@ class JointGraph:
     #: (``gm`` is then their joint graphs stitched together, :mod:`profiles.region_stitch`);
     #: empty for a step captured as one graph.
     regions: tuple[CapturedRegion, ...] = ()
+    #: ``(stack path, layers traced, layers)`` when the step was traced with a few
+    #: layers of a deep stack and its graph repeated to all of them
+    #: (:mod:`profiles.repeat_capture`); empty when traced whole.
+    repeated: tuple = ()
 
     def drop_tensors(self) -> None:
         """Forget the real tensors so the graph no longer keeps them alive."""

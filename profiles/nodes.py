@@ -15,7 +15,7 @@ from torch.utils.flop_counter import flop_registry
 
 from ._torch_private import is_op_overload, is_random_op, op_is_mutable, tree_map
 
-__all__ = ["FlopCountError", "module_path", "op_name", "is_recomputable", "node_flops"]
+__all__ = ["FlopCountError", "module_path", "clean_module_path", "op_name", "is_recomputable", "node_flops"]
 
 
 class FlopCountError(RuntimeError):
@@ -37,10 +37,11 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    return _clean_path(path)
+    return clean_module_path(path)
 
 
-def _clean_path(path: str) -> str:
+def clean_module_path(path: str) -> str:
+    """A module path as dynamo records it (``L['self'].transformer.h[3]``) in dotted form (``transformer.h.3``)."""
     # The root model as dynamo reached it: L['self'], or L['args'][0] when forward is
     # wrapped by a decorator taking (*args, **kwargs) (Hugging Face Llama).
     path = re.sub(r"^L(\['[^']+'\]|\[\d+\])+\.?", "", path)

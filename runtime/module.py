@@ -233,7 +233,7 @@ class PlannedModule(nn.Module):
             raise PlanMismatch(
                 f"this plan was made for another model or input shapes (plan fingerprint {plan.fingerprint}; {why}); "
                 "the model's forward or structure changed since it was planned: plan again with "
-                "planner.plan(model, budget_gb, inputs)"
+                "planner.plan(model, budget_gb, inputs)" + _repeated_hint(plan)
             )
         if plan.model.structure and structure_fingerprint(joint, num_fwd_outputs) == plan.model.structure:
             self.shapes[self._call_key] = ShapeEntry(how="reused", plan=plan, predicted_peak_bytes=None)
@@ -332,6 +332,16 @@ class PlannedModule(nn.Module):
                     raise explain_capture_failure(self.module, args, kwargs, e) from e
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _repeated_hint(plan: Plan) -> str:
+    """For a plan whose graph was repeated from a few traced layers: how to trace them all."""
+    if not plan.model.repeated:
+        return ""
+    stack, traced, layers = plan.model.repeated
+    return (f". The plan's graph was made by tracing {traced} of the {layers} layers of {stack} and repeating them; "
+            "if those layers do not all run the same operations, plan with the environment variable "
+            "PLANNER_REPEAT_LAYERS=0 (every layer traced)")
 
 
 def _executor(plan: Plan, compile: str | None, compiled: bool) -> str:
