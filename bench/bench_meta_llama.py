@@ -52,12 +52,12 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
 
 
-def build(*, layers: int, hidden: int, heads: int, intermediate: int, vocab: int, batch: int, seq: int):
+def build(*, layers: int, hidden: int, heads: int, intermediate: int, vocab: int, batch: int, seq: int, kv_heads: int | None = None):
     import transformers
 
     transformers.logging.set_verbosity_error()
     cfg = transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                                   num_key_value_heads=heads, intermediate_size=intermediate, vocab_size=vocab,
+                                   num_key_value_heads=kv_heads or heads, intermediate_size=intermediate, vocab_size=vocab,
                                    max_position_embeddings=max(seq, 2048), use_cache=False)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).train()
@@ -65,7 +65,8 @@ def build(*, layers: int, hidden: int, heads: int, intermediate: int, vocab: int
     return model, {"input_ids": ids, "labels": ids}
 
 
-def by_hand(*, layers: int, hidden: int, heads: int, intermediate: int, vocab: int, batch: int, seq: int) -> dict:
+def by_hand(*, layers: int, hidden: int, heads: int, intermediate: int, vocab: int, batch: int, seq: int,
+            kv_heads: int | None = None) -> dict:
     """Bytes of one training step of a bf16 Llama, counted from its code.
 
     Parameters P (2 bytes each) and their gradients (P again). Per decoder layer,
@@ -76,26 +77,29 @@ def by_hand(*, layers: int, hidden: int, heads: int, intermediate: int, vocab: i
       by the multiply with rsqrt), the normalised value cast back to bf16 (2Th, read
       by the weight's gradient) and the output after the weight, the next matmuls'
       input (2Th): 2 x 8Th;
-    - attention: q and k after rotary (2Th each; the projections' outputs before
-      rotary are not needed), v (2Th) and the attention output (2Th, whose
-      transpose is already o_proj's contiguous input): 8Th; the logsumexp (fp32,
+    - attention: q and k after rotary (2Th and 2Tk; the projections' outputs before
+      rotary are not needed), v (2Tk) and the attention output (2Th, whose
+      transpose is already o_proj's contiguous input): 4Th + 4Tk, where k = h x
+      kv_heads / heads is the width of the keys and values (k = h without grouped-query
+      attention: 8Th); the logsumexp (fp32,
       4*batch*heads*seq) and the additive causal mask HF builds (bf16, 2*batch*seq^2);
     - MLP: gate and up outputs (2Ti each), silu(gate) (2Ti), and silu(gate)*up, the
       down projection's input (2Ti): 8Ti.
 
-    So 24Th + 8Ti bytes per layer, plus the small terms. Then the head: the
+    So 20Th + 4Tk + 8Ti bytes per layer (24Th + 8Ti without grouped-query attention), plus the small terms. Then the head: the
     bf16 logits (2Tv) and the fp32 log-softmax the loss backward reads (4Tv).
 
     Two moments bound the step's peak: the end of forward (parameters + all
     activations) and the end of backward (parameters + all gradients + the bf16
     logits, which the caller holds as an output until backward ends). In between,
-    each layer's backward frees its activations (~24Th + 8Ti) while it allocates
+    each layer's backward frees its activations (~20Th + 4Tk + 8Ti) while it allocates
     its weight gradients (2 x (4h^2 + 3hi) bytes), so the live total moves from the
     first toward the second. Transients inside one op are left out.
     """
     T = batch * seq
-    params = vocab * hidden * 2 + layers * (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) + hidden
-    per_layer = 24 * T * hidden + 8 * T * intermediate + 4 * batch * heads * seq + 2 * batch * seq * seq
+    kv = hidden * (kv_heads or heads) // heads
+    params = vocab * hidden * 2 + layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate + 2 * hidden) + hidden
+    per_layer = 20 * T * hidden + 4 * T * kv + 8 * T * intermediate + 4 * batch * heads * seq + 2 * batch * seq * seq
     head = 6 * T * vocab
     ids = 8 * T  # int64 input_ids (also the labels: one tensor)
     acts = layers * per_layer + head
@@ -119,6 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=None, help="key/value heads (grouped-query attention); default: --heads")
     ap.add_argument("--intermediate", type=int, default=11008)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--batch", type=int, default=1)
@@ -134,7 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="also write the results as JSON here")
     a = ap.parse_args(argv)
     shape = dict(layers=a.layers, hidden=a.hidden, heads=a.heads, intermediate=a.intermediate, vocab=a.vocab,
-                 batch=a.batch, seq=a.seq)
+                 batch=a.batch, seq=a.seq, kv_heads=a.kv_heads)
     res: dict = {"shape": shape, "target": a.target, "budget_gib": a.budget_gb, "torch": torch.__version__,
                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"}
     try:

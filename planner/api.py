@@ -22,16 +22,16 @@ from profiles.signature import check_input_devices
 
 from .block_ilp import block_solver, peak_lower_bound
 from .build import build_plan
-from .deepspeed import deepspeed_engine
-from .distributed import Distributed, EngineBytes, engine_bytes, record
+from .distributed import EngineBytes
+from .engine_setup import EngineSetup, engine_setup, for_graph
 from .evaluation import Evaluation
 from .inductor_layout import budget_margin, warn_unmodelled_layouts
 from .ilp import backend_name, solve_ilp
-from .loop_capture import LoopSetup, check_engine_loop, loop_setup, optimizer_spec
+from .loop_capture import LoopSetup, loop_setup, optimizer_spec
 from .memory_model import refine
 from .model_record import model_info
 from .optimizer_memory import OptimizerSpec
-from .plan_type import DistributedInfo, GiB, ModelInfo, Plan, SolverInfo
+from .plan_type import GiB, ModelInfo, Plan, SolverInfo
 from .problem import OBJECTIVES, Problem, build_problem, rank_key
 from .search import lowest_plan, search_ilp
 from .sqrt import solve_sqrt
@@ -102,11 +102,8 @@ class _Request:
     measure_time: bool
     progress: bool
     objective: str
-    #: The data-parallel setup, and the bytes its engine holds per rank (None: one process).
-    distributed: Distributed
-    engine: EngineBytes | None
-    #: ``Plan.distributed`` of every plan made (None: one process).
-    distributed_info: DistributedInfo | None
+    #: The data-parallel engine: its bytes per rank and ``Plan.distributed`` (:mod:`planner.engine_setup`).
+    engine: EngineSetup
     #: ``Plan.model`` of every plan made.
     model_info: ModelInfo
     #: The training loop around the step (under a data-parallel engine, the optimizer is the engine's).
@@ -132,6 +129,7 @@ def plan(
     executor: str | None = None,
     compile_options: dict | None = None,
     deepspeed: Any = None,
+    fsdp_wrap: str = "model",
 ) -> Plan:
     """Plan activation checkpointing for one training step of ``model``.
 
@@ -148,7 +146,8 @@ def plan(
     time: never a matmul where pointwise recomputation fits).
     With ``world_size``/``sharding`` (``"ddp"``, ``"fsdp"``) the budget is per rank and
     also holds what the engine keeps on one rank; ``optimizer="adamw"`` there adds
-    AdamW's state (see :mod:`planner.distributed`).
+    AdamW's state (see :mod:`planner.distributed`); ``fsdp_wrap="blocks"`` with ``"fsdp"``: FSDP2 on
+    each repeated block, then on the model, instead of one group (:mod:`planner.fsdp_blocks`).
 
     The training loop (:mod:`planner.training_loop`; per rank under an engine): ``loss_fn`` is the
     loss as the loop computes it from the model's outputs (example targets closed
@@ -175,7 +174,7 @@ def plan(
     with prepare(model, example_inputs, solver=solver, target=target, time_limit_s=time_limit_s,
                  measure_time=measure_time, progress=progress, objective=objective, world_size=world_size,
                  sharding=sharding, optimizer=optimizer, loss_fn=loss_fn, grad_accumulation=grad_accumulation,
-                 executor=executor, compile_options=compile_options, deepspeed=deepspeed) as step:
+                 executor=executor, compile_options=compile_options, deepspeed=deepspeed, fsdp_wrap=fsdp_wrap) as step:
         return step.plan(budget_bytes)
 
 
@@ -231,6 +230,7 @@ def prepare(
     executor: str | None = None,
     compile_options: dict | None = None,
     deepspeed: Any = None,
+    fsdp_wrap: str = "model",
 ) -> PreparedStep:
     """Check :func:`plan`'s arguments (all but the budget, which means the same), and
     capture the step once: ``with prepare(model, batch) as step: step.plan(b)`` for
@@ -238,8 +238,8 @@ def prepare(
     model, executor, compile_options = _resolve_executor(model, executor, compile_options)
     single = sharding == "none" and deepspeed is None
     spec = optimizer_spec(optimizer) if single else None
-    dist_cfg, engine, info = _engine(model, deepspeed, world_size=world_size, sharding=sharding,
-                                     optimizer="none" if single else optimizer, grad_accumulation=grad_accumulation)
+    engine = engine_setup(model, deepspeed, world_size=world_size, sharding=sharding, fsdp_wrap=fsdp_wrap,
+                          optimizer="none" if single else optimizer, grad_accumulation=grad_accumulation)
     args, kwargs = normalize_inputs(model, example_inputs)
     _check_call(model, args, kwargs, solver=solver, objective=objective, time_limit_s=time_limit_s, target=target)
     inputs = kwargs if kwargs else args
@@ -250,7 +250,7 @@ def prepare(
                       optimizer=spec, device_type=device_type, granularity=granularity(device_type))
     request = _Request(
         budget_bytes=0, solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time,
-        progress=progress, objective=objective, distributed=dist_cfg, engine=engine, distributed_info=info,
+        progress=progress, objective=objective, engine=engine,
         model_info=model_info(model, captured, args, kwargs), loop=loop,
     )
     return PreparedStep(captured, request)
@@ -263,20 +263,6 @@ def _capture(model: torch.nn.Module, inputs, *, executor: str, compile_options: 
     captured = capture(model, inputs, dropout="mask", executor=executor, compile_options=compile_options)
     _log(progress, f"captured {len(captured.gm.graph.nodes)} nodes in {time.perf_counter() - t0:.1f} s")
     return captured
-
-
-def _engine(model: torch.nn.Module, deepspeed: Any, *, world_size: int, sharding: str, optimizer,
-            grad_accumulation: bool):
-    """The data-parallel setup, the bytes its engine holds per rank and what the plan
-    records of it (a DeepSpeed config, or ``world_size``/``sharding``; one process:
-    an inactive setup and two ``None``); ``grad_accumulation`` refused where the engine keeps it."""
-    check_engine_loop(sharding=sharding, deepspeed=deepspeed, grad_accumulation=grad_accumulation)
-    if deepspeed is not None:
-        info, engine = deepspeed_engine(model, deepspeed, world_size=world_size, sharding=sharding, optimizer=optimizer)
-        return Distributed(), engine, info
-    dist_cfg = Distributed(world_size=world_size, sharding=sharding, optimizer=optimizer)
-    engine = engine_bytes(model, dist_cfg) if dist_cfg.active else None
-    return dist_cfg, engine, record(dist_cfg, engine) if engine is not None else None
 
 
 def _resolve_executor(model: torch.nn.Module, executor: str | None, compile_options: dict | None):
@@ -349,11 +335,12 @@ def _attempt(profiles: StepProfiles, dropout: str, request: _Request) -> tuple[P
     its time is the recompute time plus, in RNG-replay mode, the extra mask draw each
     dropout makes in forward."""
     gp = profiles.profile(dropout, lambda msg: _log(request.progress, msg))
+    engine, info = for_graph(request.engine, gp, granularity(allocator_device_type(gp)))
     p = plan_profile(gp, request.budget_bytes, solver=request.solver, time_limit_s=request.time_limit_s,
                      model_info=request.model_info, progress=request.progress, objective=request.objective,
-                     engine=request.engine, loop=request.loop)
-    if request.distributed_info is not None:
-        p = dataclasses.replace(p, distributed=request.distributed_info)
+                     engine=engine, loop=request.loop)
+    if info is not None:
+        p = dataclasses.replace(p, distributed=info)
     extra = sum(ni.time_s for ni in gp.nodes.values() if "replay_dropout_mask" in ni.op and ni.phase == "forward")
     cost = p.recompute_time_s + extra
     return p, rank_key(request.objective, flops=p.recompute_flops, time_s=cost)

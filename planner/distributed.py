@@ -9,6 +9,8 @@ is per rank in each phase of the step; the simulator and the ILP's memory rows a
 them to the phase they belong to (``planner.simulate``, ``planner.problem``), so a
 per-rank plan is solved and checked against the whole per-rank budget. Measured on CPU (gloo, torch 2.13) with
 ``torch.profiler`` allocator events; ``tests/test_distributed.py`` checks it.
+FSDP2 wrapped per block (``fsdp_wrap="blocks"``) holds bytes that vary node by node:
+:mod:`planner.fsdp_blocks` sizes them (``EngineBytes.blocks``).
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ import torch
 
 from .plan_type import DistributedInfo
 
-__all__ = ["Distributed", "EngineBytes", "SHARDINGS", "OPTIMIZERS", "engine_bytes", "record", "from_record"]
+__all__ = ["Distributed", "EngineBytes", "SHARDINGS", "OPTIMIZERS", "FSDP_WRAPS", "engine_bytes", "record", "from_record"]
 
 SHARDINGS = ("none", "ddp", "fsdp")
 OPTIMIZERS = ("none", "adamw")
+#: ``plan(fsdp_wrap=)``: ``"model"`` (one ``fully_shard`` around the planned module) or
+#: ``"blocks"`` (``fully_shard`` on each repeated block, then on the model: :mod:`planner.fsdp_blocks`).
+FSDP_WRAPS = ("model", "blocks")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -34,11 +39,15 @@ class Distributed:
     world_size: int = 1
     #: ``"none"`` (one process, or the caller counts the engine itself),
     #: ``"ddp"`` (``DistributedDataParallel(runtime.apply(model, plan))``) or
-    #: ``"fsdp"`` (``fully_shard(runtime.apply(model, plan))``, FSDP2, one parameter group).
+    #: ``"fsdp"`` (``fully_shard(runtime.apply(model, plan))``, FSDP2, one parameter group; per block
+    #: with ``fsdp_wrap="blocks"``).
     sharding: str = "none"
     #: ``"none"`` or ``"adamw"``: count ``torch.optim.AdamW``'s state (two moments per
     #: trainable parameter, sharded like the parameters under FSDP), live for the whole step.
     optimizer: str = "none"
+    #: Under ``"fsdp"``: ``"model"`` (one ``fully_shard`` around the planned module) or
+    #: ``"blocks"`` (``fully_shard`` on each repeated block, then on the model: :mod:`planner.fsdp_blocks`).
+    fsdp_wrap: str = "model"
 
     def __post_init__(self):
         ws = self.world_size
@@ -48,6 +57,10 @@ class Distributed:
             raise ValueError(f"unknown sharding {self.sharding!r}: choose one of {', '.join(SHARDINGS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.fsdp_wrap not in FSDP_WRAPS:
+            raise ValueError(f"unknown fsdp_wrap {self.fsdp_wrap!r}: choose one of {', '.join(FSDP_WRAPS)}")
+        if self.fsdp_wrap == "blocks" and self.sharding != "fsdp":
+            raise ValueError(f"fsdp_wrap='blocks' wraps FSDP2 per block: it needs sharding='fsdp', not {self.sharding!r}")
         if ws > 1 and self.sharding == "none":
             raise ValueError(
                 f"world_size={ws} needs sharding='ddp' or sharding='fsdp' (how the engine holds the model on one rank)"
@@ -72,6 +85,9 @@ class EngineBytes:
     end: int
     #: Of these, the optimizer's state (included in all three).
     optimizer: int
+    #: Per-block FSDP2 (``fsdp_wrap="blocks"``): the bytes that vary along the step, added at
+    #: each node on top of ``forward``/``backward`` (a :class:`planner.fsdp_blocks.BlockBytes`); None otherwise.
+    blocks: object | None = None
 
     @property
     def held(self) -> int:
@@ -133,6 +149,7 @@ def record(cfg: Distributed, eb: EngineBytes) -> DistributedInfo:
         world_size=cfg.world_size,
         sharding=cfg.sharding,
         optimizer=cfg.optimizer,
+        fsdp_wrap=cfg.fsdp_wrap,
         forward_bytes=eb.forward,
         backward_bytes=eb.backward,
         end_bytes=eb.end,
@@ -144,6 +161,11 @@ def from_record(distributed: DistributedInfo | None) -> EngineBytes | None:
     """The engine's bytes a plan was made with (None for a one-process plan)."""
     if distributed is None:
         return None
+    if distributed.fsdp_wrap == "blocks":
+        raise ValueError(
+            "a plan made with fsdp_wrap='blocks' has per-block FSDP2 bytes that vary along the step, which "
+            "depend on the graph: re-plan the model (planner.plan(..., fsdp_wrap='blocks')) to simulate it"
+        )
     return EngineBytes(
         forward=int(distributed.forward_bytes),
         backward=int(distributed.backward_bytes),

@@ -29,6 +29,7 @@ from profiles.allocator import round_bytes
 from profiles.graph_profile import GraphProfile
 
 from .distributed import EngineBytes
+from .fsdp_blocks import node_bytes
 from .evaluation import Evaluation
 from .simulate import held_tangents
 from .training_loop import TrainingLoop
@@ -144,6 +145,9 @@ def build_memory_model(
     if engine is not None:
         const_f = const_f + engine.forward
         const_b = const_b + engine.backward
+        if engine.blocks is not None:  # per-block FSDP2: what it holds at each node
+            const_f = const_f + np.array(node_bytes(engine.blocks, fwd, "forward"), dtype=float)
+            const_b = const_b + np.array(node_bytes(engine.blocks, bwd, "backward"), dtype=float)
     const_l, save_loop = _loop_rows(step, loop or TrainingLoop(), engine, cand_bytes)
     # forward rows: a saved candidate stays live after its last forward use
     save_forward = np.zeros((len(fwd), len(candidates)))

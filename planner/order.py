@@ -272,7 +272,7 @@ def improve_order(gp: GraphProfile, schedule: Schedule, *, reuse: bool = False, 
 
     def simulated(s: Schedule) -> tuple[SimResult, MovePeaks | None, GraphProfile]:
         writes, profile = with_reuse(s)
-        if not incremental:
+        if not incremental or (engine is not None and engine.blocks is not None):  # MovePeaks: per-phase bytes only
             return simulate(profile, s, granularity=granularity, engine=engine, track_peak=True), None, profile
         peaks = MovePeaks(gp, s, profile, reuse=writes, memo=memo, granularity=granularity, engine=engine)
         return peaks.result, peaks, profile

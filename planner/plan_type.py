@@ -117,9 +117,20 @@ class DistributedInfo:
     end_bytes: int
     #: The optimizer's state, included in the three above.
     optimizer_bytes: int
+    #: Under ``"fsdp"``: ``"model"`` (one ``fully_shard`` around the planned module) or ``"blocks"``
+    #: (``fully_shard`` on each repeated block, then on the model; the bytes above are then the
+    #: most added at a point of the phase, and may be negative). The JSON has it only for ``"blocks"``.
+    fsdp_wrap: str = "model"
+    #: For ``fsdp_wrap="blocks"``: the wrapped blocks' module paths, in forward order.
+    fsdp_blocks: tuple[str, ...] = ()
     #: For ``sharding="deepspeed"``: the DeepSpeed settings read from its config
     #: (``planner.deepspeed_config.DeepSpeedSettings.to_dict``); left out of the JSON otherwise.
     deepspeed: dict | None = None
+
+
+def _tuple_blocks(d: dict) -> dict:
+    """A JSON ``distributed`` object with ``fsdp_blocks`` as a tuple."""
+    return {**d, "fsdp_blocks": tuple(d["fsdp_blocks"])} if "fsdp_blocks" in d else d
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -273,8 +284,11 @@ class Plan:
         d["baseline_timeline"] = [list(p) for p in self.baseline_timeline]
         if self.distributed is None:
             del d["distributed"]  # one process: the key is left out
-        elif self.distributed.deepspeed is None:
-            del d["distributed"]["deepspeed"]  # not a DeepSpeed engine
+        else:
+            if self.distributed.deepspeed is None:
+                del d["distributed"]["deepspeed"]  # not a DeepSpeed engine
+            if self.distributed.fsdp_wrap == "model":
+                del d["distributed"]["fsdp_wrap"], d["distributed"]["fsdp_blocks"]  # one FSDP2 group, or no FSDP2
         if self.solver.backend is None:
             del d["solver"]["backend"]  # not an ILP plan
         if d["executor"] == "eager":
@@ -306,7 +320,7 @@ class Plan:
         try:
             d = dict(d)
             d["model"] = ModelInfo.from_dict(d.get("model", {}))
-            d["distributed"] = DistributedInfo(**d["distributed"]) if d.get("distributed") else None
+            d["distributed"] = DistributedInfo(**_tuple_blocks(d["distributed"])) if d.get("distributed") else None
             d["training_loop"] = TrainingLoopInfo(**d["training_loop"]) if d.get("training_loop") else None
             d["solver"] = SolverInfo(**d["solver"])
             d["regions"] = tuple(RegionInfo(**r) for r in d.get("regions", ()))

@@ -104,6 +104,10 @@ class _Liveness:
         self.extra = {"forward": held + (engine.forward if engine else 0), "backward": held + (engine.backward if engine else 0)}
         # the loss runs after forward returns: FSDP2's root has freed its all-gather output then
         self.extra["loss"] = self.extra["backward"]
+        #: Per-block FSDP2's bytes along the step (planner.fsdp_blocks), and at the node being run:
+        #: its bytes beyond ``extra``, and the level of the moment just before it (0: none).
+        self.blocks = engine.blocks if engine is not None else None
+        self.delta = self.floor = 0
         self.peak, self.peak_node, self.peak_phase = 0, "", ""
         self.peak_storages: frozenset[int] = frozenset()
         #: Whether ``peak_storages`` is recorded at each new peak.
@@ -135,7 +139,7 @@ class _Liveness:
     def record(self, name: str, phase: str, temp_bytes: int) -> None:
         """The level just after ``name`` ran; a new peak when above the last."""
         self.level = self.static_bytes + self.live + temp_bytes
-        self.point(name, phase, self.level + self.extra[phase])
+        self.point(name, phase, max(self.level + self.extra[phase] + self.delta, self.floor))
 
     def point(self, name: str, phase: str, total: int) -> None:
         """``total`` bytes live at ``name``; a new peak when above the last."""
@@ -164,7 +168,11 @@ class _Liveness:
             for a in inputs:
                 last_use[a] = i
         outputs = set(order.outputs)
+        walk = self.blocks.walk(phase, [(n, op) for n, op, _ in order.nodes]) if self.blocks is not None else None
         for i, (name, op, inputs) in enumerate(order.nodes):
+            if walk is not None:
+                self.delta, entry = walk.enter(name, op)
+                self.floor = 0 if entry is None else self.static_bytes + self.live + self.extra[phase] + entry
             if op == "call_function":
                 self.acquire(copies.get(name, info[name].storages))
             self.record(name, phase, info[name].temp_bytes if op == "call_function" else 0)
@@ -174,6 +182,7 @@ class _Liveness:
             if name not in last_use and name not in outputs:
                 if op == "call_function" or phase == "backward":
                     self.release(copies.get(name, info[name].storages))
+        self.delta = self.floor = 0
         return list(order.outputs)
 
 

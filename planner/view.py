@@ -44,9 +44,14 @@ def _budget_text(plan) -> str:
             ds = d.deepspeed
             engine = (f"DeepSpeed ZeRO-{ds['stage']} {ds['precision']}, micro-batch {ds['micro_batch']} x "
                       f"{ds['accumulation']} accumulated")
-        budget += (f" per rank of {d.world_size} ({engine}, optimizer {d.optimizer}; the engine adds "
-                   f"{format_bytes(d.forward_bytes)} in forward, {format_bytes(d.backward_bytes)} in backward, "
-                   f"{format_bytes(d.end_bytes)} while gradients are reduced)")
+        most, against = "", ""
+        if d.fsdp_wrap == "blocks":
+            b = d.fsdp_blocks
+            engine = f"fsdp per block: fully_shard on {len(b)} blocks ({b[0]} .. {b[-1]}), then the model"
+            most, against = "at most ", "; against the step with every parameter unsharded"
+        budget += (f" per rank of {d.world_size} ({engine}, optimizer {d.optimizer}; the engine adds {most}"
+                   f"{format_bytes(d.forward_bytes)} in forward, {most}{format_bytes(d.backward_bytes)} in backward, "
+                   f"{format_bytes(d.end_bytes)} while gradients are reduced{against})")
     return budget
 
 

@@ -132,7 +132,7 @@ class PlannedModule(nn.Module):
         model, compiled_options = unwrap_compiled(model)
         self.executor = _executor(plan, compile, compiled_options is not None)
         self.compile_options = dict(compile_options if compile_options is not None else compiled_options or {})
-        check_wrapping(model)
+        check_wrapping(model, plan)
         plan.check()  # a Plan built or edited in code gets the checks from_json makes
         why = parameter_mismatch(model, plan.model.parameters)
         if why:

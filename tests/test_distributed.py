@@ -13,7 +13,8 @@ GPT-2 with the loss computed outside the model, planned with ``loss_fn`` and
 ``grad_accumulation=True``, over ``no_sync()`` micro-steps (measured: within 40
 bytes of the prediction, on 2.1 MB), and a model that breaks the graph, planned as
 regions, under DDP and FSDP2 (``tests/dist_regions.py``). The FSDP2 ranks also train
-a plan compiled by Inductor, under DDP and under FSDP2 (``tests/dist_inductor.py``).
+a plan compiled by Inductor, under DDP and under FSDP2 (``tests/dist_inductor.py``), and
+a GPT-2 wrapped per block, against its plan with ``fsdp_wrap="blocks"`` (``tests/dist_blocks.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available in this torch build", allow_module_level=True)
 
+import dist_blocks  # noqa: E402
 import dist_inductor  # noqa: E402
 import dist_regions  # noqa: E402
 from dist_harness import WORLD, assert_same_grads, init, local_grads, spawn, train, train_against_eager, wrap  # noqa: E402
@@ -56,7 +58,7 @@ def _inputs(rank: int):
 
 
 def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str, gpt2: tuple | None,
-            inductor: dict | None, regions: dict | None) -> None:
+            inductor: dict | None, regions: dict | None, blocks: str | None) -> None:
     init(rank, port)
     try:
         plan = planner.Plan.from_json(plan_json)
@@ -84,6 +86,8 @@ def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str, g
             result["inductor"] = dist_inductor.on_rank(rank, inductor)
         if regions is not None:
             result["regions"] = dist_regions.on_rank(rank, regions)
+        if blocks is not None:
+            result["blocks"] = dist_blocks.on_rank(rank, blocks)
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(result, f)
     finally:
@@ -124,11 +128,16 @@ def test_planned_module_trains_under_engine_within_budget(single, sharding, frac
     gpt2 = _gpt2_plan() if sharding == "ddp" else None
     inductor = dist_inductor.plans() if sharding == "fsdp" else None
     regions = dist_regions.plans() if sharding == "ddp" else None
-    with pytest.MonkeyPatch.context() as env:
+    # the FSDP2 ranks also train a GPT-2 wrapped per block, as planned with fsdp_wrap="blocks" (tests/dist_blocks.py)
+    blocks_step, blocks = dist_blocks.prepare() if sharding == "fsdp" else (contextlib.nullcontext(), None)
+    with blocks_step, pytest.MonkeyPatch.context() as env:
         env.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")  # the ranks read Inductor's caches: no pool of compile workers
         spawn(_worker, p.to_json(), sharding, str(tmp_path), (gpt2.to_json(), _gpt2_expected_grads()) if gpt2 else None,
               {s: q.to_json() for s, q in inductor.items()} if inductor else None,
-              {s: q.to_json() for s, q in regions.items()} if regions else None)
+              {s: q.to_json() for s, q in regions.items()} if regions else None, blocks.to_json() if blocks else None)
+        if blocks is not None:
+            dist_blocks.check([json.loads((tmp_path / f"rank{r}.json").read_text())["blocks"] for r in range(WORLD)],
+                              blocks_step, blocks)
     for rank in range(WORLD):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         measured = r["measured"]

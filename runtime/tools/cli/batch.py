@@ -33,6 +33,8 @@ def add_batch(sub, model_options, quiet) -> None:
     p.add_argument("--max-batch", type=int, default=4096, metavar="B", help="largest batch size tried (default 4096)")
     p.add_argument("--world-size", type=int, default=1, metavar="N", help="data-parallel processes; the budget is then per rank")
     p.add_argument("--sharding", choices=["none", "ddp", "fsdp"], default="none", help="engine holding the model on each rank")
+    p.add_argument("--fsdp-wrap", choices=["model", "blocks"], default="model",
+                   help="with --sharding fsdp: one fully_shard around the model, or one per repeated block then the model")
     p.add_argument("--optimizer", choices=["none", "adamw"], default="none", help="count this optimizer's state in the budget")
     p.add_argument("--deepspeed", metavar="CONFIG_JSON", help="DeepSpeed config (ZeRO 0-2): batch sizes are its micro-batch")
     p.add_argument("--plot", metavar="PNG", help="draw estimated samples/s and recompute overhead against batch size")
@@ -53,7 +55,7 @@ def cmd_batch(a: argparse.Namespace, out: Out) -> int:
     if a.plot:
         check_plot_path(a.plot)
     out.step(f"loading {a.model}")
-    kw = {k: getattr(a, k) for k in ("world_size", "sharding", "optimizer", "deepspeed")}
+    kw = {k: getattr(a, k) for k in ("world_size", "sharding", "fsdp_wrap", "optimizer", "deepspeed")}
     with out.busy():
         model, inputs, loss_fn = load_model(a.model)
         if loss_fn is not None:  # its targets are those of one batch size

@@ -20,6 +20,7 @@ from planner.view import plot, table
 from profiles import CaptureError, available_targets, load_device_profile
 from profiles.calibrate import calibrate, write_profile
 from runtime import PlanMismatch
+from runtime.distributed import check_plan_wrap
 
 from ..verify import verify
 from .autocast import autocast_for, recorded_autocast
@@ -58,7 +59,8 @@ def planning_errors(model) -> Iterator[None]:
 
 def _plan(model, budget_gb: float, inputs, loss_fn, a, target_name: str | None, out: Out) -> planner.Plan:
     """``planner.plan`` with the command's options; a budget below the minimum names one that works."""
-    per_rank = {k: getattr(a, k) for k in ("world_size", "sharding", "optimizer", "objective", "grad_accumulation", "deepspeed")}
+    per_rank = {k: getattr(a, k) for k in ("world_size", "sharding", "fsdp_wrap", "optimizer", "objective", "grad_accumulation",
+                                           "deepspeed")}
     if loss_fn is not None:
         per_rank["loss_fn"] = loss_fn
     with planning_errors(model), autocast_for(a.autocast, model, target_name):
@@ -128,6 +130,10 @@ def cmd_sweep(a, out: Out) -> int:
 def cmd_verify(a, out: Out) -> int:
     """Apply PLAN_JSON to MODEL and run one step against eager; exit 1 if it fails."""
     p = read_plan(a.plan)
+    try:
+        check_plan_wrap(p)  # a plan for per-block FSDP2 sizes a run; it cannot be applied
+    except ValueError as e:
+        raise CliError(f"cannot verify {a.plan}: {e}") from e
     out.step(f"loading {a.model}")
     with out.busy():
         model, inputs, loss_fn = load_model(a.model)

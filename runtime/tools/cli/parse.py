@@ -58,6 +58,9 @@ def _add_plan(sub) -> None:
     p.add_argument("-o", "--output", metavar="PATH", help="write the plan here (default: stdout)")
     p.add_argument("--world-size", type=int, default=1, metavar="N", help="data-parallel processes; the budget is then per rank")
     p.add_argument("--sharding", choices=["none", "ddp", "fsdp"], default="none", help="engine holding the model on each rank")
+    p.add_argument("--fsdp-wrap", choices=["model", "blocks"], default="model",
+                   help="with --sharding fsdp: one fully_shard around the model, or one per repeated block then the model "
+                        "(a plan for sizing: runtime.apply refuses it)")
     p.add_argument("--optimizer", choices=["none", "adamw", "adam", "sgd"], default="none",
                    help="count this optimizer's state and its step (torch's default implementation on the model's device)")
     p.add_argument("--grad-accumulation", action="store_true",
