@@ -22,7 +22,7 @@ import torch
 
 from .plan_type import DistributedInfo
 
-__all__ = ["Distributed", "EngineBytes", "SHARDINGS", "OPTIMIZERS", "FSDP_WRAPS", "engine_bytes", "record", "from_record"]
+__all__ = ["Distributed", "EngineBytes", "SHARDINGS", "OPTIMIZERS", "FSDP_WRAPS", "engine_bytes", "record", "from_record", "shard_bytes"]
 
 SHARDINGS = ("none", "ddp", "fsdp")
 OPTIMIZERS = ("none", "adamw")
@@ -95,7 +95,7 @@ class EngineBytes:
         return max(self.forward, self.backward)
 
 
-def _shard_bytes(p: torch.Tensor, n: int) -> int:
+def shard_bytes(p: torch.Tensor, n: int) -> int:
     """Bytes of the largest rank's FSDP2 shard of ``p``: dim 0 split in ``n`` padded chunks."""
     if p.dim() == 0:
         return p.element_size()
@@ -121,12 +121,12 @@ def engine_bytes(model: torch.nn.Module, cfg: Distributed) -> EngineBytes:
     full = sum(p.numel() * p.element_size() for p in params)
     grads = sum(p.numel() * p.element_size() for p in trainable)
     if cfg.sharding == "fsdp":
-        shards = sum(_shard_bytes(p, n) for p in params)
-        grad_shards = sum(_shard_bytes(p, n) for p in trainable)
+        shards = sum(shard_bytes(p, n) for p in params)
+        grad_shards = sum(shard_bytes(p, n) for p in trainable)
         gathered = n * shards  # the all-gather output: every rank's padded shard
         grads_padded = n * grad_shards
     if cfg.optimizer == "adamw":
-        per_param = (lambda p: _shard_bytes(p, n)) if cfg.sharding == "fsdp" else (lambda p: p.numel() * p.element_size())
+        per_param = (lambda p: shard_bytes(p, n)) if cfg.sharding == "fsdp" else (lambda p: p.numel() * p.element_size())
         step_bytes = sum(4 for p in trainable if p.device.type == "cpu")  # CUDA keeps `step` on the host
         opt = sum(2 * per_param(p) for p in trainable) + step_bytes
     else:

@@ -43,7 +43,7 @@ from profiles.allocator import round_bytes
 from profiles.graph_profile import GraphProfile
 
 from .blocks import find_blocks
-from .distributed import EngineBytes, _shard_bytes
+from .distributed import EngineBytes, shard_bytes
 
 __all__ = ["GroupBytes", "BlockBytes", "BlockWalk", "ParamSizes", "param_sizes", "block_bytes",
            "NoBlocksToWrap", "node_bytes"]
@@ -69,7 +69,7 @@ class ParamSizes:
 def param_sizes(model: torch.nn.Module, world_size: int) -> tuple[ParamSizes, ...]:
     """Every parameter of ``model`` (shared ones once) with its FSDP2 shard."""
     return tuple(
-        ParamSizes(name=name, nbytes=p.numel() * p.element_size(), shard=_shard_bytes(p, world_size),
+        ParamSizes(name=name, nbytes=p.numel() * p.element_size(), shard=shard_bytes(p, world_size),
                    trainable=p.requires_grad)
         for name, p in model.named_parameters()
     )

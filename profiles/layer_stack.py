@@ -32,17 +32,54 @@ class LayerStack:
     depth: int
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _settings(module: nn.Module) -> dict[tuple[str, str], object]:
+    """Each submodule's plain public attributes (numbers, strings, flags: a sliding
+    window, a "use rope" flag), but ``training``."""
+    return {(path, name): value for path, mod in module.named_modules() for name, value in vars(mod).items()
+            if name != "training" and not name.startswith("_") and isinstance(value, _PLAIN)}
+
+
+def _same_settings(layers: list[nn.Module]) -> bool:
+    """Whether the layers' settings agree, but for counters of the layer's position
+    (``layer_idx``: 0, 1, 2, ... or from another start)."""
+    each = [_settings(layer) for layer in layers]
+    if any(s.keys() != each[0].keys() for s in each):
+        return False
+    for key, first in each[0].items():
+        values = [s[key] for s in each]
+        if all(v == first for v in values):
+            continue
+        counter = all(type(v) is int for v in values) and values == list(range(values[0], values[0] + len(values)))
+        if not counter:
+            return False
+    return True
+
+
 def _layout(module: nn.Module) -> tuple:
-    """What two layers must share to be copies: class, and each tensor's name, shape, dtype and grad flag."""
+    """What two layers must share to be copies: class, and each tensor's name, shape,
+    dtype and grad flag (their settings are compared by :func:`_same_settings`)."""
     tensors = [(n, tuple(t.shape), t.dtype, t.requires_grad) for n, t in module.named_parameters()]
     tensors += [(n, tuple(t.shape), t.dtype, False) for n, t in module.named_buffers()]
     return (type(module), tuple(tensors))
 
 
+def _mixed_layer_types(model: nn.Module) -> bool:
+    """A Hugging Face config that gives its layers different kinds (``layer_types``:
+    sliding-window and full attention)."""
+    types = getattr(getattr(model, "config", None), "layer_types", None)
+    return isinstance(types, (list, tuple)) and len(set(map(str, types))) > 1
+
+
 def find_layer_stack(model: nn.Module, min_depth: int) -> LayerStack | None:
     """The module list of at least ``min_depth`` identical layers holding the most
     parameters (None when there is none). A list whose layers share a parameter
-    or buffer with each other, or with the rest of the model, is not a stack."""
+    or buffer with each other, or with the rest of the model, is not a stack; nor
+    is any list of a model whose config mixes layer types."""
+    if _mixed_layer_types(model):
+        return None
     best: tuple[int, LayerStack] | None = None
     owners: dict[int, int] = {}
     for mod in model.modules():
@@ -51,8 +88,7 @@ def find_layer_stack(model: nn.Module, min_depth: int) -> LayerStack | None:
     for path, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) < min_depth or not path:
             continue
-        layouts = {_layout(layer) for layer in mod}
-        if len(layouts) != 1:
+        if len({_layout(layer) for layer in mod}) != 1 or not _same_settings(list(mod)):
             continue
         tensors = [t for layer in mod for t in [*layer.parameters(), *layer.buffers()]]
         if any(owners.get(id(t), 0) != 1 for t in tensors) or len({id(t) for t in tensors}) != len(tensors):

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from ._torch_private import storage_key, tree_leaves
+from ._torch_private import aot_descriptor, mutation_descriptor, storage_key, tree_leaves
 from .joint import CaptureError
 from .layer_periods import (
     BACKWARD,
@@ -117,6 +117,8 @@ class _Builder:
         if new.name != name:
             raise NotPeriodic(f"node {node.name}'s copy cannot be named {name}")
         new.meta = dict(node.meta)
+        if node.op == "placeholder":
+            new.meta.pop("desc", None)  # AOTAutograd's input index: the new graph numbers its primals anew
         if shift:
             self._shift_meta(new, shift)
         new.meta["storage_keys"] = self.storage_keys(node, new, shift, unit)
@@ -231,6 +233,23 @@ def _build_output(b: _Builder, gm: fx.GraphModule, placeholders: list, origin: l
             grads.append(b.find(g, layer - _source(layer, b.depth)))
     new_out = b.graph.output(tuple(fwd + grads) if isinstance(out.args[0], tuple) else fwd + grads)
     new_out.meta = dict(out.meta)
+    new_out.meta["desc"] = _output_descriptors(out, origin, num_fwd_outputs)
+
+
+def _output_descriptors(out: fx.Node, origin: list, num_fwd_outputs: int) -> list:
+    """AOTAutograd's descriptors of the new graph's outputs: the forward outputs', with
+    a mutated input's index moved to where that primal now is (``joint.mutated_primals``
+    reads them); None for the gradients."""
+    new_index = {i: j for j, (i, layer) in enumerate(origin) if layer is None}
+    descs = []
+    for desc in list(out.meta.get("desc") or [None] * num_fwd_outputs)[:num_fwd_outputs]:
+        kind = aot_descriptor(desc)
+        if kind is not None and kind[0] == "mutation":
+            if kind[1] not in new_index:
+                raise NotPeriodic("the step updates a layer's buffer in place")
+            desc = mutation_descriptor(new_index[kind[1]])
+        descs.append(desc)
+    return descs + [None] * len(origin)
 
 
 def repeat_layers(gm: fx.GraphModule, num_fwd_outputs: int, primal_names: list[str], stack_path: str,

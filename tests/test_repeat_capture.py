@@ -60,15 +60,23 @@ def _llama(device: str):
     return model, {"input_ids": ids, "labels": ids}
 
 
-def _peaks(joint) -> tuple[int, int, frozenset]:
-    """Simulated peaks recomputing nothing and recomputing sqrt(L)'s choice, and that choice."""
+def _profiled(joint) -> tuple:
+    """Every node's profile (bytes, storages, whether recomputable, ...), the storages'
+    sizes, and the simulated peaks recomputing nothing and recomputing sqrt(L)'s choice."""
     gp = profile_graph(joint, measure_time=False, measure_temps=False)
     sqrt = solve_sqrt(build_problem(gp).unarranged(), None).evaluation.recompute
-    return (simulate(gp, fast_schedule(joint, frozenset())).peak_bytes,
+    return (gp.nodes, gp.storage_bytes, gp.static_storages, simulate(gp, fast_schedule(joint, frozenset())).peak_bytes,
             simulate(gp, fast_schedule(joint, sqrt)).peak_bytes, frozenset(sqrt))
 
 
-@pytest.mark.parametrize("make", [lambda: _gpt2(False), lambda: _llama("meta")], ids=["gpt2", "llama-meta"])
+def _residual():
+    """Dropout, an in-place op between blocks, a frozen layer, and BatchNorm after the blocks (a buffer updated in place)."""
+    torch.manual_seed(0)
+    return ResidualNet(d=32, blocks=DEPTH, hidden=64), {"x": torch.randn(64, 32), "target": torch.randint(0, 8, (64,))}
+
+
+@pytest.mark.parametrize("make", [lambda: _gpt2(False), lambda: _llama("meta"), _residual],
+                         ids=["gpt2", "llama-meta", "residual"])
 def test_repeated_graph_is_the_traced_graph(make):
     model, inputs = make()
     repeated = capture(model, inputs)
@@ -82,7 +90,7 @@ def test_repeated_graph_is_the_traced_graph(make):
     assert all(a is b for a, b in zip(repeated.primal_values, whole.primal_values))
     after = [(n.name, str(n.target), repr(n.args)) for n in repeated.gm.graph.nodes]  # after prepare_joint (dropout)
     assert after == [(n.name, str(n.target), repr(n.args)) for n in whole.gm.graph.nodes]
-    assert _peaks(repeated) == _peaks(whole)
+    assert _profiled(repeated) == _profiled(whole)
 
 
 def test_a_model_returning_each_layers_values_is_traced_whole():
@@ -103,8 +111,20 @@ def test_layer_stacks():
             one = nn.Linear(4, 4)
             self.layers = nn.ModuleList(one for _ in range(DEPTH))
 
+    class Numbered(nn.Module):  # each layer knows its index (HF's layer_idx) and may hold a setting
+        def __init__(self, window_at: int | None = None):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(DEPTH))
+            for i, layer in enumerate(self.layers):
+                layer.layer_idx, layer.window = i, 16 if i == window_at else None
+
     assert find_layer_stack(Uneven(), DEPTH) is None
     assert find_layer_stack(Shared(), DEPTH) is None
+    assert find_layer_stack(Numbered(), DEPTH) is not None
+    assert find_layer_stack(Numbered(window_at=DEPTH - 1), DEPTH) is None  # layer 5 differs: trace every layer
+    mixed = Numbered()
+    mixed.config = type("Config", (), {"layer_types": ["sliding_attention"] * (DEPTH - 1) + ["full_attention"]})()
+    assert find_layer_stack(mixed, DEPTH) is None
     assert find_layer_stack(TiedNet(layers=DEPTH - 1), DEPTH) is None
     stack = find_layer_stack(TiedNet(layers=DEPTH), DEPTH)
     assert (stack.path, stack.depth) == ("layers", DEPTH)
