@@ -83,12 +83,12 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"unknown model {name!r}: choose from {', '.join(FACTORIES)}")
     for name in names:
         model, inputs = FACTORIES[name]()
-        full = planner.plan(model, 1024.0, inputs)  # fits: gives the no-checkpoint peak
-        budget_gb = 0.6 * full.baseline_peak_bytes / planner.GiB
-        try:
-            p = planner.plan(model, budget_gb, inputs)
-        except planner.BudgetTooSmall as e:
-            p = planner.plan(model, e.min_budget_bytes / planner.GiB, inputs)
+        with planner.prepare(model, inputs) as step:  # captured once, planned at each budget (bytes)
+            full = step.plan(1024 * planner.GiB)  # fits: gives the no-checkpoint peak
+            try:
+                p = step.plan(int(0.6 * full.baseline_peak_bytes))
+            except planner.BudgetTooSmall as e:
+                p = step.plan(e.min_budget_bytes)
         print(f"== {name}: planned at 60% of {full.baseline_peak_bytes / 2**20:.1f} MiB")
         print(p.explain(depth=2, top=3))
         print()

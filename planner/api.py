@@ -13,11 +13,11 @@ from typing import Any, Callable
 import torch
 
 from profiles.allocator import budget_for, granularity, graph_device_type, usable_bytes
-from profiles.capture import capture, normalize_inputs, with_dropout
+from profiles.capture import capture, normalize_inputs
 from profiles.executors import unwrap_compiled
 from profiles.joint import JointGraph
 from profiles.device import load_device_profile
-from profiles.graph_profile import GraphProfile, profile_graph
+from profiles.graph_profile import GraphProfile
 from profiles.signature import check_input_devices
 
 from .block_ilp import block_solver, peak_lower_bound
@@ -35,6 +35,7 @@ from .plan_type import GiB, ModelInfo, Plan, SolverInfo
 from .problem import OBJECTIVES, Problem, build_problem, rank_key
 from .search import lowest_plan, search_ilp
 from .sqrt import solve_sqrt
+from .step_profiles import StepProfiles
 from .trim import as_run
 
 __all__ = [
@@ -178,13 +179,13 @@ def plan(
 
 
 class PreparedStep:
-    """A model's training step captured once, to plan at one budget or several
-    (:func:`prepare`). A context manager: leaving it frees the example tensors it holds."""
+    """A model's training step captured once (and profiled once per dropout mode), to plan at
+    one budget or several (:func:`prepare`). A context manager: leaving it frees the example tensors it holds."""
 
-    __slots__ = ("_captured", "_request", "_closed")
+    __slots__ = ("_profiles", "_request", "_closed")
 
     def __init__(self, captured: JointGraph, request: _Request):
-        self._captured = captured
+        self._profiles = StepProfiles(captured, target=request.target, measure_time=request.measure_time)
         self._request = request
         self._closed = False
 
@@ -197,11 +198,11 @@ class PreparedStep:
         if solver is not None:
             _check_choices(solver, request.objective, request.time_limit_s)
             request = dataclasses.replace(request, solver=solver)
-        return _plan_dropout_modes(self._captured, request)
+        return _plan_dropout_modes(self._profiles, request)
 
     def close(self) -> None:
         """Free the example tensors the capture holds."""
-        self._captured.drop_tensors()
+        self._profiles.drop_tensors()
         self._closed = True
 
     def __enter__(self) -> "PreparedStep":
@@ -299,42 +300,41 @@ def _device_type(model: torch.nn.Module, target: str | None) -> str:
     return load_device_profile(target).device_type if target is not None else "cpu"
 
 
-def _plan_dropout_modes(captured: JointGraph, request: _Request) -> Plan:
-    """The plan with dropout masks kept (``captured``'s mode); when that does not
+def _plan_dropout_modes(profiles: StepProfiles, request: _Request) -> Plan:
+    """The plan with dropout masks kept (the captured mode); when that does not
     fit, or recomputes, also the plan with masks replayed from the RNG state, and
     the cheaper of both."""
     try:
-        first, first_cost = _attempt(captured, request)
+        first, first_cost = _attempt(profiles, profiles.captured.dropout, request)
     except BudgetTooSmall as too_small:
-        if captured.num_dropouts == 0:
+        if profiles.captured.num_dropouts == 0:
             raise
         # Keeping dropout masks costs a byte per element; regenerating them in
         # backward from the RNG state costs only time. Try that before giving up.
         try:
             _log(request.progress, "budget too small while keeping dropout masks; trying RNG replay")
-            return _attempt(with_dropout(captured, "replay"), request)[0]
+            return _attempt(profiles, "replay", request)[0]
         except BudgetTooSmall as second:
             bounds = [e.lower_bound_bytes for e in (too_small, second) if e.lower_bound_bytes is not None]
             raise BudgetTooSmall(request.budget_bytes, min(too_small.min_budget_bytes, second.min_budget_bytes),
                                  min(bounds) if len(bounds) == 2 else None) from None
-    if captured.num_dropouts == 0 or first.recompute_time_s == 0:
+    if profiles.captured.num_dropouts == 0 or first.recompute_time_s == 0:
         return first
     # A plan that recomputes may be cheaper when masks need not be kept: plan
     # that way too and keep the cheaper.
     _log(request.progress, "trying RNG replay of dropout masks, to compare")
     try:
-        second, second_cost = _attempt(with_dropout(captured, "replay"), request)
+        second, second_cost = _attempt(profiles, "replay", request)
     except BudgetTooSmall:
         return first
     return second if second_cost < first_cost else first
 
 
-def _attempt(joint: JointGraph, request: _Request) -> tuple[Plan, tuple]:
-    """The plan for ``joint``, and its rank under the objective; its time is the
-    recompute time plus, in RNG-replay mode, the extra mask draw each dropout
-    makes in forward."""
-    _log(request.progress, f"profiling (dropout: {joint.dropout})")
-    gp = profile_graph(joint, target=request.target, measure_time=request.measure_time)
+def _attempt(profiles: StepProfiles, dropout: str, request: _Request) -> tuple[Plan, tuple]:
+    """The plan for the step with dropout as ``dropout``, and its rank under the objective;
+    its time is the recompute time plus, in RNG-replay mode, the extra mask draw each
+    dropout makes in forward."""
+    gp = profiles.profile(dropout, lambda msg: _log(request.progress, msg))
     engine, info = for_graph(request.engine, gp, granularity(allocator_device_type(gp)))
     p = plan_profile(gp, request.budget_bytes, solver=request.solver, time_limit_s=request.time_limit_s,
                      model_info=request.model_info, progress=request.progress, objective=request.objective,

@@ -134,20 +134,24 @@ def _legend_of_twins(ax) -> None:
     ax.legend(handles, labels, fontsize=8, loc="upper right")
 
 
-def _spread(step: api.PreparedStep, points: int, say: Callable[[str], None]) -> tuple[list[int], dict, int]:
+def _spread(step: api.PreparedStep, points: int, solver: str, say: Callable[[str], None]) -> tuple[list[int], dict, int]:
     """``points`` budgets from the planner's minimum to the no-checkpoint peak; the plan
     already made at the minimum, by budget; the minimum."""
     say("finding the minimum budget")
     try:
-        step.plan(1)  # 1 byte: below any minimum
+        step.plan(1, solver=solver)  # 1 byte: below any minimum
     except api.BudgetTooSmall as e:
         min_budget = e.min_budget_bytes
     else:  # pragma: no cover - a step that fits in one byte
         min_budget = 1
-    first = step.plan(min_budget)
+    first = step.plan(min_budget, solver=solver)
     baseline = first.baseline_peak_bytes
     budgets = [round(min_budget + (baseline - min_budget) * i / (points - 1)) for i in range(points)]
     return budgets, {budgets[0]: first}, min_budget
+
+
+#: ``sweep``'s options that :func:`planner.prepare` fixes when it captures the step, with their defaults.
+_CAPTURE_OPTIONS = {"example_inputs": None, "target": None, "time_limit_s": 60.0, "measure_time": False, "loss_fn": None}
 
 
 def sweep(
@@ -167,9 +171,13 @@ def sweep(
     evenly from the planner's minimum to the no-checkpoint peak. A budget below the
     minimum gives a point with no plan. ``log`` receives a line per step. The step is
     captured once (:func:`planner.api.prepare`) and planned at each budget. ``loss_fn``:
-    the loss outside the model, as :func:`planner.plan` takes it (counted at every budget)."""
+    the loss outside the model, as :func:`planner.plan` takes it (counted at every budget).
+
+    ``model`` may instead be a step :func:`planner.prepare` already captured (still open):
+    it is planned at each budget without capturing again; its inputs, ``loss_fn``,
+    ``target``, ``time_limit_s`` and ``measure_time`` are the ones given to ``prepare``
+    (giving them here too is a ``ValueError``), and ``solver`` is this sweep's."""
     say = log or (lambda msg: None)
-    kw = dict(solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time, loss_fn=loss_fn)
     budgets = None
     if budgets_gb is not None:
         budgets = [api.check_budget(b) for b in budgets_gb]
@@ -177,16 +185,27 @@ def sweep(
             raise ValueError("budgets_gb is empty: give at least one budget in GiB")
     elif isinstance(points, bool) or not isinstance(points, int) or points < 2:
         raise ValueError(f"points must be a whole number of at least 2, not {points!r}")
+    if isinstance(model, api.PreparedStep):
+        given = dict(example_inputs=example_inputs, target=target, time_limit_s=time_limit_s, measure_time=measure_time,
+                     loss_fn=loss_fn)
+        fixed = [k for k, v in given.items()
+                 if (v is not None if _CAPTURE_OPTIONS[k] is None else v != _CAPTURE_OPTIONS[k])]
+        if fixed:
+            raise ValueError(f"sweep of a prepared step: {', '.join(fixed)} were fixed when the step was captured; "
+                             "give them to planner.prepare(...), or sweep the model instead of the step")
+        return _sweep(model, budgets, points, say, model_class=None, solver=solver)
+    kw = dict(solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time, loss_fn=loss_fn)
     with api.prepare(model, example_inputs, **kw) as step:
         return _sweep(step, budgets, points, say, model_class=type(model).__name__, solver=solver)
 
 
 def _sweep(step: api.PreparedStep, budgets: list[int] | None, points: int, say: Callable[[str], None], *,
-           model_class: str, solver: str) -> Sweep:
-    """:func:`sweep` on a captured step: at ``budgets`` (bytes), or at ``points`` spread ones."""
+           model_class: str | None, solver: str) -> Sweep:
+    """:func:`sweep` on a captured step, with ``solver``: at ``budgets`` (bytes), or at
+    ``points`` spread ones. ``model_class`` None: the class the plans record."""
     min_budget = baseline = None
     if budgets is None:
-        budgets, done, min_budget = _spread(step, points, say)
+        budgets, done, min_budget = _spread(step, points, solver, say)
     else:
         done = {}
     out = []
@@ -196,13 +215,14 @@ def _sweep(step: api.PreparedStep, budgets: list[int] | None, points: int, say: 
             p = done[b]
         else:
             try:
-                p = step.plan(b)
+                p = step.plan(b, solver=solver)
             except api.BudgetTooSmall as e:
                 min_budget = e.min_budget_bytes
                 out.append(SweepPoint(budget_bytes=b, plan=None,
                                       error=f"below the minimum budget {format_bytes(e.min_budget_bytes)}"))
                 continue
         baseline = p.baseline_peak_bytes
+        model_class = model_class or p.model.class_name
         out.append(SweepPoint(budget_bytes=b, plan=p))
     return Sweep(points=tuple(out), min_budget_bytes=min_budget, baseline_peak_bytes=baseline,
-                 model_class=model_class, solver=solver)
+                 model_class=model_class or "", solver=solver)

@@ -182,8 +182,9 @@ def test_bf16_autocast_layer_norm_statistics_are_counted_as_the_cpu_kernel_retur
     stats = [n for n in joint.gm.graph.nodes if n.target is torch.ops.aten.native_layer_norm.default]
     assert stats and all(n.meta["val"][1].dtype == torch.float32 for n in stats)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        full = planner.plan(model, 1.0, (x,))  # the suite runs with warnings as errors: no unmeasured temporaries
-        p = planner.plan(model, (full.static_bytes + 0.6 * (full.baseline_peak_bytes - full.static_bytes)) / planner.GiB, (x,))
+        with planner.prepare(model, (x,)) as step:  # the suite runs with warnings as errors: no unmeasured temporaries
+            full = step.plan(planner.GiB)
+            p = step.plan(int(full.static_bytes + 0.6 * (full.baseline_peak_bytes - full.static_bytes)))
     assert p.recomputed
     wrapped = runtime.apply(model, p)
 

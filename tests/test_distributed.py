@@ -97,14 +97,17 @@ def _worker(rank: int, port: int, plan_json: str, sharding: str, out_dir: str, g
 
 @pytest.fixture(scope="module")
 def single():
-    """The model's single-process step: its no-checkpoint peak."""
+    """The model and its single-process step, captured once (``planner.prepare``: the
+    plans ``planner.plan(model, ..., _inputs(0))`` makes)."""
     model = _model()
-    return model, planner.plan(model, 1.0, _inputs(0)).baseline_peak_bytes
+    with planner.prepare(model, _inputs(0)) as step:
+        yield model, step
 
 
 @pytest.mark.parametrize("sharding, fraction", [("ddp", 0.75), ("fsdp", 0.64)])
 def test_planned_module_trains_under_engine_within_budget(single, sharding, fraction, tmp_path):
-    model, baseline = single
+    model, step = single
+    baseline = step.plan(planner.GiB).baseline_peak_bytes
     engine = engine_bytes(model, Distributed(world_size=WORLD, sharding=sharding, optimizer="adamw"))
     budget = engine.held + int(fraction * baseline)  # leaves the step this fraction of what it needs without a plan
     p = planner.plan(model, budget / planner.GiB, _inputs(0), world_size=WORLD, sharding=sharding, optimizer="adamw")
@@ -115,7 +118,7 @@ def test_planned_module_trains_under_engine_within_budget(single, sharding, frac
         # no plan at this budget.
         assert engine.forward > engine.backward
         with pytest.raises(planner.BudgetTooSmall):
-            planner.plan(model, (budget - engine.held) / planner.GiB, _inputs(0))
+            step.plan(budget - engine.held)
     assert p.predicted_peak_bytes <= p.budget_bytes == budget
     assert p.distributed == planner.DistributedInfo(
         world_size=WORLD, sharding=sharding, optimizer="adamw", forward_bytes=engine.forward,
@@ -281,23 +284,24 @@ def test_bad_distributed_options(kwargs, match):
 
 
 def test_budget_too_small_counts_the_engine(single):
-    model, baseline = single
+    model, step = single
     with pytest.raises(planner.BudgetTooSmall) as alone:
-        planner.plan(model, 1e-6, _inputs(0))
+        step.plan(planner.api.check_budget(1e-6))
     kw = {"world_size": WORLD, "sharding": "ddp", "optimizer": "adamw"}
     engine = engine_bytes(model, Distributed(**kw))
-    with pytest.raises(planner.BudgetTooSmall) as ranked:
-        planner.plan(model, 1e-6, _inputs(0), **kw)
-    # DDP adds the same bytes to forward and backward: the lowest plan is the same, its
-    # per-rank peak is the engine's bytes higher, and the minimum keeps the CPU margin
-    # (a fraction of the whole per-rank budget) on top.
-    low, low_ranked = alone.value.min_budget_bytes, ranked.value.min_budget_bytes
-    margin = SAFETY["cpu"]
-    assert low + engine.held < low_ranked <= (low + engine.held) / (1 - margin) + 2
-    p = planner.plan(model, low_ranked / planner.GiB, _inputs(0), **kw)
-    assert p.predicted_peak_bytes <= p.budget_bytes
-    with pytest.raises(planner.BudgetTooSmall):
-        planner.plan(model, (low + engine.held) / planner.GiB, _inputs(0), **kw)
+    with planner.prepare(model, _inputs(0), **kw) as ranked_step:  # one capture for the three per-rank plans
+        with pytest.raises(planner.BudgetTooSmall) as ranked:
+            ranked_step.plan(planner.api.check_budget(1e-6))
+        # DDP adds the same bytes to forward and backward: the lowest plan is the same, its
+        # per-rank peak is the engine's bytes higher, and the minimum keeps the CPU margin
+        # (a fraction of the whole per-rank budget) on top.
+        low, low_ranked = alone.value.min_budget_bytes, ranked.value.min_budget_bytes
+        margin = SAFETY["cpu"]
+        assert low + engine.held < low_ranked <= (low + engine.held) / (1 - margin) + 2
+        p = ranked_step.plan(low_ranked)
+        assert p.predicted_peak_bytes <= p.budget_bytes
+        with pytest.raises(planner.BudgetTooSmall):
+            ranked_step.plan(low + engine.held)
     assert planner.Plan.from_json(p.to_json()) == p
     import jsonschema
 
@@ -306,8 +310,8 @@ def test_budget_too_small_counts_the_engine(single):
 
 
 def test_wrappers_inside_the_plan_are_refused(single):
-    model, _ = single
-    p = planner.plan(model, 1.0, _inputs(0))
+    model, step = single
+    p = step.plan(planner.GiB)
 
     class Outer(torch.nn.Module):
         def __init__(self, inner):

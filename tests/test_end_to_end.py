@@ -1,7 +1,9 @@
 """plan() + apply() on real models: exact, within budget, predicted == measured.
 
-Each model case (deep enough that 40% is reachable) is planned at 100%, 60% and
-40% of eager's measured peak and at the planner's reported minimum. Every applied plan must give eager's outputs, loss,
+Each model case (deep enough that 40% is reachable) is planned at 100% and 40% of
+eager's measured peak and at the planner's reported minimum (each budget compiles the
+model again; budgets near 60% are run in test_training_loop, test_shapes and
+test_regions). Every applied plan must give eager's outputs, loss,
 gradients and buffers (dropout active, same seed), stay within its budget as
 measured by the profiler's allocator events, and match the predicted peak within 5%.
 """
@@ -54,7 +56,7 @@ def case(request):
         yield request.param, model, inputs, eager_peak, info.value.min_budget_bytes, step
 
 
-@pytest.mark.parametrize("fraction", [1.0, 0.6, 0.4, "min"])
+@pytest.mark.parametrize("fraction", [1.0, 0.4, "min"])
 def test_plan_is_exact_and_within_budget(case, fraction):
     name, model, inputs, eager_peak, min_budget, step = case
     budget = min_budget if fraction == "min" else int(eager_peak * fraction)

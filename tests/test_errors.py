@@ -78,13 +78,10 @@ def small_plan():
     torch.manual_seed(0)
     model = Small()
     x = torch.randn(512, 16)
-    p = planner.plan(model, 0.8 * _baseline(model, x) / planner.GiB, (x,))
+    with planner.prepare(model, (x,)) as step:  # one capture for both budgets
+        p = step.plan(int(0.8 * step.plan(planner.GiB).baseline_peak_bytes))
     assert p.recomputed, "the fixture should recompute something"
     return model, x, p
-
-
-def _baseline(model, x) -> int:
-    return planner.plan(model, 1.0, (x,)).baseline_peak_bytes
 
 
 def test_inputs_the_model_rejects_give_its_own_error_and_the_shapes_tried():

@@ -28,8 +28,9 @@ from tiny_models import residual_mlp  # noqa: E402
 @pytest.fixture(scope="module")
 def setup():
     model, inputs = residual_mlp()
-    full = planner.plan(model, 1.0, inputs)
-    p = planner.plan(model, 0.65 * full.baseline_peak_bytes / planner.GiB, inputs)
+    with planner.prepare(model, inputs) as step:  # one capture for both budgets
+        full = step.plan(planner.GiB)
+        p = step.plan(int(0.65 * full.baseline_peak_bytes))
     assert p.recomputed
     return model, inputs, full, p
 
@@ -169,6 +170,23 @@ def test_sweep_curve(setup, tmp_path):
         pi.sweep(model, inputs, points=1)
     with pytest.raises(ValueError, match="budget_gb"):
         pi.sweep(model, inputs, budgets_gb=[-1.0])
+
+
+def test_sweep_of_a_prepared_step_is_the_sweep_of_the_model(setup):
+    """``pi.sweep(step, ...)`` on a step ``planner.prepare`` captured plans it without capturing
+    again: the plans ``pi.sweep(model, ...)`` makes, with the sweep's solver; the options the
+    capture fixed are refused."""
+    model, inputs, full, p = setup
+    base = full.baseline_peak_bytes / planner.GiB
+    with planner.prepare(model, inputs, solver="sqrt") as step:
+        curve = pi.sweep(step, budgets_gb=[0.2 * base, 0.65 * base])
+        with pytest.raises(ValueError, match="target, loss_fn were fixed when the step was captured"):
+            pi.sweep(step, budgets_gb=[base], target="cpu", loss_fn=lambda out: out)
+    assert curve.points[0].plan is None and "below the minimum budget" in curve.points[0].error
+    mid = curve.points[1].plan
+    assert {k: v for k, v in mid.to_dict().items() if k != "solver"} == {k: v for k, v in p.to_dict().items() if k != "solver"}
+    assert (curve.model_class, curve.solver) == (type(model).__name__, "auto")
+    assert curve.table().startswith(f"{type(model).__name__}: no-checkpoint peak")
 
 
 def test_verify_matches_eager_and_leaves_the_model_alone(setup):

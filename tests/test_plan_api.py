@@ -29,6 +29,13 @@ def setup():
     return model, inputs, eager
 
 
+@pytest.fixture(scope="module")
+def plan70(setup):
+    """``planner.plan`` at 70% of eager's measured peak: the plan several tests read (each reads, none changes it)."""
+    model, inputs, eager = setup
+    return planner.plan(model, 0.7 * eager / planner.GiB, inputs)
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), 1e9])
 def test_bad_budgets_are_value_errors(setup, bad):
     model, inputs, _ = setup
@@ -103,9 +110,8 @@ def test_budget_too_small_names_the_minimum(setup):
     assert p.predicted_peak_bytes <= e.min_budget_bytes
 
 
-def test_plan_fields_json_round_trip_and_explain(setup, tmp_path):
-    model, inputs, eager = setup
-    p = planner.plan(model, 0.7 * eager / planner.GiB, inputs)
+def test_plan_fields_json_round_trip_and_explain(plan70, tmp_path):
+    p = plan70
     assert p.solver.name == "ilp" and p.solver.seconds >= 0
     assert p.baseline_peak_bytes > p.predicted_peak_bytes
     assert p.total_flops > 0 and 0 <= p.recompute_flops < p.total_flops
@@ -123,17 +129,21 @@ def test_plan_fields_json_round_trip_and_explain(setup, tmp_path):
         planner.Plan.from_json(text.replace(f'"schema_version": {planner.SCHEMA_VERSION}', '"schema_version": 99'))
 
 
-def test_plans_are_deterministic(setup):
-    """The same plan from two calls, and from one captured step planned at two budgets."""
+def test_plans_are_deterministic(setup, plan70, capsys):
+    """The same plan from two calls, and from one captured step planned at two budgets
+    (the step profiled once per dropout mode, for all its plans)."""
     model, inputs, eager = setup
-    a = planner.plan(model, 0.7 * eager / planner.GiB, inputs)
+    a = plan70
     b = planner.plan(model, 0.7 * eager / planner.GiB, inputs)
-    with planner.prepare(model, inputs) as step:
+    capsys.readouterr()
+    with planner.prepare(model, inputs, progress=True) as step:
         low = step.plan(int(0.6 * eager))
         c = step.plan(int(0.7 * eager))
         sq = step.plan(int(0.7 * eager), solver="sqrt")
         with pytest.raises(ValueError, match="unknown solver"):
             step.plan(int(0.7 * eager), solver="fast")
+    log = capsys.readouterr().err
+    assert log.count("profiling (dropout: mask)") == log.count("profiling (dropout: replay)") == 1, log
     assert sq.solver.name == "sqrt" and sq.recompute_time_s >= c.recompute_time_s
     strip = lambda p: {k: v for k, v in p.to_dict().items() if k != "solver"}  # noqa: E731
     assert strip(a) == strip(b) == strip(c)
@@ -143,17 +153,21 @@ def test_plans_are_deterministic(setup):
 
 
 def test_ilp_never_costs_more_than_sqrt(setup):
+    """At two budgets: the ILP plan recomputes at no more cost than sqrt(L)'s on the same
+    problem; ``solver="sqrt"`` gives sqrt(L)'s plan, within the budget. The step is captured
+    once (``planner.prepare``: the plans ``planner.plan`` makes, see test_plans_are_deterministic)."""
     model, inputs, eager = setup
     gp = profile_graph(capture(model, inputs))
     prob = build_problem(gp)
-    for frac in (0.8, 0.65):
-        budget = int(frac * eager)
-        sq = solve_sqrt(prob, budget)
-        assert sq.evaluation is not None, f"sqrt(L) found no plan at {frac} of eager's peak"
-        p = planner.plan(model, budget / planner.GiB, inputs, solver="ilp")
-        assert p.recompute_time_s <= sq.evaluation.cost_s + 1e-12
-        s = planner.plan(model, budget / planner.GiB, inputs, solver="sqrt")
-        assert s.solver.name == "sqrt" and s.predicted_peak_bytes <= budget
+    with planner.prepare(model, inputs) as step:
+        for frac in (0.8, 0.65):
+            budget = int(frac * eager)
+            sq = solve_sqrt(prob, budget)
+            assert sq.evaluation is not None, f"sqrt(L) found no plan at {frac} of eager's peak"
+            p = step.plan(budget, solver="ilp")
+            assert p.recompute_time_s <= sq.evaluation.cost_s + 1e-12
+            s = step.plan(budget, solver="sqrt")
+            assert s.solver.name == "sqrt" and s.predicted_peak_bytes <= budget
 
 
 def test_recompute_flops_are_what_runs():
@@ -184,17 +198,17 @@ def test_recompute_flops_are_what_runs():
     assert not any(n.name in saved_names for n in recomputed), "a recomputed value is also saved"
 
 
-def test_plan_for_other_model_is_refused(setup):
+def test_plan_for_other_model_is_refused(setup, plan70):
     model, inputs, eager = setup
-    p = planner.plan(model, 0.7 * eager / planner.GiB, inputs)
+    p = plan70
     other = ResidualNet(d=32, blocks=3, hidden=128)
     with pytest.raises(runtime.PlanMismatch, match="another model"):  # its parameters differ: refused at apply
         run_step(runtime.apply(other, p), inputs)
 
 
-def test_eval_and_no_grad_run_the_original_model(setup):
+def test_eval_and_no_grad_run_the_original_model(setup, plan70):
     model, inputs, eager = setup
-    p = planner.plan(model, 0.7 * eager / planner.GiB, inputs)
+    p = plan70
     m = copy.deepcopy(model)
     wrapped = runtime.apply(m, p)
     assert list(wrapped.parameters()) == list(m.parameters())

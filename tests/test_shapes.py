@@ -132,8 +132,9 @@ def test_shapes_that_change_the_structure_are_planned_again():
     torch.manual_seed(0)
     model = ShapeBranch()
     x = torch.randn(256, 32)
-    full = planner.plan(model, 1.0, (x,)).baseline_peak_bytes
-    p = planner.plan(model, 0.7 * full / planner.GiB, (x,))
+    with planner.prepare(model, (x,)) as step:  # one capture for both budgets
+        full = step.plan(planner.GiB).baseline_peak_bytes
+        p = step.plan(int(0.7 * full))
     small = (torch.randn(40, 32),)
     with pytest.warns(runtime.ShapeWarning, match="planning again"):
         wrapped, planned_model = assert_same_step(model, lambda m: runtime.apply(m, p), small)
@@ -151,8 +152,9 @@ def test_gpt2_at_a_shorter_sequence_reuses_the_decisions():
     torch.manual_seed(0)
     model = tiny_gpt2(layers=2, d=32, heads=2, vocab=64, positions=64)
     ids = torch.randint(0, 64, (4, 64))
-    full = planner.plan(model, 1.0, {"input_ids": ids, "labels": ids}).baseline_peak_bytes
-    p = planner.plan(model, 0.8 * full / planner.GiB, {"input_ids": ids, "labels": ids})
+    with planner.prepare(model, {"input_ids": ids, "labels": ids}) as step:  # one capture for both budgets
+        full = step.plan(planner.GiB).baseline_peak_bytes
+        p = step.plan(int(0.8 * full))
     short = torch.randint(0, 64, (4, 48))
     inputs = {"input_ids": short, "labels": short}
     with warnings.catch_warnings():
@@ -209,8 +211,9 @@ def test_per_rank_plans_stay_per_rank_at_new_shapes(residual):
     branchy = ShapeBranch()
     x = torch.randn(256, 32)
     fsdp = {"world_size": 2, "sharding": "fsdp", "optimizer": "adamw"}
-    full = planner.plan(branchy, 1.0, (x,), **fsdp).baseline_peak_bytes
-    p = planner.plan(branchy, 0.9 * full / planner.GiB, (x,), objective="flops", **fsdp)
+    with planner.prepare(branchy, (x,), objective="flops", **fsdp) as step:  # one capture for both budgets
+        full = step.plan(planner.GiB).baseline_peak_bytes
+        p = step.plan(int(0.9 * full))
     assert p.recomputed
     tiny = (torch.randn(40, 32),)
     with pytest.warns(runtime.ShapeWarning, match="planning again"):
