@@ -20,20 +20,16 @@ import torch
 from torch import nn
 
 from planner.plan_type import Plan
-from profiles._torch_private import aot_autograd, allow_recompiles, copy_graph_module, make_boxed, quiet_graph_breaks
+from profiles._torch_private import aot_autograd, allow_recompiles, copy_graph_module, quiet_graph_breaks
 from profiles.capture import prepare_joint
 from profiles.causal_sdpa import with_causal_sdpa
 from profiles.signature import parameter_mismatch
 
 from .block_plan import BlockMismatch, PlannedNode, block_recompute, planned_blocks
 from .distributed import check_wrapping
-from .partition import split_joint
+from .partition import op_by_op, split_joint
 
 __all__ = ["BlockBackend", "PlannedBlocks"]
-
-
-def _boxed_compiler(gm, example_inputs):
-    return make_boxed(gm)
 
 
 class BlockBackend:
@@ -57,7 +53,7 @@ class BlockBackend:
         runs, errors = {}, {}
         for i, path in enumerate(self.paths):
             try:
-                runs[i] = aot_autograd(fw_compiler=_boxed_compiler, bw_compiler=_boxed_compiler,
+                runs[i] = aot_autograd(fw_compiler=op_by_op, bw_compiler=op_by_op,
                                        partition_fn=self._partition(path))(copy_graph_module(gm), example_inputs)
             except BlockMismatch as e:
                 errors[i] = e

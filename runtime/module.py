@@ -43,7 +43,6 @@ from profiles._torch_private import (
     backend_error_cause,
     backward_without_autocast,
     graph_break_info,
-    make_boxed,
     no_ddp_graph_split,
     quiet_graph_breaks,
 )
@@ -67,7 +66,7 @@ from .arrange import arrange_graphs
 from .block_runtime import PlannedBlocks
 from .distributed import check_wrapping
 from .inductor import PlanPartitioner, compile_inference, compile_planned, compiling, plans_key
-from .partition import split_joint
+from .partition import op_by_op, split_joint
 from .regions import RegionBackend, RegionMismatch
 
 __all__ = ["PlannedModule", "ShapeEntry", "PlanMismatch", "AutocastMismatch", "ShapeWarning", "BudgetWarning", "apply"]
@@ -107,10 +106,6 @@ class ShapeEntry:
 
 class _Replan(Exception):
     """Raised inside the compiler when new input shapes change the graph's structure."""
-
-
-def _boxed_compiler(gm, example_inputs):
-    return make_boxed(gm)
 
 
 def _key(inputs) -> str:
@@ -199,7 +194,7 @@ class PlannedModule(nn.Module):
             compiled = compile_planned(model, PlanPartitioner(partition, self._plans_key), self.compile_options, plan)
         else:
             # attention rewritten as the capture rewrote it (profiles.causal_sdpa)
-            backend = with_causal_sdpa(aot_autograd(fw_compiler=_boxed_compiler, bw_compiler=_boxed_compiler,
+            backend = with_causal_sdpa(aot_autograd(fw_compiler=op_by_op, bw_compiler=op_by_op,
                                                     partition_fn=partition))
             compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
         # Not submodules: the compiled wrappers would list the parameters again.

@@ -14,10 +14,10 @@ from typing import Iterable
 import torch.fx as fx
 
 from planner.schedule import emit_just_in_time, forward_node_names, required_saved
-from profiles._torch_private import extract_fwd_bwd_modules, keep_random_ops
+from profiles._torch_private import extract_fwd_bwd_modules, keep_random_ops, make_boxed
 from profiles.joint import JointGraph
 
-__all__ = ["split_joint", "recompute_just_in_time", "PlanInfeasible"]
+__all__ = ["split_joint", "recompute_just_in_time", "PlanInfeasible", "op_by_op"]
 
 
 class PlanInfeasible(ValueError):
@@ -83,3 +83,9 @@ def recompute_just_in_time(bwd: fx.GraphModule, forward_names: set[str]) -> fx.G
     for node in emit_just_in_time(roots, set(placeholders), order):
         env[node] = new.node_copy(node, lambda x: env[x])
     return fx.GraphModule(bwd, new)
+
+
+def op_by_op(gm: fx.GraphModule, example_inputs) -> object:
+    """AOTAutograd's forward and backward compiler that runs a split graph as it is,
+    one aten op at a time (boxed: it frees its inputs as it goes)."""
+    return make_boxed(gm)

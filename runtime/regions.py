@@ -20,13 +20,13 @@ from typing import Callable
 import torch.fx as fx
 
 from planner.plan_type import Plan
-from profiles._torch_private import aot_autograd, copy_graph_module, make_boxed
+from profiles._torch_private import aot_autograd, copy_graph_module
 from profiles.capture import prepare_joint
 from profiles.causal_sdpa import with_causal_sdpa
 from profiles.regions import where_traced
 from profiles.signature import graph_fingerprint
 
-from .partition import split_joint
+from .partition import op_by_op, split_joint
 
 __all__ = ["RegionBackend", "RegionMismatch"]
 
@@ -43,10 +43,6 @@ def _unlisted(where: str) -> str:
         "plans one path: make the branch traceable (torch.where, torch.cond), or plan again with "
         "planner.plan(model, budget_gb, inputs) for inputs that take this path"
     )
-
-
-def _boxed_compiler(gm, example_inputs):
-    return make_boxed(gm)
 
 
 class RegionBackend:
@@ -75,12 +71,12 @@ class RegionBackend:
         c = self.compiled.get(id(plan), 0)  # dynamo compiles a plan's graphs in the order the capture did
         self.compiled[id(plan)] = c + 1
         found: dict[str, list[int]] = {}
-        first = aot_autograd(fw_compiler=_boxed_compiler, bw_compiler=_boxed_compiler,
+        first = aot_autograd(fw_compiler=op_by_op, bw_compiler=op_by_op,
                              partition_fn=self._first(plan, c, where, found))(copy_graph_module(gm), example_inputs)
         if "regions" not in found:
             return first  # a graph without backward (nothing in it requires grad): the capture left it out
         mine = found["regions"]
-        runs = [first] + [aot_autograd(fw_compiler=_boxed_compiler, bw_compiler=_boxed_compiler,
+        runs = [first] + [aot_autograd(fw_compiler=op_by_op, bw_compiler=op_by_op,
                                        partition_fn=self._partition(plan, k))(copy_graph_module(gm), example_inputs)
                           for k in mine[1:]]
         key = (id(plan), id(runs[0]))
