@@ -29,10 +29,12 @@ from profiles._torch_private import tree_leaves
 from profiles.capture import capture
 from profiles.nodes import module_path, op_name
 
+from .mismatch import PlanMismatch
+
 __all__ = ["BlockMismatch", "PlannedNode", "planned_blocks", "block_recompute", "node_shapes"]
 
 
-class BlockMismatch(ValueError):
+class BlockMismatch(PlanMismatch):
     """A block's own joint graph differs from the block's nodes in the plan's one-graph capture."""
 
 

@@ -67,17 +67,10 @@ from .block_runtime import PlannedBlocks
 from .distributed import check_wrapping
 from .inductor import PlanPartitioner, compile_inference, compile_planned, compiling, plans_key
 from .partition import op_by_op, split_joint
+from .mismatch import AutocastMismatch, PlanMismatch
 from .regions import RegionBackend, RegionMismatch
 
 __all__ = ["PlannedModule", "ShapeEntry", "PlanMismatch", "AutocastMismatch", "ShapeWarning", "BudgetWarning", "apply"]
-
-
-class PlanMismatch(ValueError):
-    """The plan was made for another model, another device, or the model changed since."""
-
-
-class AutocastMismatch(PlanMismatch):
-    """The training step runs under another ``torch.autocast`` (or none) than the plan was made under."""
 
 
 class ShapeWarning(UserWarning):

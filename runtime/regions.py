@@ -26,12 +26,13 @@ from profiles.causal_sdpa import with_causal_sdpa
 from profiles.regions import where_traced
 from profiles.signature import graph_fingerprint
 
+from .mismatch import PlanMismatch
 from .partition import op_by_op, split_joint
 
 __all__ = ["RegionBackend", "RegionMismatch"]
 
 
-class RegionMismatch(ValueError):
+class RegionMismatch(PlanMismatch):
     """The model compiles other regions than the plan's (another model, or other input shapes)."""
 
 
