@@ -177,6 +177,7 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, dropout: str 
                             compile_options=compile_options, repeat=repeat)
     check_input_devices(model, args, kwargs, allow_meta=True)
     allow_recompiles()
+
     def record():
         return _record_step(model, args, kwargs, executor, compile_options)
 

@@ -22,11 +22,11 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
-from ._torch_private import storage_key, tree_leaves
+from ._torch_private import storage_key
 from .allocator import graph_device
 from .device import DeviceProfile, default_target_for, load_device_profile
 from .joint import JointGraph, mutated_primals
-from .nodes import FlopCountError, is_recomputable, module_path, node_flops, op_name
+from .nodes import FlopCountError, is_recomputable, module_path, node_flops, op_name, value_tensors
 from .timing import run_nodes, synthetic_cpu_temps
 
 __all__ = ["NodeInfo", "GraphProfile", "FlopCountWarning", "profile_graph", "count_flops"]
@@ -100,10 +100,6 @@ def _is_batch_norm_training(node: fx.Node) -> bool:
     )
 
 
-def _tensors(val: Any) -> list[torch.Tensor]:
-    return [t for t in tree_leaves(val) if isinstance(t, torch.Tensor)]
-
-
 def count_flops(nodes: Iterable[fx.Node]) -> tuple[dict[str, int], dict[str, str]]:
     """``(flops, failures)`` of fx ``nodes``: FLOPs of one execution per node name,
     and, for each node whose FLOP formula raised (its FLOPs count as 0), the error.
@@ -145,9 +141,9 @@ def _phase(node: fx.Node) -> str:
 def _node_info(node: fx.Node, ids: list[int], new_bytes: int, flops: int, profile: DeviceProfile, mutated: set[str]) -> NodeInfo:
     """The ``NodeInfo`` of ``node``, whose outputs are storages ``ids`` of which
     ``new_bytes`` are new; its time is the roofline estimate of ``profile``."""
-    tensors = _tensors(node.meta.get("val"))
+    tensors = value_tensors(node)
     moved = new_bytes + sum(
-        sum(t.untyped_storage().nbytes() for t in _tensors(a.meta.get("val")))
+        sum(t.untyped_storage().nbytes() for t in value_tensors(a))
         for a in node.all_input_nodes
     ) if new_bytes else 0
     dtype = str(tensors[0].dtype).replace("torch.", "") if tensors else ""
@@ -180,7 +176,7 @@ def _node_infos(joint: JointGraph, profile: DeviceProfile, flops: dict[str, int]
     infos: dict[str, NodeInfo] = {}
     for node in gm.graph.nodes:
         ids, new_bytes = [], 0
-        tensors = _tensors(node.meta.get("val"))
+        tensors = value_tensors(node)
         # a stitched graph names its storages itself (profiles.region_stitch)
         for t, key in zip(tensors, node.meta.get("storage_keys") or [storage_key(t) for t in tensors]):
             if key not in storage_ids:

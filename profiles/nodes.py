@@ -10,12 +10,13 @@ from __future__ import annotations
 import operator
 import re
 
+import torch
 import torch.fx as fx
 from torch.utils.flop_counter import flop_registry
 
-from ._torch_private import is_op_overload, is_random_op, op_is_mutable, tree_map
+from ._torch_private import is_op_overload, is_random_op, op_is_mutable, tree_leaves, tree_map
 
-__all__ = ["FlopCountError", "module_path", "clean_module_path", "op_name", "is_recomputable", "node_flops"]
+__all__ = ["FlopCountError", "module_path", "clean_module_path", "value_tensors", "op_name", "is_recomputable", "node_flops"]
 
 
 class FlopCountError(RuntimeError):
@@ -50,6 +51,12 @@ def clean_module_path(path: str) -> str:
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
     path = re.sub(r"(^|\.)_modules\.", ".", path)
     return path.strip(".")
+
+
+def value_tensors(node: fx.Node) -> list:
+    """The tensors ``node`` makes (its ``meta["val"]``), in order: the order a stitched or
+    repeated graph's ``meta["storage_keys"]`` follows."""
+    return [t for t in tree_leaves(node.meta.get("val")) if isinstance(t, torch.Tensor)]
 
 
 def op_name(node: fx.Node) -> str:

@@ -35,8 +35,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ._torch_private import aot_descriptor, mutation_descriptor, storage_key, tree_leaves
+from ._torch_private import aot_descriptor, mutation_descriptor, storage_key
 from .joint import CaptureError, CapturedRegion
+from .nodes import value_tensors
 
 __all__ = ["stitch", "region_prefix"]
 
@@ -113,15 +114,13 @@ def _sum(graph: fx.Graph, values: list[fx.Node], name: str) -> fx.Node:
 
 def _keys(node: fx.Node, alias: dict, k: int) -> list:
     """The storage of each tensor ``node`` (of region ``k``) makes: an input's, or one of the region's own."""
-    return [alias.get(storage_key(t), ("r", k, storage_key(t)))
-            for t in tree_leaves(node.meta.get("val")) if isinstance(t, torch.Tensor)]
+    return [alias.get(storage_key(t), ("r", k, storage_key(t))) for t in value_tensors(node)]
 
 
 def _alias(alias: dict, node: fx.Node, source: fx.Node) -> None:
     """Region input ``node`` is ``source``: its storage (and its views') is ``source``'s."""
-    for t in tree_leaves(node.meta.get("val")):
-        if isinstance(t, torch.Tensor):
-            alias[storage_key(t)] = source.meta["storage_keys"][0]
+    for t in value_tensors(node):
+        alias[storage_key(t)] = source.meta["storage_keys"][0]
 
 
 def stitch(graphs: list[fx.GraphModule], regions: list[CapturedRegion], num_primals: int) -> tuple[fx.GraphModule, int]:

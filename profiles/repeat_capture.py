@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from ._torch_private import aot_descriptor, mutation_descriptor, storage_key, tree_leaves
+from ._torch_private import aot_descriptor, mutation_descriptor, storage_key
 from .joint import CaptureError
 from .layer_periods import (
     BACKWARD,
@@ -41,7 +41,7 @@ from .layer_periods import (
     name_stem,
 )
 from .layer_stack import find_layer_stack, shortened
-from .nodes import clean_module_path
+from .nodes import clean_module_path, value_tensors
 from .signature import graph_fingerprint, node_digests
 
 __all__ = ["CAPTURED", "MIN_DEPTH", "NotPeriodic", "repeat_layers", "record_repeated"]
@@ -66,7 +66,7 @@ class _Builder:
     """Creates the ``depth``-layer graph node by node, in tracing order."""
 
     def __init__(self, gm: fx.GraphModule, cut: Periods, stack_path: str, depth: int):
-        self.gm, self.cut, self.path, self.depth = gm, cut, stack_path, depth
+        self.gm, self.cut, self.depth = gm, cut, depth
         self.graph = fx.Graph()
         self.once: dict[fx.Node, fx.Node] = {}
         self.copies: dict[tuple[str, int], list[fx.Node]] = {}
@@ -74,8 +74,10 @@ class _Builder:
         #: The new graph module's attributes (tensor constants renumbered like nodes).
         self.attrs: dict[str, Any] = {}
         self.steps = name_steps(cut)
+        #: A module path inside the stack: ``<stack>.<layer>`` and the rest.
+        self.layer_path = re.compile(rf"^({re.escape(stack_path)}\.)(\d+)(\..*)?$")
         for node in gm.graph.nodes:
-            for j, t in enumerate(_tensors(node)):
+            for j, t in enumerate(value_tensors(node)):
                 self.producer.setdefault(storage_key(t), (node, j))
 
     def find(self, y: fx.Node, shift: int | None) -> fx.Node:
@@ -97,7 +99,7 @@ class _Builder:
 
     def storage_keys(self, node: fx.Node, new: fx.Node, shift: int | None, unit: tuple) -> list:
         keys = []
-        for j, t in enumerate(_tensors(node)):
+        for j, t in enumerate(value_tensors(node)):
             source, i = self.producer[storage_key(t)]
             if source is node:
                 keys.append((unit, new.name, j))
@@ -139,11 +141,8 @@ class _Builder:
         return f"{stem}_{num}" if num else stem
 
     def _shift_meta(self, new: fx.Node, shift: int) -> None:
-        pattern = re.compile(rf"^({re.escape(self.path)}\.)(\d+)(\..*)?$")
-
         def moved(path: str) -> str:
-            clean = clean_module_path(path)
-            m = pattern.match(clean)
+            m = self.layer_path.match(clean_module_path(path))
             return f"{m.group(1)}{int(m.group(2)) + shift}{m.group(3) or ''}" if m else path
 
         for key in ("nn_module_stack", "fwd_nn_module_stack"):
@@ -152,10 +151,6 @@ class _Builder:
                 new.meta[key] = {k: (moved(p), t) for k, (p, t) in stack.items()}
         if isinstance(new.meta.get("seq_nr"), int):
             new.meta["seq_nr"] += shift * _SEQ_STRIDE
-
-
-def _tensors(node: fx.Node) -> list[torch.Tensor]:
-    return [t for t in tree_leaves(node.meta.get("val")) if isinstance(t, torch.Tensor)]
 
 
 def _build(gm: fx.GraphModule, cut: Periods, stack_path: str, depth: int, num_fwd_outputs: int) -> tuple[fx.GraphModule, list]:
