@@ -25,9 +25,8 @@ import torch.fx as fx
 
 from planner.plan_type import Plan
 from planner.schedule import forward_node_names
-from profiles._torch_private import tree_leaves
 from profiles.capture import capture
-from profiles.nodes import module_path, op_name
+from profiles.nodes import module_path, op_name, value_tensors
 
 from .mismatch import PlanMismatch
 
@@ -52,8 +51,7 @@ class PlannedNode:
 
 def node_shapes(node: fx.Node) -> tuple[tuple[tuple[int, ...], str], ...]:
     """``(shape, dtype)`` of each tensor ``node`` returns (from its fake value)."""
-    return tuple((tuple(int(s) for s in t.shape), str(t.dtype)) for t in tree_leaves(node.meta.get("val"))
-                 if isinstance(t, torch.Tensor))
+    return tuple((tuple(int(s) for s in t.shape), str(t.dtype)) for t in value_tensors(node))
 
 
 def _inputs(model: torch.nn.Module, plan: Plan) -> tuple[tuple, dict]:
