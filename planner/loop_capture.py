@@ -45,7 +45,7 @@ class LoopSetup:
 
     #: What the simulator and the memory model count.
     loop: TrainingLoop
-    #: ``TrainingLoopInfo.loss``: ``"loss_fn"``, ``"model"`` or ``"output gradients"``.
+    #: ``TrainingLoopInfo.loss``: one of ``training_loop.LOSS_SOURCES``.
     loss: str
     #: ``plan()``'s ``grad_accumulation``.
     grad_accumulation: bool
@@ -111,9 +111,18 @@ def loop_setup(model: torch.nn.Module, args: tuple, kwargs: dict, captured: Join
         mem = optimizer_memory(trainable, optimizer, device_type=device_type, granularity=granularity)
         state, step, first, implementation = mem.state_bytes, mem.step_peak_bytes, mem.first_step_peak_bytes, mem.implementation
     loss_points: tuple = ()
+    if loss_fn is not None and captured.eager_loss is not None:
+        raise ValueError(
+            f"{type(model).__name__} computes its own loss (eagerly, after its last graph region, at "
+            f"{captured.eager_loss.where}) and loss_fn is given too: leave loss_fn out to train on the model's loss, "
+            "or call the model without the inputs that make it compute one (labels) to train on loss_fn's"
+        )
     if loss_fn is not None:
         loss_points = _loss_points(model, args, kwargs, loss_fn)
         loss = "loss_fn"
+    elif captured.eager_loss is not None:
+        loss_points = captured.eager_loss.points
+        loss = "model eager"
     elif _returns_loss(captured):
         loss = "model"
     else:

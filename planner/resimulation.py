@@ -47,6 +47,12 @@ def _refuse_loop(plan: Plan) -> None:
     info = plan.training_loop
     if info is None:
         return
+    if info.loss == "model eager":
+        raise LoopNotResimulated(
+            "the plan counts the loss the model computes eagerly after its last graph region, measured at the "
+            "planned shapes, so the step's peak at these shapes cannot be re-simulated; plan for these shapes with "
+            "planner.plan(model, budget_gb, inputs) to know it"
+        )
     if info.loss == "loss_fn":
         raise LoopNotResimulated(
             "the plan counts the loss computed outside the model (loss_fn), captured at the planned shapes, so the "

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 __all__ = ["TrainingLoop", "TrainingLoopInfo", "LOSS_SOURCES", "loop_info"]
 
 #: ``TrainingLoopInfo.loss``: how the loss entered the budget.
-LOSS_SOURCES = ("loss_fn", "model", "output gradients")
+LOSS_SOURCES = ("loss_fn", "model", "model eager", "output gradients")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,10 +70,13 @@ class TrainingLoopInfo:
 
     #: How the loss is counted: ``"loss_fn"`` (the ``loss_fn`` given to ``plan()``: its
     #: forward and backward between the model's), ``"model"`` (the model returns a
-    #: one-element output, its loss) or ``"output gradients"`` (neither: only the
+    #: one-element output, its loss), ``"model eager"`` (the model's loss is computed in
+    #: code torch.compile runs eagerly after its last graph region: its forward and
+    #: backward measured on the example inputs, :mod:`profiles.eager_loss`) or
+    #: ``"output gradients"`` (neither: only the
     #: full-size gradients of the outputs that backward starts from).
     loss: str
-    #: Predicted bytes live at the loss's peak (0 unless ``loss`` is ``"loss_fn"``).
+    #: Predicted bytes live at the loss's peak (0 unless ``loss`` is ``"loss_fn"`` or ``"model eager"``).
     loss_peak_bytes: int = 0
     #: Whether gradients exist when the step starts (``plan(..., grad_accumulation=True)``).
     grad_accumulation: bool = False

@@ -118,7 +118,9 @@ def _loop_lines(plan) -> list[tuple[str, str]]:
     if loop is None or (loop.loss == "model" and not loop.grad_accumulation and loop.optimizer == "none"):
         return []  # nothing beyond the model's own step
     loss = {"loss_fn": f"loss_fn's forward and backward counted (peak {format_bytes(loop.loss_peak_bytes)})",
-            "model": "the model returns its loss", "output gradients": "loss NOT counted, only the output gradients (pass loss_fn=)"}
+            "model": "the model returns its loss",
+            "model eager": f"the model's eager loss measured and counted (peak {format_bytes(loop.loss_peak_bytes)})",
+            "output gradients": "loss NOT counted, only the output gradients (pass loss_fn=)"}
     text = f"{loss[loop.loss]}; gradients {'accumulated (held all step)' if loop.grad_accumulation else 'None at the start'}"
     lines = [("training loop", text)]
     if loop.optimizer != "none":

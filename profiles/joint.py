@@ -11,11 +11,39 @@ from typing import Any
 
 import torch.fx as fx
 
-__all__ = ["JointGraph", "CapturedRegion", "CaptureError", "mutated_primals"]
+__all__ = ["JointGraph", "CapturedRegion", "CaptureError", "EagerLoss", "mutated_primals"]
 
 
 class CaptureError(RuntimeError):
     """The model could not be captured as one forward+backward graph."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EagerLoss:
+    """A loss computed eagerly after the last graph region, measured on the example inputs.
+
+    Bytes are above the level the regions' forward leaves (every value they save,
+    the outputs held)."""
+
+    #: Where the last region before the loss was traced from ("file:line-line").
+    where: str
+    #: The eager code's peak between the last region's end and the forward's return.
+    forward_peak_bytes: int
+    #: What it holds when forward returns: what its backward reads, the loss.
+    saved_bytes: int
+    #: Its backward's peak (``saved_bytes`` included).
+    backward_peak_bytes: int
+    #: What its backward leaves: the gradients of the region outputs it read (and
+    #: what it still holds).
+    grad_bytes: int
+
+    @property
+    def points(self) -> tuple[tuple[str, str, int], ...]:
+        """``(phase, node, bytes)`` as ``planner.loss_phase.LossPhase.points`` has them."""
+        return (("loss forward", "eager loss", self.forward_peak_bytes),
+                ("loss forward", "eager loss (saved)", self.saved_bytes),
+                ("loss backward", "eager loss backward", self.backward_peak_bytes),
+                ("loss backward", "eager loss (gradients)", self.grad_bytes))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -86,6 +114,9 @@ class JointGraph:
     #: (``gm`` is then their joint graphs stitched together, :mod:`profiles.region_stitch`);
     #: empty for a step captured as one graph.
     regions: tuple[CapturedRegion, ...] = ()
+    #: The loss the model computes eagerly after its last region, measured
+    #: (:mod:`profiles.eager_loss`); None when the step has none.
+    eager_loss: EagerLoss | None = None
     #: ``(stack path, layers traced, layers)`` when the step was traced with a few
     #: layers of a deep stack and its graph repeated to all of them
     #: (:mod:`profiles.repeat_capture`); empty when traced whole.

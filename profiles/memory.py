@@ -15,7 +15,7 @@ import torch
 from ._torch_private import allocator_events, record_function_span
 from .profiler_notices import quiet_profiler_notices
 
-__all__ = ["measure_peak", "allocator_peak", "running_peak", "storage_bytes"]
+__all__ = ["measure_peak", "allocator_peak", "running_peak", "running_levels", "storage_bytes"]
 
 
 def storage_bytes(tensors: Iterable[Any]) -> int:
@@ -77,19 +77,43 @@ def running_peak(events, *, start: float = -1, end: float = float("inf")) -> tup
     """``(peak, missed frees)`` of allocator events ``(time_ns, address, signed bytes)``:
     the running sum's maximum over events timed within ``[start, end]``; see
     :func:`allocator_peak` for how missed frees are found."""
+    peak = missed = 0
+    for t, running, was_missed in _running(events):
+        missed += was_missed
+        if start <= t <= end:
+            peak = max(peak, running)
+    return peak, missed
+
+
+def running_levels(events, times: list[float]) -> list[int]:
+    """The running sum of allocator events, followed as :func:`running_peak` does,
+    after the last event timed at or before each of ``times``."""
+    levels, order = [0] * len(times), sorted(range(len(times)), key=lambda i: times[i])
+    k, last = 0, 0
+    for t, running, _ in _running(events):
+        while k < len(order) and times[order[k]] < t:
+            levels[order[k]] = last
+            k += 1
+        last = running
+    for i in order[k:]:
+        levels[i] = last
+    return levels
+
+
+def _running(events):
+    """``(time, running sum after it, whether it proved a missed free)`` per event, by time."""
     live: dict[int, int] = {}
-    running = peak = missed = 0
+    running = 0
     for t, ptr, size in sorted(events, key=lambda e: e[0]):
+        missed = 0
         if size > 0:
             if ptr in live:
                 running -= live.pop(ptr)
-                missed += 1
+                missed = 1
             live[ptr] = size
             running += size
         elif ptr in live:
             running -= live.pop(ptr)
         else:
             running += size  # a free of a block allocated before the session
-        if start <= t <= end:
-            peak = max(peak, running)
-    return peak, missed
+        yield t, running, missed

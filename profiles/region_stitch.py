@@ -123,10 +123,13 @@ def _alias(alias: dict, node: fx.Node, source: fx.Node) -> None:
         alias[storage_key(t)] = source.meta["storage_keys"][0]
 
 
-def stitch(graphs: list[fx.GraphModule], regions: list[CapturedRegion], num_primals: int) -> tuple[fx.GraphModule, int]:
+def stitch(graphs: list[fx.GraphModule], regions: list[CapturedRegion], num_primals: int, *,
+           primal_storage: list[int] | None = None) -> tuple[fx.GraphModule, int]:
     """The whole step's joint graph and its number of forward outputs, from each
     region's joint graph (``graphs[k]``, as captured or after ``prepare_joint``) and
-    where each region's inputs come from (``regions[k].sources``)."""
+    where each region's inputs come from (``regions[k].sources``). ``primal_storage[i]``:
+    the first primal whose storage primal ``i`` shares (a view of an input that eager
+    code passes to a region); each its own when not given."""
     parts = [_Parts(gm, r.num_fwd_outputs, r.where) for gm, r in zip(graphs, regions)]
     graph, root = fx.Graph(), torch.nn.Module()
     first_use: dict[int, fx.Node] = {}
@@ -142,7 +145,7 @@ def stitch(graphs: list[fx.GraphModule], regions: list[CapturedRegion], num_prim
     for idx in range(num_primals):
         ph = graph.placeholder(f"primals_{idx + 1}")
         ph.meta = {k: v for k, v in first_use[idx].meta.items() if k in ("val", "tensor_meta")}
-        ph.meta["storage_keys"] = [("primal", idx)]
+        ph.meta["storage_keys"] = [("primal", primal_storage[idx] if primal_storage else idx)]
         primals.append(ph)
     tangents: dict[tuple[int, int], fx.Node] = {}
     for j, p in enumerate(parts):

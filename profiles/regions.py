@@ -27,10 +27,12 @@ from ._torch_private import (
     no_aot_autograd_cache,
     quiet_graph_breaks,
     reads_fake_value,
+    storage_key,
     tree_leaves,
 )
 from .capture_errors import DataDependentShape, check_static_shapes, trace_frames
 from .causal_sdpa import with_causal_sdpa
+from .eager_loss import EagerLoss, loss_inputs, measure_eager_loss
 from .joint import CaptureError, CapturedRegion, JointGraph
 from .region_stitch import stitch
 from .signature import graph_fingerprint, node_digests, structure_fingerprint
@@ -46,6 +48,8 @@ class _Recorder:
         self.model_name = model_name
         self.regions: list[dict] = []
         self.calls: list[tuple[int, list, list]] = []
+        #: Called after each call of a compiled region returns (the eager loss's measurement marks).
+        self.on_call: Callable[[], None] | None = None
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
         check_static_shapes(gm, self.model_name)
@@ -65,6 +69,8 @@ class _Recorder:
             inputs = list(args[0]) if boxed else list(args)
             out = compiled(*args)
             self.calls.append((k, inputs, list(out)))
+            if self.on_call is not None:
+                self.on_call()
             return out
 
         if getattr(compiled, "_boxed_call", False):
@@ -128,20 +134,52 @@ def _sources(model: torch.nn.Module, args: tuple, kwargs: dict, calls: list, reg
     return sources, values, roles, names
 
 
-def _check_outputs(model: torch.nn.Module, outputs: Any, calls: list, regions: list) -> None:
-    """``CaptureError`` when an output of the model that has a backward was computed
-    outside the compiled regions (eagerly, where the planner does not see it)."""
+def _eager_losses(model: torch.nn.Module, outputs: Any, calls: list, regions: list) -> list[torch.Tensor]:
+    """The outputs of the model that have a backward and were computed outside the
+    compiled regions (eagerly, after a graph break torch.compile could not resume
+    after). One one-element output (a loss) is measured (:mod:`profiles.eager_loss`);
+    ``CaptureError`` for any other."""
     produced = {id(t) for _, _, outs in calls for t in outs}
-    for t in tree_leaves(outputs):
-        if isinstance(t, torch.Tensor) and t.grad_fn is not None and id(t) not in produced:
-            last = regions[calls[-1][0]]["where"]
-            raise CaptureError(
-                f"{type(model).__name__} returns a tensor {tuple(t.shape)} computed outside its compiled graph regions "
-                f"(after the region at {last}): torch.compile runs eagerly the code after a graph break it cannot "
-                "resume after (one inside a loop or a `with` block it does not support, or in a function it skips), "
-                "and the planner cannot see that code's memory. Move the graph break out of that code, or compute "
-                "the loss outside the model (planner.plan(..., loss_fn=...))"
-            )
+    outside = [t for t in tree_leaves(outputs)
+               if isinstance(t, torch.Tensor) and t.grad_fn is not None and id(t) not in produced]
+    if len(outside) > 1 or any(t.numel() != 1 for t in outside):
+        t = next(t for t in outside if t.numel() != 1) if any(t.numel() != 1 for t in outside) else outside[1]
+        last = regions[calls[-1][0]]["where"]
+        raise CaptureError(
+            f"{type(model).__name__} returns a tensor {tuple(t.shape)} computed outside its compiled graph regions "
+            f"(after the region at {last}): torch.compile runs eagerly the code after a graph break it cannot "
+            "resume after (one inside a loop or a `with` block it does not support, or in a function it skips), "
+            "and the planner cannot see that code's memory (it measures one eagerly computed loss, nothing else). "
+            "Move the graph break out of that code, or compute the loss outside the model "
+            "(planner.plan(..., loss_fn=...))"
+        )
+    return outside
+
+
+def _measure_loss(model: torch.nn.Module, compiled: Callable, args: tuple, kwargs: dict, recorder: _Recorder,
+                  where: str) -> EagerLoss:
+    """The eager loss's memory, measured on one more forward of ``compiled`` (regions
+    compiled already) and its backward down to the region outputs it reads."""
+    name = type(model).__name__
+    first = len(recorder.calls)
+
+    def forward(mark):
+        recorder.on_call = mark
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            recorder.on_call = None
+
+    def find(outputs):
+        calls = recorder.calls[first:]
+        (loss,) = _eager_losses(model, outputs, calls, recorder.regions)
+        return loss, loss_inputs(loss, [t for _, _, outs in calls for t in outs], name)
+
+    device = next((t.device for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    try:
+        return measure_eager_loss(forward, find, device=device, where=where)
+    finally:
+        del recorder.calls[first:]
 
 
 def capture_regions(model: torch.nn.Module, args: tuple, kwargs: dict, *, dropout: str, prepare: Callable,
@@ -164,28 +202,21 @@ def _capture_regions(model: torch.nn.Module, args: tuple, kwargs: dict, *, dropo
     recorder = _Recorder(type(model).__name__)
     compiled = torch.compile(model, backend=with_causal_sdpa(recorder), fullgraph=False, dynamic=False)
     with state_kept(model), torch.enable_grad(), backward_without_autocast(), no_aot_autograd_cache(), quiet_graph_breaks():
-        try:
-            outputs = compiled(*args, **kwargs)
-        except Exception as e:  # torch.compile wraps what the backend raises
-            if isinstance(backend_error_cause(e), DataDependentShape):
-                raise backend_error_cause(e) from e
-            if reads_fake_value(e):
-                raise CaptureError(
-                    f"{type(model).__name__} on the meta device reads a tensor's value between its graph regions "
-                    "(`.item()`, a branch on a tensor), which a meta tensor does not have: build the model on a real "
-                    "device (the CPU will do, with smaller sizes) to plan it, or make the branch traceable "
-                    "(torch.where, torch.cond)"
-                ) from e
-            raise
-    # a region without a backward (nothing in it requires grad) is left out: its outputs are inputs of the step
-    calls = [c for c in recorder.calls if "joint" in recorder.regions[c[0]]]
-    if not calls:
-        raise CaptureError(
-            f"{type(model).__name__} produced no backward graph: no output requires grad. "
-            "Make sure some parameters have requires_grad=True and the outputs depend on them."
-        )
-    sources, values, roles, names = _sources(model, args, kwargs, calls, recorder.regions)
-    _check_outputs(model, outputs, calls, recorder.regions)
+        outputs = _run(model, compiled, args, kwargs)
+        # a region without a backward (nothing in it requires grad) is left out: its outputs are inputs of the step
+        calls = [c for c in recorder.calls if "joint" in recorder.regions[c[0]]]
+        if not calls:
+            raise CaptureError(
+                f"{type(model).__name__} produced no backward graph: no output requires grad. "
+                "Make sure some parameters have requires_grad=True and the outputs depend on them."
+            )
+        sources, values, roles, names = _sources(model, args, kwargs, calls, recorder.regions)
+        eager_loss = None
+        losses = _eager_losses(model, outputs, calls, recorder.regions)
+        if losses:  # refused before measuring when it reads more than region outputs
+            loss_inputs(losses[0], [t for _, _, outs in calls for t in outs], type(model).__name__)
+            del losses
+            eager_loss = _measure_loss(model, compiled, args, kwargs, recorder, recorder.regions[calls[-1][0]]["where"])
     raw = []
     model_outputs = {id(t) for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)}
     for (k, _, outs), src in zip(calls, sources):
@@ -195,23 +226,49 @@ def _capture_regions(model: torch.nn.Module, args: tuple, kwargs: dict, *, dropo
         raw.append(CapturedRegion(raw_gm=gm, num_fwd_outputs=nfo, sources=src, graph=k, returned=returned,
                                   fingerprint=graph_fingerprint(gm, nfo), structure=structure_fingerprint(gm, nfo),
                                   where=rec["where"]))
-    return _joint(raw, dropout, prepare, primal_values=values, primal_roles=roles, primal_names=names)
+    return _joint(raw, dropout, prepare, eager_loss, primal_values=values, primal_roles=roles, primal_names=names)
 
 
-def _joint(regions: list[CapturedRegion], dropout: str, prepare: Callable, **primals) -> JointGraph:
-    raw_gm, nfo = stitch([r.raw_gm for r in regions], regions, len(primals["primal_values"]))
+def _run(model: torch.nn.Module, compiled: Callable, args: tuple, kwargs: dict) -> Any:
+    """``compiled(*args, **kwargs)``, its capture errors told as the planner's."""
+    try:
+        return compiled(*args, **kwargs)
+    except Exception as e:  # torch.compile wraps what the backend raises
+        if isinstance(backend_error_cause(e), DataDependentShape):
+            raise backend_error_cause(e) from e
+        if reads_fake_value(e):
+            raise CaptureError(
+                f"{type(model).__name__} on the meta device reads a tensor's value between its graph regions "
+                "(`.item()`, a branch on a tensor), which a meta tensor does not have: build the model on a real "
+                "device (the CPU will do, with smaller sizes) to plan it, or make the branch traceable "
+                "(torch.where, torch.cond)"
+            ) from e
+        raise
+
+
+def _joint(regions: list[CapturedRegion], dropout: str, prepare: Callable, eager_loss: EagerLoss | None,
+           **primals) -> JointGraph:
+    shared = _shared_storages(primals["primal_values"])
+    raw_gm, nfo = stitch([r.raw_gm for r in regions], regions, len(shared), primal_storage=shared)
     graphs, dropouts = [], 0
     for r in regions:
         gm = copy_graph_module(r.raw_gm)
         dropouts += prepare(gm, dropout=dropout, num_fwd_outputs=r.num_fwd_outputs)
         graphs.append(gm)
-    gm, _ = stitch(graphs, regions, len(primals["primal_values"]))
+    gm, _ = stitch(graphs, regions, len(shared), primal_storage=shared)
     return JointGraph(gm=gm, num_fwd_outputs=nfo, fingerprint=graph_fingerprint(raw_gm, nfo),
                       structure=structure_fingerprint(raw_gm, nfo), node_digests=node_digests(raw_gm), dropout=dropout,
-                      num_dropouts=dropouts, raw_gm=raw_gm, regions=tuple(regions), **primals)
+                      num_dropouts=dropouts, raw_gm=raw_gm, regions=tuple(regions), eager_loss=eager_loss, **primals)
+
+
+def _shared_storages(values: list) -> list[int]:
+    """Per primal, the first primal on the same storage (itself when none): eager code
+    between regions may pass a region a view of an input (``input_values[:, None]``)."""
+    first: dict = {}
+    return [first.setdefault(storage_key(t), i) for i, t in enumerate(values)]
 
 
 def restitch(joint: JointGraph, dropout: str, prepare: Callable) -> JointGraph:
     """``joint`` (captured as regions) with dropout rewritten as ``dropout`` in every region."""
-    return _joint(list(joint.regions), dropout, prepare, primal_values=list(joint.primal_values),
+    return _joint(list(joint.regions), dropout, prepare, joint.eager_loss, primal_values=list(joint.primal_values),
                   primal_roles=list(joint.primal_roles), primal_names=list(joint.primal_names))

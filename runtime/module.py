@@ -237,10 +237,11 @@ class PlannedModule(nn.Module):
             )
         inputs = kwargs if kwargs else args
         loop = self.plan.training_loop
-        if loop is not None and (loop.loss == "loss_fn" or loop.optimizer != "none"):
+        if loop is not None and (loop.loss in ("loss_fn", "model eager") or loop.optimizer != "none"):
+            what = {"loss_fn": "loss_fn", "model eager": "model's eager loss"}.get(loop.loss, "optimizer step")
             raise PlanMismatch(
                 f"inputs {self._call_key} change the graph's structure, and this plan's budget counts the training "
-                f"loop's {'loss_fn' if loop.loss == 'loss_fn' else 'optimizer step'}, which cannot be planned again "
+                f"loop's {what}, which cannot be planned again "
                 "automatically: plan for these shapes with planner.plan(..., loss_fn=..., optimizer=...) as before"
             )
         warnings.warn(
