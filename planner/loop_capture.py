@@ -26,11 +26,12 @@ from typing import Any, Callable
 
 import torch
 
-from profiles._torch_private import tree_map
+from profiles._torch_private import tree_leaves, tree_map
 from profiles.allocator import round_bytes
 from profiles.capture import state_kept
 from profiles.graph_profile import profile_graph
-from profiles.joint import JointGraph
+from profiles.eager_loss import measure_loss_fn
+from profiles.joint import CaptureError, JointGraph
 
 from .loss_phase import LossNotCountedWarning, capture_loss, loss_timeline
 from .optimizer_memory import OPTIMIZER_NAMES, OptimizerSpec, optimizer_memory
@@ -152,10 +153,22 @@ def _returns_loss(captured: JointGraph) -> bool:
 def _loss_points(model: torch.nn.Module, args: tuple, kwargs: dict, loss_fn) -> tuple:
     """The loss's points above the level the model's forward leaves
     (:func:`planner.loss_phase.loss_timeline`), on the outputs of one forward
-    without grad."""
+    without grad; a ``loss_fn`` that cannot be captured as a graph (``ctc_loss``:
+    its output size depends on the targets) is run eagerly and measured
+    (:func:`profiles.eager_loss.measure_loss_fn`), on real outputs only."""
     with state_kept(model), torch.no_grad():
-        outputs = model(*args, **kwargs)
-    return loss_timeline(profile_graph(capture_loss(loss_fn, _requiring_grad(outputs)))).points
+        outputs = _requiring_grad(model(*args, **kwargs))
+    try:
+        return loss_timeline(profile_graph(capture_loss(loss_fn, outputs))).points
+    except CaptureError as e:
+        leaves = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+        if not leaves or any(t.device.type == "meta" for t in leaves):
+            raise CaptureError(
+                f"loss_fn could not be captured as a graph ({e}); on real tensors the planner would run it eagerly "
+                "and measure it, but the model is on the meta device: build it on the CPU (smaller sizes will do) "
+                "or use a traceable loss"
+            ) from e
+        return measure_loss_fn(loss_fn, outputs, leaves, device=leaves[0].device).points
 
 
 def _requiring_grad(outputs: Any) -> Any:

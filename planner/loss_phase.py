@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from profiles import GraphProfile, JointGraph, capture
+from profiles import CaptureError, GraphProfile, JointGraph, capture
 from profiles._torch_private import tree_leaves, tree_map
 
 __all__ = ["LossPhase", "LossModule", "capture_loss", "loss_timeline", "LossNotCountedWarning"]
@@ -69,11 +69,15 @@ def capture_loss(loss_fn: Callable[[Any], torch.Tensor], outputs: Any) -> JointG
     ``outputs`` are the model's outputs as it returns them (a tensor, a tuple, a
     dict or a ``ModelOutput``), real or on the meta device; they are detached,
     keeping ``requires_grad``, so the graph's backward ends at them. Raises
-    ``TypeError`` when ``loss_fn`` does not return a one-element tensor."""
+    ``TypeError`` when ``loss_fn`` does not return a one-element tensor, and
+    ``CaptureError`` when it breaks the graph (then it can be measured eagerly:
+    :func:`profiles.eager_loss.measure_loss_fn`)."""
     tensors = [t.detach().requires_grad_(t.requires_grad) for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
     count = iter(range(len(tensors)))
     template = tree_map(lambda t: _Slot(next(count)) if isinstance(t, torch.Tensor) else t, outputs)
     joint = capture(LossModule(loss_fn, template), tuple(tensors))
+    if joint.regions:  # its timeline is walked on one graph; measure_loss_fn runs the rest
+        raise CaptureError(f"loss_fn breaks the graph (at {joint.regions[-1].where})")
     out = joint.gm.graph.find_nodes(op="output")[0].args[0][0]
     val = out.meta.get("val") if hasattr(out, "meta") else None
     if not isinstance(val, torch.Tensor) or val.numel() != 1:

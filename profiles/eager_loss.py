@@ -30,7 +30,7 @@ from .joint import CaptureError, EagerLoss
 from .memory import running_levels, running_peak
 from .profiler_notices import quiet_profiler_notices
 
-__all__ = ["EagerLoss", "loss_inputs", "measure_eager_loss"]
+__all__ = ["EagerLoss", "loss_inputs", "measure_eager_loss", "measure_loss_fn"]
 
 
 def loss_inputs(loss: torch.Tensor, region_outputs: list[torch.Tensor], model_name: str) -> list[torch.Tensor]:
@@ -101,7 +101,7 @@ def measure_eager_loss(forward: Callable[[Callable[[], None]], Any], find: Calla
     loss, inputs = find(outputs)
     del outputs
     with quiet_profiler_notices(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        grads = torch.autograd.grad(loss, inputs)
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     events = allocator_events(prof)
     saved = after - level
     peak, _ = running_peak(events)
@@ -109,6 +109,29 @@ def measure_eager_loss(forward: Callable[[Callable[[], None]], Any], find: Calla
     del grads
     return EagerLoss(where=where, forward_peak_bytes=forward_peak, saved_bytes=saved,
                      backward_peak_bytes=saved + max(peak, 0), grad_bytes=saved + left)
+
+
+def measure_loss_fn(loss_fn: Callable[[Any], torch.Tensor], outputs: Any, leaves: list[torch.Tensor], *,
+                    device: torch.device) -> EagerLoss:
+    """``loss_fn(outputs)`` run eagerly and measured as :func:`measure_eager_loss` does
+    (``outputs`` hold ``leaves``, the tensors its backward ends at): for a ``loss_fn``
+    that cannot be captured as a graph (``ctc_loss``). ``TypeError`` when it does not
+    return a one-element tensor that requires grad."""
+
+    def forward(mark):
+        mark()
+        return loss_fn(outputs)
+
+    def find(loss):
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or loss.grad_fn is None:
+            raise TypeError(
+                "loss_fn must return the loss as a one-element tensor computed from the model's outputs, not "
+                f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}; reduce it inside "
+                "loss_fn (e.g. .mean())"
+            )
+        return loss, [t for t in leaves if t.requires_grad]
+
+    return measure_eager_loss(forward, find, device=device, where="loss_fn")
 
 
 def _measure_cuda(forward, find, device: torch.device, where: str) -> EagerLoss:
@@ -127,7 +150,7 @@ def _measure_cuda(forward, find, device: torch.device, where: str) -> EagerLoss:
     loss, inputs = find(outputs)
     del outputs
     mark()
-    grads = torch.autograd.grad(loss, inputs)
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - levels[-1]
     left = torch.cuda.memory_allocated(device) - levels[-1]

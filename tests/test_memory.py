@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from profiles.memory import allocator_peak, measure_peak, running_peak
+from profiles.memory import allocator_peak, measure_peak, running_levels, running_peak
 
 
 def test_measure_peak_counts_what_is_allocated_and_freed():
@@ -44,3 +44,11 @@ def test_a_free_the_profiler_missed_is_found_by_the_address_reused():
     assert running_peak(events, start=1, end=2) == (150, 1)
     # frees of blocks allocated before the session count as frees
     assert running_peak([(1, 0x10, -8), (2, 0x20, 16)]) == (8, 0)
+
+
+def test_running_levels_follow_the_running_sum():
+    """Levels after the last event at or before each time; a block allocated at an
+    address still held proves the older one freed (as running_peak counts it)."""
+    events = [(10, 1, 100), (20, 2, 50), (30, 1, -100), (40, 2, 70), (50, 9, -8)]
+    assert running_levels(events, [5, 10, 25, 35, 40, 60]) == [0, 100, 150, 50, 70, 62]
+    assert running_peak(events) == (150, 1)

@@ -246,21 +246,43 @@ def _wav2vec2_for_ctc():
     return transformers.Wav2Vec2ForCTC(cfg).train()
 
 
-def test_wav2vec2_for_ctc_plans_across_its_graph_breaks():
+def test_wav2vec2_for_ctc_with_a_ctc_loss_fn():
     """Wav2Vec2ForCTC (tiny, random init) without labels breaks the graph where its
-    feature encoder sets ``requires_grad`` on its input: three regions; the loss is a
-    ``loss_fn`` on the logits. Planned at 80% of its no-checkpoint peak: exact and
-    within budget."""
+    feature encoder sets ``requires_grad`` on its input: three regions. The loop's CTC
+    loss (``loss_fn``) cannot be captured as a graph (``ctc_loss``'s output size depends on
+    the targets), so it is run eagerly and measured. Planned at 60% of eager's activation
+    memory: the step ``loss_fn(wrapped(**inputs)).backward()`` is exact, within budget
+    and within 5% of the prediction."""
     model, inputs = _wav2vec2_for_ctc(), {"input_values": torch.randn(2, 4000)}
+    labels = torch.randint(1, 32, (2, 12))
+    labels[1, 9:] = -100
 
     def loss_fn(out):
-        return out["logits"].float().square().mean()  # what assert_same_step and measured_step_peak take as the loss
+        logits = out["logits"]
+        log_probs = nn.functional.log_softmax(logits, -1, dtype=torch.float32).transpose(0, 1)
+        mask = labels >= 0
+        lengths = torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long)
+        with torch.backends.cudnn.flags(enabled=False):
+            return nn.functional.ctc_loss(log_probs, labels.masked_select(mask), lengths, mask.sum(-1))
 
-    with planner.prepare(model, inputs, loss_fn=loss_fn) as step:
-        plan = step.plan(int(0.8 * step.plan(2**30).baseline_peak_bytes))
-    assert len(plan.regions) == 3 and plan.recomputed
-    wrapped, m = assert_same_step(model, lambda m: runtime.apply(m, plan), inputs)
-    peak = measured_step_peak(wrapped, m, inputs)  # the step after the one that compiled
+    def step(m, params):
+        for p in params:
+            p.grad = None
+        out = m(**inputs)
+        loss = loss_fn(out)
+        loss.backward()
+        return loss.detach()
+
+    static = storage_bytes([*model.parameters(), *model.buffers(), *inputs.values()])
+    eager = static + measure_peak(lambda: step(model, model.parameters()))[0]
+    plan = planner.plan(model, (static + 0.6 * (eager - static)) / planner.GiB, inputs, loss_fn=loss_fn)
+    assert len(plan.regions) == 3 and plan.recomputed and plan.training_loop.loss == "loss_fn"
+    planned = copy.deepcopy(model)
+    wrapped = runtime.apply(planned, plan)
+    torch.testing.assert_close(step(wrapped, planned.parameters()), step(model, model.parameters()))
+    for (name, a), b in zip(planned.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"grad of {n}: {m}")
+    peak = static + measure_peak(lambda: step(wrapped, planned.parameters()))[0]
     assert plan.predicted_peak_bytes * 0.95 <= peak <= plan.budget_bytes
 
 
