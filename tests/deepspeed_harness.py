@@ -99,11 +99,15 @@ def _loss(out):
     return out if isinstance(out, torch.Tensor) else out["loss"]
 
 
-def train(make_module, base, config: dict, batches: list, *, windows: int = 2, measure: bool = False) -> dict:
+def train(make_module, base, config: dict, batches: list, *, windows: int = 2, measure: bool = False,
+          hold_outputs: bool = False) -> dict:
     """Train ``make_module(copy of base)`` under ``config`` on ``batches`` (one per micro-step,
     ``windows * accumulation`` of them, each a dict of keyword inputs). Returns the losses,
     the final weights, and with ``measure`` the absolute peak of the last window's forwards
-    and backwards (``peak``) and of its optimizer step (``step_peak``)."""
+    and backwards (``peak``) and of its optimizer step (``step_peak``). The loop keeps only
+    the loss of the engine's outputs (``loss = engine(**batch).loss``), or with ``hold_outputs``
+    all of them until backward ends, as the planner counts them: without, the prediction is
+    high by the outputs backward does not need (a language model's logits)."""
     from profiles._torch_private import allocator_events, record_function_ranges
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -119,8 +123,11 @@ def train(make_module, base, config: dict, batches: list, *, windows: int = 2, m
                 gc.collect()  # the first call's compilation leaves cyclic garbage behind, freed before the measured window
             torch.manual_seed(1000 + i)  # the same dropout masks with and without the plan
             with record_function(f"ds:fb{i}" if last else "ds:warm"):
-                loss = _loss(engine(**batch))
+                out = engine(**batch)
+                loss, held = _loss(out), (out if hold_outputs else None)
+                del out
                 engine.backward(loss)
+                del held
             losses.append(loss.item())
             del loss
             with record_function("ds:step" if last and i == len(batches) - 1 else "ds:idle"):

@@ -9,7 +9,8 @@ from torch import nn
 
 from profiles import measure_peak, storage_bytes
 
-__all__ = ["ResidualNet", "TiedNet", "run_step", "measured_step_peak", "grads_of", "assert_same_step", "tiny_gpt2"]
+__all__ = ["ResidualNet", "TiedNet", "BreakyLM", "run_step", "measured_step_peak", "grads_of", "assert_same_step",
+           "tiny_gpt2"]
 
 
 class ResidualNet(nn.Module):
@@ -54,6 +55,44 @@ class TiedNet(nn.Module):
         for layer in self.layers:
             h = h + layer(h)
         return self.out(h).float().logsumexp(-1).mean()
+
+
+class _LMBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.ln, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.ln(x))))
+
+
+class BreakyLM(nn.Module):
+    """A language model that breaks the graph, called as Hugging Face models are
+    (``model(input_ids=..., labels=..., num_items_in_batch=...)``, a dict with ``loss``
+    and ``logits`` back): three blocks, a ``print`` after the first and a branch on a
+    tensor (always taken) after the second, so ``torch.compile`` runs it as three regions.
+    With ``num_items_in_batch`` (the Trainer's count of labelled tokens in the whole
+    accumulation window) the loss is the summed cross-entropy over it."""
+
+    def __init__(self, vocab: int = 64, d: int = 32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.b1, self.b2, self.b3 = _LMBlock(d), _LMBlock(d), _LMBlock(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, input_ids, labels=None, num_items_in_batch=None, **kwargs):
+        h = self.b1(self.emb(input_ids))
+        print("between blocks")
+        h = self.b2(h)
+        if h.abs().sum() > 0:
+            h = h * 2
+        logits = self.head(self.b3(h))
+        out = {"logits": logits}
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                               reduction="mean" if num_items_in_batch is None else "sum")
+            out["loss"] = loss if num_items_in_batch is None else loss / num_items_in_batch
+        return out
 
 
 def tiny_gpt2(layers: int = 2, d: int = 64, heads: int = 4, vocab: int = 128, positions: int = 64):
