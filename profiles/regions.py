@@ -142,9 +142,9 @@ def _eager_losses(model: torch.nn.Module, outputs: Any, calls: list, regions: li
     produced = {id(t) for _, _, outs in calls for t in outs}
     outside = [t for t in tree_leaves(outputs)
                if isinstance(t, torch.Tensor) and t.grad_fn is not None and id(t) not in produced]
-    if len(outside) > 1 or any(t.numel() != 1 for t in outside):
-        t = next(t for t in outside if t.numel() != 1) if any(t.numel() != 1 for t in outside) else outside[1]
-        last = regions[calls[-1][0]]["where"]
+    refused = [t for t in outside if t.numel() != 1] or outside[1:]
+    if refused:
+        t, last = refused[0], regions[calls[-1][0]]["where"]
         raise CaptureError(
             f"{type(model).__name__} returns a tensor {tuple(t.shape)} computed outside its compiled graph regions "
             f"(after the region at {last}): torch.compile runs eagerly the code after a graph break it cannot "

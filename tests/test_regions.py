@@ -314,17 +314,18 @@ class EagerLossModel(nn.Module):
     """Two blocks, then a loss in a ``with`` block torch.compile does not trace (as
     Hugging Face's CTC loss is); ``scale_eagerly`` also multiplies by a parameter there."""
 
-    def __init__(self, scale_eagerly: bool = False):
+    def __init__(self, scale_eagerly: bool = False, reduce: bool = True):
         super().__init__()
         self.b1, self.b2 = Block(32), Block(32)
         self.scale = nn.Parameter(torch.ones(()))
-        self.scale_eagerly = scale_eagerly
+        self.scale_eagerly, self.reduce = scale_eagerly, reduce
 
     def forward(self, x):
         h = self.b2(self.b1(x))
         with torch.backends.cudnn.flags(enabled=False):
             y = h * self.scale if self.scale_eagerly else h
-            return (y.softmax(-1) * y).sum(-1).pow(2).mean()
+            y = (y.softmax(-1) * y).sum(-1).pow(2)
+            return y.mean() if self.reduce else y
 
 
 def test_a_loss_computed_eagerly_is_measured_and_kept_within_budget():
@@ -344,6 +345,11 @@ def test_a_loss_computed_eagerly_is_measured_and_kept_within_budget():
 def test_an_eager_loss_that_reads_a_parameter_is_refused():
     with pytest.raises(CaptureError, match="computes its loss eagerly.*loss_fn"):
         capture(EagerLossModel(scale_eagerly=True), (torch.randn(8, 32),))
+
+
+def test_an_eager_output_that_is_not_a_loss_is_refused():
+    with pytest.raises(CaptureError, match=r"returns a tensor \(8,\) computed outside its compiled graph regions"):
+        capture(EagerLossModel(reduce=False), (torch.randn(8, 32),))
 
 
 def test_region_plan_json(planned):
