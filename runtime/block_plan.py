@@ -96,19 +96,23 @@ def planned_blocks(model: torch.nn.Module, plan: Plan) -> dict[str, tuple[Planne
             continue
         mod = module_path(node)
         found[node.name] = (op_name(node), mod)
-        for p in paths:
-            if mod == p or mod.startswith(p + "."):
-                out[p].append(PlannedNode(name=node.name, op=str(node.target), shapes=node_shapes(node)))
-                break
+        p = _block_of(mod, paths)
+        if p is not None:
+            out[p].append(PlannedNode(name=node.name, op=str(node.target), shapes=node_shapes(node)))
     _check_names(plan, found)
     return {p: tuple(v) for p, v in out.items()}
+
+
+def _block_of(module: str, paths) -> str | None:
+    """The block of ``paths`` that module path ``module`` is, or is inside; None if none."""
+    return next((p for p in paths if module == p or module.startswith(p + ".")), None)
 
 
 def _check_names(plan: Plan, found: dict[str, tuple[str, str]]) -> None:
     """:class:`BlockMismatch` unless every value the plan decides on inside a block is
     the same node (name, operator, module) in the graph captured again."""
     for d in plan.nodes:
-        if not any(d.module == p or d.module.startswith(p + ".") for p in plan.distributed.fsdp_blocks):
+        if _block_of(d.module, plan.distributed.fsdp_blocks) is None:
             continue
         if found.get(d.name) != (d.op, d.module):
             raise BlockMismatch(
