@@ -12,13 +12,14 @@ captured on the meta device records ``"off"``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
 from ._torch_private import tree_leaves
 
-__all__ = ["AUTOCAST_OFF", "autocast_state", "step_autocast", "autocast_mismatch"]
+__all__ = ["AUTOCAST_OFF", "autocast_state", "step_autocast", "autocast_mismatch", "under_autocast"]
 
 #: The state of a step that runs without autocast.
 AUTOCAST_OFF = "off"
@@ -74,3 +75,11 @@ def autocast_mismatch(planned: str | None, running: str) -> str:
         "the step's graph, memory and numbers, so the plan does not hold for it: plan again under the autocast you "
         f"train with ({_how_to_plan(running)}), or run the step {_describe(planned)}"
     )
+
+
+def under_autocast(state: str | None):
+    """A context that runs code under autocast ``state`` (``"off"`` or None: without)."""
+    if state is None or state == AUTOCAST_OFF:
+        return contextlib.nullcontext()
+    device_type, _, dtype = state.partition(":")
+    return torch.autocast(device_type, dtype=getattr(torch, dtype))

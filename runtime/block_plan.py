@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from planner.plan_type import Plan
 from planner.schedule import forward_node_names
+from profiles.autocast_state import under_autocast
 from profiles.capture import capture
 from profiles.nodes import module_path, op_name, value_tensors
 
@@ -86,7 +87,8 @@ def planned_blocks(model: torch.nn.Module, plan: Plan) -> dict[str, tuple[Planne
     if args and kwargs:
         raise BlockMismatch("the planned call has both positional and keyword inputs, which the per-block runtime "
                             "cannot rebuild: plan a call with only one kind")
-    joint = capture(model, kwargs if kwargs else args, dropout=plan.dropout)
+    with under_autocast(plan.model.autocast):
+        joint = capture(model, kwargs if kwargs else args, dropout=plan.dropout)
     forward = forward_node_names(joint.gm)
     paths = plan.distributed.fsdp_blocks
     out: dict[str, list[PlannedNode]] = {p: [] for p in paths}

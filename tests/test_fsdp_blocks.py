@@ -133,8 +133,29 @@ def test_apply_runs_blocks_compiled_alone():
     with pytest.raises(runtime.BlockMismatch, match=r"block 'blocks.0' .* forward node #1: 'addmm' .*\(128, 256\)"
                        r".*the plan has 'addmm_1' .*\(256, 256\).*other shapes than planned"):
         run_step(planned, {"x": torch.randn(128, 64), "target": torch.randint(0, 8, (128,))}, seed=3)
+    with pytest.raises(runtime.AutocastMismatch, match="made without autocast"), torch.autocast("cpu", torch.bfloat16):
+        run_step(planned, inputs, seed=3)
     with pytest.raises(ValueError, match="block 'blocks.0' already runs another forward"):
         runtime.apply(model, low)
+
+
+def test_apply_runs_blocks_planned_under_autocast():
+    """Planned per block under ``torch.autocast("cpu", bfloat16)`` (the blocks' graphs then
+    cast): the step under the same autocast gives eager's loss and gradients exactly."""
+    torch.manual_seed(0)
+    base = ResidualNet().train()
+    inputs = {"x": torch.randn(256, 64), "target": torch.randint(0, 8, (256,))}
+    with torch.autocast("cpu", torch.bfloat16), planner.prepare(base, inputs, fsdp_wrap="blocks", **KW) as step:
+        low = step.plan(int(0.85 * step.plan(1.0 * (1 << 30)).predicted_peak_bytes))
+    assert low.model.autocast == "cpu:bfloat16" and low.recomputed
+    ref, model = copy.deepcopy(base), copy.deepcopy(base)
+    planned = runtime.apply(model, low)
+    with torch.autocast("cpu", torch.bfloat16):
+        _, loss_ref = run_step(ref, inputs, seed=3)
+        _, loss = run_step(planned, inputs, seed=3)
+    assert torch.equal(loss, loss_ref)
+    for (name, a), (_, b) in zip(ref.named_parameters(), model.named_parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad)), name
 
 
 class _Flat(nn.Module):
