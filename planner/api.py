@@ -25,7 +25,7 @@ from .build import build_plan
 from .distributed import EngineBytes
 from .engine_setup import EngineSetup, engine_setup, for_graph
 from .evaluation import Evaluation
-from .inductor_layout import budget_margin, warn_unmodelled_layouts
+from .inductor_layout import budget_margin, layout_choices, warn_unmodelled_layouts
 from .ilp import backend_name, solve_ilp
 from .loop_capture import LoopSetup, loop_setup, optimizer_spec
 from .memory_model import refine
@@ -398,17 +398,23 @@ def plan_profile(
         raise TypeError(f"model_info must be a planner.ModelInfo (e.g. ModelInfo(fingerprint=..., class_name=...)), "
                         f"not {type(model_info).__name__}")
     device_type = allocator_device_type(gp)
-    prob = build_problem(gp, granularity=granularity(device_type), objective=objective, engine=engine,
-                         loop=loop.loop if loop is not None else None)
-    baseline = prob.evaluate(frozenset())
+    usable = budget_bytes * (1 - budget_margin(gp.joint, device_type))
+    # Inductor's layouts for convolutions on the CPU: kept when their copies fit without recomputing
+    for engine_bytes, inductor_options in layout_choices(engine, gp.joint, device_type):
+        prob = build_problem(gp, granularity=granularity(device_type), objective=objective, engine=engine_bytes,
+                             loop=loop.loop if loop is not None else None)
+        baseline = prob.evaluate(frozenset())
+        if baseline.sim.peak_bytes <= usable:
+            break
     _log(progress, f"no-checkpoint peak {baseline.sim.peak_bytes / GiB:.4f} GiB, budget {budget_bytes / GiB:.4f} GiB")
-    if baseline.sim.peak_bytes <= budget_bytes * (1 - budget_margin(gp.joint, device_type)):
+    if baseline.sim.peak_bytes <= usable:
         ev, info = baseline, SolverInfo(name="none", status="budget fits without recomputation", seconds=0.0)
     else:
         ev, info = _solve(prob, budget_bytes, device_type, solver=solver, time_limit_s=time_limit_s, progress=progress)
     p = build_plan(prob, ev, baseline=baseline, budget_bytes=budget_bytes,
                    solver=dataclasses.replace(info, objective=objective),
                    model_info=model_info)
+    p = dataclasses.replace(p, inductor_options=inductor_options)
     return p if loop is None else dataclasses.replace(p, training_loop=loop.info(p.timeline))
 
 

@@ -1,32 +1,47 @@
-"""A plan compiled by Inductor for a graph that convolves on the CPU: its budget margin and its warning.
+"""A plan compiled by Inductor for a graph that convolves on the CPU: its layout, budget margin and warning.
 
-Such a graph is compiled with :data:`profiles.inductor_conv.CONV_CPU_OPTIONS` (no
-channels-last layouts, a value read by several kernels stored once;
-:func:`runtime.inductor.planned_options`), under which its peak is the simulated
-one up to Inductor's own order of the backward graph, which the plan's budget
-leaves :data:`INDUCTOR_CONV_CPU_MARGIN` for (:func:`budget_margin`). Compile
-options that undo those settings warn (:func:`warn_unmodelled_layouts`).
+Inductor lays convolutions out channels-last on the CPU, which is faster (without
+it a ResNet-18-like net's step took 6% longer) but copies the convolutions'
+weights and the inputs they read (:func:`profiles.inductor_conv.layout_copy_bytes`),
+copies the op-by-op simulation does not make. :func:`layout_choices` gives the two
+ways to plan such a graph, in the order ``plan()`` tries them: with the layouts,
+their copies counted at every point of the step (an upper bound: measured, the
+copies were at most that), and, when the step with them does not fit the budget
+without recomputing, without them (``layout_optimization=False``: no copies, a
+slower step, and recomputation freed for the budget). Either way a value read by
+several kernels is stored once (:data:`profiles.inductor_conv.CONV_CPU_OPTIONS`).
+The plan records the options its peak assumes (``Plan.inductor_options``), which
+the runtime compiles with. Inductor orders the backward graph itself, which the
+plan's budget leaves :data:`INDUCTOR_CONV_CPU_MARGIN` for (:func:`budget_margin`).
+Compile options that undo those settings warn (:func:`warn_unmodelled_layouts`).
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
-from profiles.inductor_conv import graph_convolves, unmodelled_options
+from profiles.inductor_conv import CONV_CPU_OPTIONS, graph_convolves, layout_copy_bytes, unmodelled_options
 from profiles.joint import JointGraph
 
-__all__ = ["INDUCTOR_CONV_CPU_MARGIN", "InductorLayoutWarning", "warn_unmodelled_layouts", "budget_margin"]
+from .distributed import EngineBytes
+
+__all__ = ["INDUCTOR_CONV_CPU_MARGIN", "LAYOUT_OFF_OPTIONS", "InductorLayoutWarning", "warn_unmodelled_layouts",
+           "budget_margin", "layout_choices"]
 
 #: Fraction of the budget a plan compiled by Inductor for a graph that convolves on
 #: the CPU leaves unused (besides the CPU's own margin): Inductor orders the backward
 #: graph itself, and a ResNet-18-like net measured up to 2.8% above the simulated peak.
 INDUCTOR_CONV_CPU_MARGIN = 0.04
 
+#: The options of a plan for such a graph whose step does not fit with the layouts' copies.
+LAYOUT_OFF_OPTIONS = {"layout_optimization": False, **CONV_CPU_OPTIONS}
+
 
 class InductorLayoutWarning(UserWarning):
     """A plan for Inductor on the CPU whose graph convolves, compiled with options that
-    undo :data:`profiles.inductor_conv.CONV_CPU_OPTIONS`: Inductor then keeps buffers
-    the planner does not simulate, so the measured peak can exceed the budget."""
+    undo the ones its predicted peak assumes: Inductor then keeps buffers the planner
+    does not simulate, so the measured peak can exceed the budget."""
 
 
 def _conv_on_cpu(joint: JointGraph, device_type: str) -> bool:
@@ -42,9 +57,9 @@ def warn_unmodelled_layouts(joint: JointGraph, device_type: str, compile_options
     if undone and _conv_on_cpu(joint, device_type):
         warnings.warn(
             f"planning convolutions for Inductor on the CPU with {', '.join(undone)}: Inductor then keeps buffers "
-            "the planner does not simulate (channels-last copies measured up to 17% above the predicted peak on a "
-            "ResNet-18-like net, README, Compiling with Inductor). Leave these options unset, or plan this model "
-            "op by op (executor='eager').",
+            "the planner does not simulate (a value read by several kernels recomputed in each, its inputs alive "
+            "until the last: 0.36 MiB above the predicted peak on a ResNet-18-like net, README, Compiling with "
+            "Inductor). Leave these options unset, or plan this model op by op (executor='eager').",
             InductorLayoutWarning,
             stacklevel=3,
         )
@@ -55,3 +70,16 @@ def budget_margin(joint: JointGraph, device_type: str) -> float:
     besides the allocator's margin: :data:`INDUCTOR_CONV_CPU_MARGIN` for Inductor's
     graph that convolves on the CPU, else 0."""
     return INDUCTOR_CONV_CPU_MARGIN if _conv_on_cpu(joint, device_type) else 0.0
+
+
+def layout_choices(engine: EngineBytes | None, joint: JointGraph, device_type: str) -> list[tuple[EngineBytes | None, tuple]]:
+    """The ways to plan ``joint``'s step, in the order to try them: ``(bytes beyond the
+    simulated step, Plan.inductor_options)``. One, ``(engine, ())``, unless ``joint`` is
+    Inductor's graph that convolves on the CPU; then with the channels-last copies
+    added to ``engine``'s bytes, and without layouts."""
+    if not _conv_on_cpu(joint, device_type):
+        return [(engine, ())]
+    extra = layout_copy_bytes(joint.gm)
+    with_copies = (EngineBytes(forward=extra, backward=extra, end=0, optimizer=0) if engine is None
+                   else replace(engine, forward=engine.forward + extra, backward=engine.backward + extra))
+    return [(with_copies, tuple(CONV_CPU_OPTIONS.items())), (engine, tuple(LAYOUT_OFF_OPTIONS.items()))]

@@ -11,6 +11,7 @@ import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import view
 from .training_loop import TrainingLoopInfo
@@ -255,6 +256,10 @@ class Plan:
     #: The regions of a model that breaks the graph, in the order the step runs them;
     #: empty for a step captured as one graph.
     regions: tuple[RegionInfo, ...] = ()
+    #: The Inductor options the predicted peak assumes, as ``(name, value)`` pairs: set
+    #: for Inductor's graph that convolves on the CPU (:mod:`planner.inductor_layout`);
+    #: ``runtime.apply`` compiles with them, its own ``compile_options`` winning. Empty otherwise.
+    inductor_options: tuple[tuple[str, Any], ...] = ()
 
     # -- derived -----------------------------------------------------------
     @property
@@ -297,6 +302,10 @@ class Plan:
             del d["training_loop"]
         if not self.regions:
             del d["regions"]  # one graph: the key is left out
+        if self.inductor_options:
+            d["inductor_options"] = dict(self.inductor_options)
+        else:
+            del d["inductor_options"]
         return d
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 1) -> str:
@@ -324,6 +333,7 @@ class Plan:
             d["training_loop"] = TrainingLoopInfo(**d["training_loop"]) if d.get("training_loop") else None
             d["solver"] = SolverInfo(**d["solver"])
             d["regions"] = tuple(RegionInfo(**r) for r in d.get("regions", ()))
+            d["inductor_options"] = tuple(dict(d.get("inductor_options", {})).items())
             nodes = []
             for n in d["nodes"]:
                 n = dict(n)

@@ -1,21 +1,30 @@
-"""The Inductor options under which a graph that convolves on the CPU peaks as simulated.
+"""What Inductor does to a graph that convolves on the CPU beyond the planner's simulation, and the option that stops part of it.
 
 Two of Inductor's lowering choices keep buffers alive that the planner's op-by-op
 simulation of the joint graph does not:
 
-- layout optimisation (``layout_optimization``): on the CPU with mkldnn, Inductor
-  lays every convolution out channels-last and copies tensors between layouts. On
-  a ResNet-18-like net this measured up to 2.7 MiB (17%) above the simulated peak.
+- layout optimisation: on the CPU with mkldnn, Inductor lays convolutions out
+  channels-last. It copies each convolution's weight into that layout in forward,
+  and the copies are kept for the convolutions' backward; a model input a
+  convolution reads is copied likewise. Measured on ResNet-18-like nets, the step
+  peaked above the simulation by the weights' bytes plus up to the input's
+  (2,846,912 B against 2,791,104 B of weights and a 196,608 B input; 3,633,344 B
+  against the same weights and an 884,736 B input). The planner counts
+  :func:`layout_copy_bytes` (those weights and inputs) on top of every point of the
+  step, or plans the step without layouts when that does not fit (turning them off
+  cost 6% of the step time there).
 - inlining a pointwise value read by several kernels (``realize_reads_threshold``,
   4 reads by default): each consumer kernel recomputes it from its inputs, which stay
   alive until the last consumer runs, where the simulation holds the one value (a
   residual block's gradient sum read by two batch-norm backward kernels: 0.36 MiB
-  more on the same net). With the threshold at 0 such a value is stored once.
+  more on the same net). With the threshold at 0 such a value is stored once, at no
+  measured cost in step time.
 
-:func:`conv_cpu_options` adds both settings for a graph that convolves on the CPU,
-unless the options given set them; :func:`unmodelled_options` names the options
-given that override them. Neither changes the joint graph the planner simulates:
-both act when Inductor lowers the split graphs.
+A plan for such a graph records the options its peak assumes (``Plan.inductor_options``:
+that threshold, and ``layout_optimization=False`` when the copies do not fit;
+:mod:`planner.inductor_layout`); :func:`unmodelled_options` names the options given
+at planning that override the threshold. Neither changes the joint graph the planner
+simulates: both act when Inductor lowers the split graphs.
 """
 
 from __future__ import annotations
@@ -24,10 +33,11 @@ from typing import Iterable
 
 from torch import fx
 
-__all__ = ["CONV_CPU_OPTIONS", "is_convolution", "graph_convolves", "ops_convolve", "conv_cpu_options", "unmodelled_options"]
+__all__ = ["CONV_CPU_OPTIONS", "is_convolution", "graph_convolves", "ops_convolve", "unmodelled_options",
+           "layout_copy_bytes"]
 
 #: Inductor options for a graph that convolves on the CPU (see the module docstring).
-CONV_CPU_OPTIONS = {"layout_optimization": False, "realize_reads_threshold": 0}
+CONV_CPU_OPTIONS = {"realize_reads_threshold": 0}
 
 
 def is_convolution(op: str) -> bool:
@@ -41,23 +51,27 @@ def graph_convolves(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and is_convolution(str(n.target)) for n in gm.graph.nodes)
 
 
-def conv_cpu_options(options: dict | None, *, convolves: bool, device_type: str) -> dict | None:
-    """``options`` with :data:`CONV_CPU_OPTIONS` added when the graph ``convolves``
-    and runs on the CPU (``device_type``), the options given winning; otherwise
-    ``options`` unchanged."""
-    if not convolves or device_type != "cpu":
-        return options
-    return {**CONV_CPU_OPTIONS, **(options or {})}
-
-
 def unmodelled_options(options: dict | None) -> list[str]:
-    """The settings in ``options`` that undo :data:`CONV_CPU_OPTIONS` (``"key=value"``),
-    layout optimisation forced on included."""
+    """The settings in ``options`` that undo :data:`CONV_CPU_OPTIONS` (``"key=value"``)."""
     given = options or {}
-    out = [f"{k}={given[k]!r}" for k in CONV_CPU_OPTIONS if k in given and given[k] != CONV_CPU_OPTIONS[k]]
-    if given.get("force_layout_optimization"):
-        out.append(f"force_layout_optimization={given['force_layout_optimization']!r}")
-    return out
+    return [f"{k}={given[k]!r}" for k in CONV_CPU_OPTIONS if k in given and given[k] != CONV_CPU_OPTIONS[k]]
+
+
+def layout_copy_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of what Inductor's channels-last layouts copy in joint graph ``gm``'s forward:
+    the weight of each convolution, and its input when that is an input of the graph,
+    each value once."""
+    seen, total = set(), 0
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or "convolution" not in str(n.target) or "backward" in str(n.target):
+            continue
+        for arg in n.args[:2]:
+            val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+            if arg in seen or val is None or (arg is n.args[0] and arg.op != "placeholder"):
+                continue
+            seen.add(arg)
+            total += val.numel() * val.element_size()
+    return total
 
 
 def ops_convolve(ops: Iterable[str]) -> bool:

@@ -17,10 +17,10 @@ recomputation where the plan puts it: Inductor fuses a recomputed op into the
 kernels that consume it, not horizontally into an unrelated kernel that shares an
 input (which would run it early and hold its outputs, above the simulated peak).
 
-A plan whose graph convolves, run on the CPU, is compiled with
-:data:`profiles.inductor_conv.CONV_CPU_OPTIONS` added to the options
-(:func:`planned_options`): Inductor's layout optimisation and its inlining of
-values read by several kernels keep buffers alive that the simulation does not.
+A plan whose graph convolves, run on the CPU, is compiled with the Inductor
+options its predicted peak assumes (``Plan.inductor_options``, :func:`planned_options`;
+:mod:`planner.inductor_layout`): with or without channels-last layouts, and a value
+read by several kernels stored once.
 
 Inference (``eval()`` or ``torch.no_grad()``) runs the model compiled by Inductor
 with the options given and its own partition: there is no backward to plan for.
@@ -37,11 +37,11 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from planner.inductor_layout import InductorLayoutWarning
+from planner.inductor_layout import LAYOUT_OFF_OPTIONS, InductorLayoutWarning
 from planner.plan_type import Plan
 from planner.schedule import forward_node_names
 from profiles.device import target_device_type
-from profiles.inductor_conv import conv_cpu_options, ops_convolve, unmodelled_options
+from profiles.inductor_conv import ops_convolve
 from profiles._torch_private import (
     RECOMPUTED,
     CustomPartitionerFn,
@@ -121,23 +121,30 @@ _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTra
 
 
 def planned_options(model: nn.Module, plan: Plan, options: dict | None) -> dict | None:
-    """The Inductor options ``plan``'s graphs are compiled with: ``options``, plus
-    :data:`~profiles.inductor_conv.CONV_CPU_OPTIONS` when the plan's graph convolves
-    (a convolution among its values, or a convolution module in ``model``) and the
-    model runs on the CPU (a meta-device model: on the plan's target). Warns
-    (:class:`planner.InductorLayoutWarning`) when ``options`` undo them there."""
-    param = next(iter(model.parameters()), None)
-    device_type = param.device.type if param is not None and param.device.type != "meta" else target_device_type(plan.target)
-    convolves = ops_convolve(d.op for d in plan.nodes) or any(isinstance(m, _CONV_MODULES) for m in model.modules())
-    if convolves and device_type == "cpu" and unmodelled_options(options):
+    """The Inductor options ``plan``'s graphs are compiled with: ``plan.inductor_options``
+    (what its predicted peak assumes), ``options`` winning. A plan that records none
+    whose graph convolves (a convolution among its values, or a convolution module in
+    ``model``) on the CPU (a meta-device model: on the plan's target), written before
+    plans recorded them, gets :data:`planner.inductor_layout.LAYOUT_OFF_OPTIONS`. Warns
+    (:class:`planner.InductorLayoutWarning`) when ``options`` undo them."""
+    assumed = dict(plan.inductor_options)
+    if not assumed:
+        param = next(iter(model.parameters()), None)
+        device_type = param.device.type if param is not None and param.device.type != "meta" else target_device_type(plan.target)
+        convolves = ops_convolve(d.op for d in plan.nodes) or any(isinstance(m, _CONV_MODULES) for m in model.modules())
+        assumed = dict(LAYOUT_OFF_OPTIONS) if convolves and device_type == "cpu" else {}
+    given = options or {}
+    undone = [f"{k}={given[k]!r}" for k in assumed if k in given and given[k] != assumed[k]]
+    if undone:
         warnings.warn(
-            f"compiling convolutions on the CPU with {', '.join(unmodelled_options(options))}: Inductor then keeps "
-            "buffers the planner does not simulate (channels-last copies, values recomputed in each kernel that "
-            "reads them), and the measured peak can exceed the budget; leave these options unset",
+            f"compiling convolutions on the CPU with {', '.join(undone)}: this plan's predicted peak assumes "
+            f"{', '.join(f'{k}={v!r}' for k, v in assumed.items())}; Inductor then keeps buffers the planner does "
+            "not simulate (channels-last copies, values recomputed in each kernel that reads them), and the "
+            "measured peak can exceed the budget; leave these options unset",
             InductorLayoutWarning,
             stacklevel=5,
         )
-    return conv_cpu_options(options, convolves=convolves, device_type=device_type)
+    return {**assumed, **given} if assumed or options is not None else None
 
 
 def compile_planned(model: nn.Module, partitioner: PlanPartitioner, options: dict | None, plan: Plan):
