@@ -6,9 +6,11 @@ another autocast than it was planned under. ``plan()`` itself writes nothing."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import planner
 import runtime
@@ -199,3 +201,19 @@ def test_bf16_autocast_layer_norm_statistics_are_counted_as_the_cpu_kernel_retur
     measured = static_bytes(model, (x,)) + peak
     assert measured <= p.budget_bytes and abs(measured - p.predicted_peak_bytes) <= 0.05 * measured, (
         measured, p.predicted_peak_bytes, p.budget_bytes)
+
+
+def test_bf16_autocast_batch_norm_statistics_are_counted_as_the_cpu_kernel_returns_them():
+    """Likewise for BatchNorm: its saved mean and invstd are fp32 on the CPU under bf16
+    autocast; recorded so, the batch-norm backward's temporaries are measured (on bf16
+    statistics with an fp32 weight it refused to run, and the planner warned)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 2))
+    x = torch.randn(4, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        joint = capture(model.train(), (x,))
+        stats = [n for n in joint.gm.graph.nodes if "batch_norm_legit" in str(n.target)]
+        assert stats and all(n.meta["val"][1].dtype == torch.float32 for n in stats)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            planner.plan(model, 1.0, (x,))
