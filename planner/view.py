@@ -76,8 +76,19 @@ def headline(plan) -> list[tuple[str, str]]:
         *_loop_lines(plan),
         *_region_headline(plan),
         *_repeated_headline(plan),
+        *_inductor_headline(plan),
         ("solver", _solver_text(plan)),
     ]
+
+
+def _inductor_headline(plan) -> list[tuple[str, str]]:
+    """The Inductor options the predicted peak assumes (a graph that convolves on the CPU)."""
+    options = dict(getattr(plan, "inductor_options", ()))
+    if not options:
+        return []
+    layouts = ("channels-last layouts off (their copies did not fit without recomputing)"
+               if options.get("layout_optimization") is False else "channels-last layouts, their copies counted")
+    return [("inductor", f"{layouts}; compiled with {', '.join(f'{k}={v!r}' for k, v in options.items())}")]
 
 
 def _repeated_headline(plan) -> list[tuple[str, str]]:

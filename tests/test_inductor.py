@@ -215,6 +215,7 @@ def test_conv_net_compiled_by_inductor_on_cpu_peaks_as_predicted_within_its_budg
     assert dict(fast.inductor_options) == {"realize_reads_threshold": 0} and not fast.recomputed
     assert dict(low.inductor_options) == {"layout_optimization": False, "realize_reads_threshold": 0} and low.recomputed
     assert planner.Plan.from_json(low.to_json()) == low
+    assert "channels-last layouts off" in low.summary() and "their copies counted" in fast.summary()
     ref_model = copy.deepcopy(model)
     _, loss_r = run_step(ref_model, inputs)
     for p, below in ((fast, copies), (low, 0.01 * low.predicted_peak_bytes)):
