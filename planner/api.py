@@ -108,6 +108,8 @@ class _Request:
     model_info: ModelInfo
     #: The training loop around the step (under a data-parallel engine, the optimizer is the engine's).
     loop: LoopSetup | None = None
+    #: ``compile_options["layout_optimization"]`` when given: Inductor's conv layouts fixed (:mod:`planner.inductor_layout`).
+    layout_optimization: bool | None = None
 
 
 def plan(
@@ -252,6 +254,7 @@ def prepare(
         budget_bytes=0, solver=solver, target=target, time_limit_s=time_limit_s, measure_time=measure_time,
         progress=progress, objective=objective, engine=engine,
         model_info=model_info(model, captured, args, kwargs), loop=loop,
+        layout_optimization=(compile_options or {}).get("layout_optimization"),
     )
     return PreparedStep(captured, request)
 
@@ -338,7 +341,7 @@ def _attempt(profiles: StepProfiles, dropout: str, request: _Request) -> tuple[P
     engine, info = for_graph(request.engine, gp, granularity(allocator_device_type(gp)))
     p = plan_profile(gp, request.budget_bytes, solver=request.solver, time_limit_s=request.time_limit_s,
                      model_info=request.model_info, progress=request.progress, objective=request.objective,
-                     engine=engine, loop=request.loop)
+                     engine=engine, loop=request.loop, layout_optimization=request.layout_optimization)
     if info is not None:
         p = dataclasses.replace(p, distributed=info)
     extra = sum(ni.time_s for ni in gp.nodes.values() if "replay_dropout_mask" in ni.op and ni.phase == "forward")
@@ -387,6 +390,7 @@ def plan_profile(
     objective: str = "time",
     engine: EngineBytes | None = None,
     loop: LoopSetup | None = None,
+    layout_optimization: bool | None = None,
 ) -> Plan:
     """Plan from an already captured and profiled graph; ``model_info``: the plan's
     ``Plan.model`` (default: only the graph's fingerprint); ``engine``: the per-rank
@@ -400,7 +404,7 @@ def plan_profile(
     device_type = allocator_device_type(gp)
     usable = budget_bytes * (1 - budget_margin(gp.joint, device_type))
     # Inductor's layouts for convolutions on the CPU: kept when their copies fit without recomputing
-    for engine_bytes, inductor_options in layout_choices(engine, gp.joint, device_type):
+    for engine_bytes, inductor_options in layout_choices(engine, gp.joint, device_type, layout_optimization):
         prob = build_problem(gp, granularity=granularity(device_type), objective=objective, engine=engine_bytes,
                              loop=loop.loop if loop is not None else None)
         baseline = prob.evaluate(frozenset())

@@ -27,7 +27,7 @@ from profiles.joint import JointGraph
 from .distributed import EngineBytes
 
 __all__ = ["INDUCTOR_CONV_CPU_MARGIN", "LAYOUT_OFF_OPTIONS", "InductorLayoutWarning", "warn_unmodelled_layouts",
-           "budget_margin", "layout_choices"]
+           "budget_margin", "layout_choices", "with_layout_copies"]
 
 #: Fraction of the budget a plan compiled by Inductor for a graph that convolves on
 #: the CPU leaves unused (besides the CPU's own margin): Inductor orders the backward
@@ -72,14 +72,28 @@ def budget_margin(joint: JointGraph, device_type: str) -> float:
     return INDUCTOR_CONV_CPU_MARGIN if _conv_on_cpu(joint, device_type) else 0.0
 
 
-def layout_choices(engine: EngineBytes | None, joint: JointGraph, device_type: str) -> list[tuple[EngineBytes | None, tuple]]:
+def layout_choices(engine: EngineBytes | None, joint: JointGraph, device_type: str,
+                   layout_optimization: bool | None = None) -> list[tuple[EngineBytes | None, tuple]]:
     """The ways to plan ``joint``'s step, in the order to try them: ``(bytes beyond the
     simulated step, Plan.inductor_options)``. One, ``(engine, ())``, unless ``joint`` is
     Inductor's graph that convolves on the CPU; then with the channels-last copies
-    added to ``engine``'s bytes, and without layouts."""
+    added to ``engine``'s bytes, and without layouts; only the one
+    ``layout_optimization`` names when it is given (``compile_options``)."""
     if not _conv_on_cpu(joint, device_type):
         return [(engine, ())]
-    extra = layout_copy_bytes(joint.gm)
-    with_copies = (EngineBytes(forward=extra, backward=extra, end=0, optimizer=0) if engine is None
-                   else replace(engine, forward=engine.forward + extra, backward=engine.backward + extra))
-    return [(with_copies, tuple(CONV_CPU_OPTIONS.items())), (engine, tuple(LAYOUT_OFF_OPTIONS.items()))]
+    choices = [(with_layout_copies(engine, joint.gm, CONV_CPU_OPTIONS), tuple(CONV_CPU_OPTIONS.items())),
+               (engine, tuple(LAYOUT_OFF_OPTIONS.items()))]
+    return choices if layout_optimization is None else [choices[0 if layout_optimization else 1]]
+
+
+def with_layout_copies(engine: EngineBytes | None, gm, inductor_options) -> EngineBytes | None:
+    """``engine``'s bytes (None: none) with the channels-last copies of joint graph ``gm``
+    added to every point of forward and backward, when ``inductor_options`` (a dict or
+    ``Plan.inductor_options``) are a conv plan's with layouts; else ``engine``."""
+    options = dict(inductor_options)
+    if not options or options.get("layout_optimization") is False:
+        return engine
+    extra = layout_copy_bytes(gm)
+    if engine is None:
+        return EngineBytes(forward=extra, backward=extra, end=0, optimizer=0)
+    return replace(engine, forward=engine.forward + extra, backward=engine.backward + extra)

@@ -28,6 +28,7 @@ from profiles.graph_profile import profile_graph
 from profiles.timing import synthetic_cpu_temps
 
 from .distributed import from_record
+from .inductor_layout import with_layout_copies
 from .order import arrange
 from .plan_type import Plan
 from .schedule import schedule_of
@@ -98,7 +99,7 @@ def resimulate(plan: Plan, joint: fx.GraphModule, forward: fx.GraphModule, backw
             temps = synthetic_cpu_temps(jg)
         nodes = {name: dataclasses.replace(ni, temp_bytes=temps[name]) if name in temps else ni for name, ni in gp.nodes.items()}
         gp = dataclasses.replace(gp, nodes=nodes)
-    engine = from_record(plan.distributed)
+    engine = with_layout_copies(from_record(plan.distributed), joint, plan.inductor_options)
     sched = schedule_of(forward, backward)
     if plan.executor == "eager":  # as the runtime runs it op by op: arranged for memory (Inductor orders its own)
         arr = arrange(gp, sched, granularity=granularity(device), engine=engine)

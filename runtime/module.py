@@ -261,7 +261,7 @@ class PlannedModule(nn.Module):
             per_rank = {"world_size": dist.world_size, "sharding": dist.sharding, "optimizer": dist.optimizer}
         new = plan_model(self.module, self.plan.budget_bytes / GiB, inputs, target=target,
                            objective=self.plan.solver.objective, executor=self.executor,
-                           compile_options=self.compile_options or None,
+                           compile_options={**dict(self.plan.inductor_options), **(self.compile_options or {})} or None,
                            grad_accumulation=loop is not None and loop.grad_accumulation, **per_rank)
         self.shapes[self._call_key] = ShapeEntry(how="replanned", plan=new, predicted_peak_bytes=new.predicted_peak_bytes)
 

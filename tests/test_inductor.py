@@ -218,13 +218,21 @@ def test_conv_net_compiled_by_inductor_on_cpu_peaks_as_predicted_within_its_budg
     assert "channels-last layouts off" in low.summary() and "their copies counted" in fast.summary()
     ref_model = copy.deepcopy(model)
     _, loss_r = run_step(ref_model, inputs)
+    applied = {}
     for p, below in ((fast, copies), (low, 0.01 * low.predicted_peak_bytes)):
         planned_model = copy.deepcopy(model)
-        wrapped = runtime.apply(planned_model, p)
+        wrapped = applied[p is fast] = runtime.apply(planned_model, p)
         _, loss_p = run_step(wrapped, inputs)
         _assert_same(planned_model, ref_model, loss_p, loss_r, rtol=1e-4, atol=1e-5)
         measured = measured_step_peak(wrapped, planned_model, inputs)
         assert measured <= p.budget_bytes, (measured, p.budget_bytes)
         assert p.predicted_peak_bytes - below <= measured <= p.predicted_peak_bytes * 1.001, (measured, p.predicted_peak_bytes)
+    # another batch size reuses the layouts plan's decisions; its re-simulated peak (the copies counted
+    # there too) is an upper bound of the measured one
+    wider = (torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g))
+    wrapped = applied[True]
+    run_step(wrapped, wider)
+    (entry,) = [e for e in wrapped.shapes.values() if e.how == "reused"]
+    assert measured_step_peak(wrapped, wrapped.module, wider) <= entry.predicted_peak_bytes
     with pytest.warns(planner.InductorLayoutWarning, match="layout_optimization=True"):
         runtime.apply(copy.deepcopy(model), low, compile_options={"layout_optimization": True})
