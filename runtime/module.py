@@ -261,7 +261,7 @@ class PlannedModule(nn.Module):
             per_rank = {"world_size": dist.world_size, "sharding": dist.sharding, "optimizer": dist.optimizer}
         new = plan_model(self.module, self.plan.budget_bytes / GiB, inputs, target=target,
                            objective=self.plan.solver.objective, executor=self.executor,
-                           compile_options={**dict(self.plan.inductor_options), **(self.compile_options or {})} or None,
+                           compile_options={**_layout_kept(self.plan), **(self.compile_options or {})} or None,
                            grad_accumulation=loop is not None and loop.grad_accumulation, **per_rank)
         self.shapes[self._call_key] = ShapeEntry(how="replanned", plan=new, predicted_peak_bytes=new.predicted_peak_bytes)
 
@@ -322,6 +322,15 @@ class PlannedModule(nn.Module):
                     raise explain_capture_failure(self.module, args, kwargs, e) from e
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _layout_kept(plan: Plan) -> dict:
+    """The Inductor options ``plan`` was compiled with, its conv layout choice explicit, so
+    that a plan for other shapes assumes the layout the compiled module keeps."""
+    options = dict(plan.inductor_options)
+    if options:
+        options.setdefault("layout_optimization", True)
+    return options
 
 
 def _repeated_hint(plan: Plan) -> str:
