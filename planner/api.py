@@ -25,6 +25,7 @@ from .build import build_plan
 from .distributed import EngineBytes
 from .engine_setup import EngineSetup, engine_setup, for_graph
 from .evaluation import Evaluation
+from .fused_recompute import recompute_fused
 from .inductor_layout import budget_margin, layout_choices, warn_unmodelled_layouts
 from .ilp import backend_name, solve_ilp
 from .loop_capture import LoopSetup, loop_setup, optimizer_spec
@@ -415,6 +416,9 @@ def plan_profile(
         ev, info = baseline, SolverInfo(name="none", status="budget fits without recomputation", seconds=0.0)
     else:
         ev, info = _solve(prob, budget_bytes, device_type, solver=solver, time_limit_s=time_limit_s, progress=progress)
+    fused = recompute_fused(prob, ev, usable_bytes(budget_bytes, device_type, budget_margin(gp.joint, device_type)))
+    if fused is not ev:
+        ev, info = fused, dataclasses.replace(info, status=f"{info.status}; fused values recomputed")
     p = build_plan(prob, ev, baseline=baseline, budget_bytes=budget_bytes,
                    solver=dataclasses.replace(info, objective=objective),
                    model_info=model_info)
