@@ -32,7 +32,7 @@ from .memory_model import MemoryModel, build_memory_model
 from .order import arrange
 from .joint_index import JointIndex, index_joint, indexed_schedule
 from .schedule import Schedule
-from .simulate import simulate
+from .simulate import loss_read_outputs, simulate
 from .training_loop import TrainingLoop
 
 __all__ = ["Problem", "Evaluation", "build_problem", "OBJECTIVES", "rank_key"]
@@ -204,8 +204,11 @@ def build_problem(gp: GraphProfile, *, granularity: int = 1, objective: str = "t
         for s in info[n.name].storages:
             creator.setdefault(s, n.name)
     parent, own = _ownership(gp, fwd, by_name, creator)
-    fwd_outputs = [a for a in nodes[-1].args[0][: gp.joint.num_fwd_outputs] if isinstance(a, fx.Node)]
-    held_storages = frozenset(s for a in fwd_outputs for s in info[a.name].storages)
+    outputs = nodes[-1].args[0][: gp.joint.num_fwd_outputs]
+    released = loss_read_outputs(gp, [a.name if isinstance(a, fx.Node) else None for a in outputs])
+    # held all step: the outputs the caller keeps (those only an eager loss reads die before backward)
+    held_storages = frozenset(s for a in outputs if isinstance(a, fx.Node) and a.name not in released
+                              for s in info[a.name].storages)
     can_save = frozenset(n for n in fwd if own[n] > 0)
     free_save = frozenset(n for n in can_save if set(info[n].storages) <= held_storages | gp.static_storages)
     fwd_inputs = {n: [a.name for a in by_name[n].all_input_nodes if a.name in fwd_set] for n in fwd}

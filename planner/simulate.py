@@ -66,6 +66,17 @@ END_OF_BACKWARD = "(end of backward: gradient reduction)"
 OPTIMIZER_STEP = "(opt.step())"
 
 
+def loss_read_outputs(gp: GraphProfile, fwd_out) -> frozenset[str]:
+    """The forward outputs (names, from ``fwd_out``: the outputs in the joint graph's
+    order) that only a loss computed eagerly after the last region holds
+    (``JointGraph.loss_read_outputs``), not also another output the caller holds."""
+    n = gp.joint.num_fwd_outputs
+    read = set(gp.joint.loss_read_outputs)
+    if not read:
+        return frozenset()
+    return frozenset(fwd_out[i] for i in read) - {fwd_out[i] for i in range(n) if i not in read}
+
+
 def held_tangents(gp: GraphProfile) -> frozenset[str]:
     """Tangents held until backward returns rather than freed after their last use.
 
@@ -248,6 +259,8 @@ def _hand_over(state: _Liveness, gp: GraphProfile, schedule: Schedule, fwd_out: 
     level = state.static_bytes + state.live + state.extra["loss"]
     for _, node, nbytes in loop.loss:
         state.point(node, "loss", level + nbytes)
+    for name in loss_read_outputs(gp, fwd_out):  # the eager loss's backward has ended: it holds them no more
+        state.release(info[name].storages)
     seeds = held_tangents(gp)
     for name, op, _ in schedule.backward.nodes:
         if op == "placeholder" and name.startswith("tangents"):

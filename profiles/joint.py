@@ -65,6 +65,10 @@ class CapturedRegion:
     #: The outputs (by index) the model returns to its caller, who holds them until
     #: backward ends; the others are freed after their last use.
     returned: tuple[int, ...] = ()
+    #: The outputs (by index), not returned to the caller, that the loss computed
+    #: eagerly after the last region reads (:mod:`profiles.eager_loss`): alive until
+    #: that loss's backward ends.
+    loss_read: tuple[int, ...] = ()
     #: ``signature.graph_fingerprint`` and ``structure_fingerprint`` of ``raw_gm``.
     fingerprint: str
     structure: str
@@ -117,6 +121,9 @@ class JointGraph:
     #: The loss the model computes eagerly after its last region, measured
     #: (:mod:`profiles.eager_loss`); None when the step has none.
     eager_loss: EagerLoss | None = None
+    #: Positions among ``gm``'s forward outputs of the region outputs only the eager loss
+    #: reads (``CapturedRegion.loss_read``): the simulation frees them when its backward ends.
+    loss_read_outputs: tuple[int, ...] = ()
     #: ``(stack path, layers traced, layers)`` when the step was traced with a few
     #: layers of a deep stack and its graph repeated to all of them
     #: (:mod:`profiles.repeat_capture`); empty when traced whole.

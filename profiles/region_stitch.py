@@ -123,6 +123,19 @@ def _alias(alias: dict, node: fx.Node, source: fx.Node) -> None:
         alias[storage_key(t)] = source.meta["storage_keys"][0]
 
 
+def _mutations(parts: list, regions: list[CapturedRegion], envs: list[dict]) -> list[tuple[fx.Node, int]]:
+    """``(new value, primal index)`` of every in-place update the regions make, in order."""
+    mutations = []
+    for k, (p, r) in enumerate(zip(parts, regions)):
+        for value, i in p.mutations:
+            kind, a, _ = r.sources[i]
+            if kind != "primal":
+                raise CaptureError(f"the region at {r.where} updates in place a tensor an earlier region made; "
+                                   "the planner plans in-place updates of parameters, buffers and inputs only")
+            mutations.append((envs[k][value], a))
+    return mutations
+
+
 def stitch(graphs: list[fx.GraphModule], regions: list[CapturedRegion], num_primals: int, *,
            primal_storage: list[int] | None = None) -> tuple[fx.GraphModule, int]:
     """The whole step's joint graph and its number of forward outputs, from each
@@ -187,19 +200,13 @@ def stitch(graphs: list[fx.GraphModule], regions: list[CapturedRegion], num_prim
                 grads.setdefault(a, []).append(env[g])
                 if len(grads[a]) > 1:
                     grads[a] = [_sum(graph, grads[a], f"{prefix}grad_accumulate")]
-    mutations = []
-    for k, (p, r) in enumerate(zip(parts, regions)):
-        for value, i in p.mutations:
-            kind, a, _ = r.sources[i]
-            if kind != "primal":
-                raise CaptureError(f"the region at {r.where} updates in place a tensor an earlier region made; "
-                                   "the planner plans in-place updates of parameters, buffers and inputs only")
-            mutations.append((envs[k][value], a))
-    fwd_outputs = [envs[k][out] for k, (p, r) in enumerate(zip(parts, regions)) for o, out in enumerate(p.outputs)
-                   if (k, o) not in consumers or o in r.returned]
-    out = graph.output((*[v for v, _ in mutations], *fwd_outputs,
+    mutations = _mutations(parts, regions, envs)
+    kept = [(k, o) for k, (p, r) in enumerate(zip(parts, regions)) for o in range(len(p.outputs))
+            if (k, o) not in consumers or o in r.returned]
+    out = graph.output((*[v for v, _ in mutations], *[envs[k][parts[k].outputs[o]] for k, o in kept],
                         *[grads[i][0] if i in grads else None for i in range(num_primals)]))
-    out.meta["desc"] = [mutation_descriptor(a) for _, a in mutations] + [None] * (len(fwd_outputs) + num_primals)
+    out.meta["desc"] = [mutation_descriptor(a) for _, a in mutations] + [None] * (len(kept) + num_primals)
+    out.meta["loss_read"] = tuple(len(mutations) + i for i, (k, o) in enumerate(kept) if o in regions[k].loss_read)
     gm = fx.GraphModule(root, graph)
     gm.graph.lint()
-    return gm, len(mutations) + len(fwd_outputs)
+    return gm, len(mutations) + len(kept)

@@ -211,10 +211,10 @@ def _capture_regions(model: torch.nn.Module, args: tuple, kwargs: dict, *, dropo
                 "Make sure some parameters have requires_grad=True and the outputs depend on them."
             )
         sources, values, roles, names = _sources(model, args, kwargs, calls, recorder.regions)
-        eager_loss = None
+        eager_loss, read = None, set()
         losses = _eager_losses(model, outputs, calls, recorder.regions)
         if losses:  # refused before measuring when it reads more than region outputs
-            loss_inputs(losses[0], [t for _, _, outs in calls for t in outs], type(model).__name__)
+            read = {id(t) for t in loss_inputs(losses[0], [t for _, _, outs in calls for t in outs], type(model).__name__)}
             del losses
             eager_loss = _measure_loss(model, compiled, args, kwargs, recorder, recorder.regions[calls[-1][0]]["where"])
     raw = []
@@ -223,7 +223,9 @@ def _capture_regions(model: torch.nn.Module, args: tuple, kwargs: dict, *, dropo
         rec = recorder.regions[k]
         gm, nfo = rec["joint"], rec["num_fwd_outputs"]
         returned = tuple(o for o, t in enumerate(outs) if id(t) in model_outputs)
+        loss_read = tuple(o for o, t in enumerate(outs) if id(t) in read and id(t) not in model_outputs)
         raw.append(CapturedRegion(raw_gm=gm, num_fwd_outputs=nfo, sources=src, graph=k, returned=returned,
+                                  loss_read=loss_read,
                                   fingerprint=graph_fingerprint(gm, nfo), structure=structure_fingerprint(gm, nfo),
                                   where=rec["where"]))
     return _joint(raw, dropout, prepare, eager_loss, primal_values=values, primal_roles=roles, primal_names=names)
@@ -257,6 +259,7 @@ def _joint(regions: list[CapturedRegion], dropout: str, prepare: Callable, eager
         graphs.append(gm)
     gm, _ = stitch(graphs, regions, len(shared), primal_storage=shared)
     return JointGraph(gm=gm, num_fwd_outputs=nfo, fingerprint=graph_fingerprint(raw_gm, nfo),
+                      loss_read_outputs=gm.graph.find_nodes(op="output")[0].meta.get("loss_read", ()),
                       structure=structure_fingerprint(raw_gm, nfo), node_digests=node_digests(raw_gm), dropout=dropout,
                       num_dropouts=dropouts, raw_gm=raw_gm, regions=tuple(regions), eager_loss=eager_loss, **primals)
 

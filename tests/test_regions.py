@@ -307,7 +307,7 @@ def test_wav2vec2_for_ctc_with_labels_plans_its_eager_ctc_loss():
     assert "eager loss measured" in plan.summary()
     wrapped, m = assert_same_step(model, lambda m: runtime.apply(m, plan), inputs)
     peak = measured_step_peak(wrapped, m, inputs)
-    assert plan.predicted_peak_bytes * 0.95 <= peak <= plan.budget_bytes
+    assert peak <= plan.budget_bytes and abs(peak - plan.predicted_peak_bytes) <= 0.01 * peak, (peak, plan.predicted_peak_bytes)
 
 
 class EagerLossModel(nn.Module):
@@ -337,9 +337,10 @@ def test_a_loss_computed_eagerly_is_measured_and_kept_within_budget():
     assert plan.recomputed
     wrapped, m = assert_same_step(model, lambda m: runtime.apply(m, plan), x)
     peak = measured_step_peak(wrapped, m, x)
-    assert plan.predicted_peak_bytes * 0.95 <= peak <= plan.budget_bytes
+    assert peak <= plan.budget_bytes and abs(peak - plan.predicted_peak_bytes) <= 0.001 * peak, (peak, plan.predicted_peak_bytes)
+    # the block's output the loss reads dies when the loss's backward ends, as simulated
     free_peak = measured_step_peak(runtime.apply(copy.deepcopy(model), free), model, x)
-    assert free.predicted_peak_bytes * 0.95 <= free_peak <= free.predicted_peak_bytes * 1.01
+    assert abs(free_peak - free.predicted_peak_bytes) <= 0.001 * free_peak, (free_peak, free.predicted_peak_bytes)
 
 
 def test_an_eager_loss_that_reads_a_parameter_is_refused():
