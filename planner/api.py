@@ -404,13 +404,11 @@ def plan_profile(
                         f"not {type(model_info).__name__}")
     device_type = allocator_device_type(gp)
     usable = budget_bytes * (1 - budget_margin(gp.joint, device_type))
-    # Inductor's layouts for convolutions on the CPU: kept when their copies fit without recomputing
-    for engine_bytes, inductor_options in layout_choices(engine, gp.joint, device_type, layout_optimization):
-        prob = build_problem(gp, granularity=granularity(device_type), objective=objective, engine=engine_bytes,
-                             loop=loop.loop if loop is not None else None)
-        baseline = prob.evaluate(frozenset())
-        if baseline.sim.peak_bytes <= usable:
-            break
+    # Inductor's channels-last layouts for convolutions on the CPU: their copies counted (or the layouts off)
+    (engine, inductor_options), = layout_choices(engine, gp.joint, device_type, layout_optimization)
+    prob = build_problem(gp, granularity=granularity(device_type), objective=objective, engine=engine,
+                         loop=loop.loop if loop is not None else None)
+    baseline = prob.evaluate(frozenset())
     _log(progress, f"no-checkpoint peak {baseline.sim.peak_bytes / GiB:.4f} GiB, budget {budget_bytes / GiB:.4f} GiB")
     if baseline.sim.peak_bytes <= usable:
         ev, info = baseline, SolverInfo(name="none", status="budget fits without recomputation", seconds=0.0)

@@ -1,15 +1,16 @@
 """A plan compiled by Inductor for a graph that convolves on the CPU: its layout, budget margin and warning.
 
 Inductor lays convolutions out channels-last on the CPU, which is faster (without
-it a ResNet-18-like net's step took 6% longer) but copies the convolutions'
-weights and the inputs they read (:func:`profiles.inductor_conv.layout_copy_bytes`),
-copies the op-by-op simulation does not make. :func:`layout_choices` gives the two
-ways to plan such a graph, in the order ``plan()`` tries them: with the layouts,
-their copies counted at every point of the step (an upper bound: measured, the
-copies were at most that), and, when the step with them does not fit the budget
-without recomputing, without them (``layout_optimization=False``: no copies, a
-slower step, and recomputation freed for the budget). Either way a value read by
-several kernels is stored once (:data:`profiles.inductor_conv.CONV_CPU_OPTIONS`).
+it a ResNet-18-like net's step took 6% longer) and as accurate as eager (without it,
+Inductor's convolution weight gradients were 500x further from a float64 reference
+on that net), but copies the convolutions' weights and the inputs they read
+(:func:`profiles.inductor_conv.layout_copy_bytes`), copies the op-by-op simulation
+does not make. :func:`layout_choices` says how to plan such a graph: with the
+layouts, their copies counted at every point of the step (an upper bound: measured,
+the copies were at most that); without them (``layout_optimization=False``: no
+copies, less memory, a slower and less accurate step) only when the compile options
+given to ``plan()`` ask for it. Either way a value read by several kernels is
+stored once (:data:`profiles.inductor_conv.CONV_CPU_OPTIONS`).
 The plan records the options its peak assumes (``Plan.inductor_options``), which
 the runtime compiles with. Inductor orders the backward graph itself, which the
 plan's budget leaves :data:`INDUCTOR_CONV_CPU_MARGIN` for (:func:`budget_margin`).
@@ -34,7 +35,7 @@ __all__ = ["INDUCTOR_CONV_CPU_MARGIN", "LAYOUT_OFF_OPTIONS", "InductorLayoutWarn
 #: graph itself, and a ResNet-18-like net measured up to 2.8% above the simulated peak.
 INDUCTOR_CONV_CPU_MARGIN = 0.04
 
-#: The options of a plan for such a graph whose step does not fit with the layouts' copies.
+#: The options of a plan for such a graph made with ``compile_options={"layout_optimization": False}``.
 LAYOUT_OFF_OPTIONS = {"layout_optimization": False, **CONV_CPU_OPTIONS}
 
 
@@ -74,16 +75,15 @@ def budget_margin(joint: JointGraph, device_type: str) -> float:
 
 def layout_choices(engine: EngineBytes | None, joint: JointGraph, device_type: str,
                    layout_optimization: bool | None = None) -> list[tuple[EngineBytes | None, tuple]]:
-    """The ways to plan ``joint``'s step, in the order to try them: ``(bytes beyond the
-    simulated step, Plan.inductor_options)``. One, ``(engine, ())``, unless ``joint`` is
-    Inductor's graph that convolves on the CPU; then with the channels-last copies
-    added to ``engine``'s bytes, and without layouts; only the one
-    ``layout_optimization`` names when it is given (``compile_options``)."""
+    """How to plan ``joint``'s step: ``[(bytes beyond the simulated step, Plan.inductor_options)]``.
+    ``(engine, ())`` unless ``joint`` is Inductor's graph that convolves on the CPU; then
+    with the channels-last copies added to ``engine``'s bytes, or without layouts when
+    ``layout_optimization`` (from the compile options) is False."""
     if not _conv_on_cpu(joint, device_type):
         return [(engine, ())]
-    choices = [(with_layout_copies(engine, joint.gm, CONV_CPU_OPTIONS), tuple(CONV_CPU_OPTIONS.items())),
-               (engine, tuple(LAYOUT_OFF_OPTIONS.items()))]
-    return choices if layout_optimization is None else [choices[0 if layout_optimization else 1]]
+    if layout_optimization is False:
+        return [(engine, tuple(LAYOUT_OFF_OPTIONS.items()))]
+    return [(with_layout_copies(engine, joint.gm, CONV_CPU_OPTIONS), tuple(CONV_CPU_OPTIONS.items()))]
 
 
 def with_layout_copies(engine: EngineBytes | None, gm, inductor_options) -> EngineBytes | None:

@@ -211,11 +211,11 @@ def test_conv_net_compiled_by_inductor_on_cpu_peaks_as_predicted_within_its_budg
     keeping buffers the op-by-op simulation does not. A plan whose graph convolves is
     compiled with that value stored once, and (``planner.inductor_layout``):
 
-    - when the step fits with the copies counted (as all live at every point: the
-      weights' and the input's bytes, an upper bound), with the layouts: the measured
-      peak is at most the predicted one and at most the copies below it;
-    - otherwise without layouts (``layout_optimization=False``): no copies, the measured
-      peak is the predicted one within 1%.
+    - by default with the layouts, their copies counted (as all live at every point: the
+      weights' and the input's bytes, an upper bound): the measured peak is at most the
+      predicted one and at most the copies below it;
+    - with ``compile_options={"layout_optimization": False}`` without them: no copies,
+      the measured peak is the predicted one within 1%.
 
     Both within the budget, with eager's loss and gradients. Options that undo the
     stored value warn, when planning and when applying."""
@@ -229,6 +229,7 @@ def test_conv_net_compiled_by_inductor_on_cpu_peaks_as_predicted_within_its_budg
         step = planner.prepare(model, inputs, executor="inductor", compile_options={"realize_reads_threshold": 4})
     with step:
         fast = step.plan(2**30)
+    with planner.prepare(model, inputs, executor="inductor", compile_options={"layout_optimization": False}) as step:
         low = step.plan(int(0.97 * (fast.predicted_peak_bytes - copies) / (1 - INDUCTOR_CONV_CPU_MARGIN)))
     assert dict(fast.inductor_options) == {"realize_reads_threshold": 0}
     assert not any(is_extern(d.op) for d in fast.nodes if d.decision == "recompute")  # at most fused values
