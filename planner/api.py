@@ -109,7 +109,7 @@ class _Request:
     model_info: ModelInfo
     #: The training loop around the step (under a data-parallel engine, the optimizer is the engine's).
     loop: LoopSetup | None = None
-    #: ``compile_options["layout_optimization"]`` when given: Inductor's conv layouts fixed (:mod:`planner.inductor_layout`).
+    #: ``compile_options["layout_optimization"]`` (False: conv plans without channels-last layouts, :mod:`planner.inductor_layout`).
     layout_optimization: bool | None = None
 
 
@@ -396,7 +396,9 @@ def plan_profile(
     """Plan from an already captured and profiled graph; ``model_info``: the plan's
     ``Plan.model`` (default: only the graph's fingerprint); ``engine``: the per-rank
     bytes of a data-parallel engine and optimizer (:func:`planner.distributed.engine_bytes`);
-    ``loop``: the training loop around the step (:func:`planner.loop_capture.loop_setup`)."""
+    ``loop``: the training loop around the step (:func:`planner.loop_capture.loop_setup`);
+    ``layout_optimization``: False plans Inductor's convolutions on the CPU without
+    channels-last layouts (:func:`planner.inductor_layout.layout_choices`)."""
     if model_info is None:
         model_info = ModelInfo(fingerprint=gp.joint.fingerprint)
     elif not isinstance(model_info, ModelInfo):
