@@ -26,7 +26,7 @@ from .distributed import EngineBytes
 from .engine_setup import EngineSetup, engine_setup, for_graph
 from .evaluation import Evaluation
 from .fused_recompute import recompute_fused
-from .inductor_layout import budget_margin, layout_choices, warn_unmodelled_layouts
+from .inductor_layout import budget_margin, layout_choice, warn_unmodelled_layouts
 from .ilp import backend_name, solve_ilp
 from .loop_capture import LoopSetup, loop_setup, optimizer_spec
 from .memory_model import refine
@@ -398,7 +398,7 @@ def plan_profile(
     bytes of a data-parallel engine and optimizer (:func:`planner.distributed.engine_bytes`);
     ``loop``: the training loop around the step (:func:`planner.loop_capture.loop_setup`);
     ``layout_optimization``: False plans Inductor's convolutions on the CPU without
-    channels-last layouts (:func:`planner.inductor_layout.layout_choices`)."""
+    channels-last layouts (:func:`planner.inductor_layout.layout_choice`)."""
     if model_info is None:
         model_info = ModelInfo(fingerprint=gp.joint.fingerprint)
     elif not isinstance(model_info, ModelInfo):
@@ -407,7 +407,7 @@ def plan_profile(
     device_type = allocator_device_type(gp)
     usable = budget_bytes * (1 - budget_margin(gp.joint, device_type))
     # Inductor's channels-last layouts for convolutions on the CPU: their copies counted (or the layouts off)
-    (engine, inductor_options), = layout_choices(engine, gp.joint, device_type, layout_optimization)
+    engine, inductor_options = layout_choice(engine, gp.joint, device_type, layout_optimization)
     prob = build_problem(gp, granularity=granularity(device_type), objective=objective, engine=engine,
                          loop=loop.loop if loop is not None else None)
     baseline = prob.evaluate(frozenset())

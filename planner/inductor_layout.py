@@ -5,7 +5,7 @@ it a ResNet-18-like net's step took 6% longer) and as accurate as eager (without
 Inductor's convolution weight gradients were 500x further from a float64 reference
 on that net), but copies the convolutions' weights and the inputs they read
 (:func:`profiles.inductor_conv.layout_copy_bytes`), copies the op-by-op simulation
-does not make. :func:`layout_choices` says how to plan such a graph: with the
+does not make. :func:`layout_choice` says how to plan such a graph: with the
 layouts, their copies counted at every point of the step (an upper bound: measured,
 the copies were at most that); without them (``layout_optimization=False``: no
 copies, less memory, a slower and less accurate step) only when the compile options
@@ -28,7 +28,7 @@ from profiles.joint import JointGraph
 from .distributed import EngineBytes
 
 __all__ = ["INDUCTOR_CONV_CPU_MARGIN", "LAYOUT_OFF_OPTIONS", "InductorLayoutWarning", "warn_unmodelled_layouts",
-           "budget_margin", "layout_choices", "with_layout_copies"]
+           "budget_margin", "layout_choice", "with_layout_copies"]
 
 #: Fraction of the budget a plan compiled by Inductor for a graph that convolves on
 #: the CPU leaves unused (besides the CPU's own margin): Inductor orders the backward
@@ -73,17 +73,17 @@ def budget_margin(joint: JointGraph, device_type: str) -> float:
     return INDUCTOR_CONV_CPU_MARGIN if _conv_on_cpu(joint, device_type) else 0.0
 
 
-def layout_choices(engine: EngineBytes | None, joint: JointGraph, device_type: str,
-                   layout_optimization: bool | None = None) -> list[tuple[EngineBytes | None, tuple]]:
-    """How to plan ``joint``'s step: ``[(bytes beyond the simulated step, Plan.inductor_options)]``.
+def layout_choice(engine: EngineBytes | None, joint: JointGraph, device_type: str,
+                  layout_optimization: bool | None = None) -> tuple[EngineBytes | None, tuple]:
+    """How to plan ``joint``'s step: ``(bytes beyond the simulated step, Plan.inductor_options)``.
     ``(engine, ())`` unless ``joint`` is Inductor's graph that convolves on the CPU; then
     with the channels-last copies added to ``engine``'s bytes, or without layouts when
     ``layout_optimization`` (from the compile options) is False."""
     if not _conv_on_cpu(joint, device_type):
-        return [(engine, ())]
+        return engine, ()
     if layout_optimization is False:
-        return [(engine, tuple(LAYOUT_OFF_OPTIONS.items()))]
-    return [(with_layout_copies(engine, joint.gm, CONV_CPU_OPTIONS), tuple(CONV_CPU_OPTIONS.items()))]
+        return engine, tuple(LAYOUT_OFF_OPTIONS.items())
+    return with_layout_copies(engine, joint.gm, CONV_CPU_OPTIONS), tuple(CONV_CPU_OPTIONS.items())
 
 
 def with_layout_copies(engine: EngineBytes | None, gm, inductor_options) -> EngineBytes | None:
