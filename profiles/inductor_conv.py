@@ -51,10 +51,10 @@ def graph_convolves(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and is_convolution(str(n.target)) for n in gm.graph.nodes)
 
 
-def unmodelled_options(options: dict | None) -> list[str]:
-    """The settings in ``options`` that undo :data:`CONV_CPU_OPTIONS` (``"key=value"``)."""
+def unmodelled_options(options: dict | None, assumed: dict = CONV_CPU_OPTIONS) -> list[str]:
+    """The settings in ``options`` that undo ``assumed`` (by default :data:`CONV_CPU_OPTIONS`), as ``"key=value"``."""
     given = options or {}
-    return [f"{k}={given[k]!r}" for k in CONV_CPU_OPTIONS if k in given and given[k] != CONV_CPU_OPTIONS[k]]
+    return [f"{k}={given[k]!r}" for k in assumed if k in given and given[k] != assumed[k]]
 
 
 def layout_copy_bytes(gm: fx.GraphModule) -> int:

@@ -41,7 +41,7 @@ from planner.inductor_layout import LAYOUT_OFF_OPTIONS, InductorLayoutWarning
 from planner.plan_type import Plan
 from planner.schedule import forward_node_names
 from profiles.device import target_device_type
-from profiles.inductor_conv import ops_convolve
+from profiles.inductor_conv import ops_convolve, unmodelled_options
 from profiles._torch_private import (
     RECOMPUTED,
     CustomPartitionerFn,
@@ -134,7 +134,7 @@ def planned_options(model: nn.Module, plan: Plan, options: dict | None) -> dict 
         convolves = ops_convolve(d.op for d in plan.nodes) or any(isinstance(m, _CONV_MODULES) for m in model.modules())
         assumed = dict(LAYOUT_OFF_OPTIONS) if convolves and device_type == "cpu" else {}
     given = options or {}
-    undone = [f"{k}={given[k]!r}" for k in assumed if k in given and given[k] != assumed[k]]
+    undone = unmodelled_options(given, assumed)
     if undone:
         warnings.warn(
             f"compiling convolutions on the CPU with {', '.join(undone)}: this plan's predicted peak assumes "
