@@ -21,14 +21,13 @@ from torch import nn
 
 from planner.plan_type import Plan
 from profiles._torch_private import aot_autograd, allow_recompiles, copy_graph_module, quiet_graph_breaks
-from profiles.autocast_state import autocast_mismatch, step_autocast
 from profiles.capture import prepare_joint
 from profiles.causal_sdpa import with_causal_sdpa
 from profiles.signature import parameter_mismatch
 
 from .block_plan import BlockMismatch, PlannedNode, block_recompute, planned_blocks
 from .distributed import check_wrapping
-from .mismatch import AutocastMismatch
+from .mismatch import check_step_autocast
 from .partition import op_by_op, split_joint
 
 __all__ = ["BlockBackend", "PlannedBlocks"]
@@ -121,7 +120,5 @@ class PlannedBlocks(nn.Module):
 
     def forward(self, *args, **kwargs):
         if self.training and torch.is_grad_enabled():
-            why = autocast_mismatch(self.plan.model.autocast, step_autocast(self.module, args, kwargs))
-            if why:
-                raise AutocastMismatch(why)
+            check_step_autocast(self.plan.model.autocast, self.module, args, kwargs)
         return self.module(*args, **kwargs)

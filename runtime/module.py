@@ -47,7 +47,6 @@ from profiles._torch_private import (
     quiet_graph_breaks,
 )
 from profiles.allocator import granularity, graph_device_type
-from profiles.autocast_state import autocast_mismatch, step_autocast
 from profiles.capture import prepare_joint
 from profiles.causal_sdpa import with_causal_sdpa
 from profiles.executors import EXECUTORS, unwrap_compiled
@@ -67,7 +66,7 @@ from .block_runtime import PlannedBlocks
 from .distributed import check_wrapping
 from .inductor import PlanPartitioner, compile_inference, compile_planned, compiling, plans_key
 from .partition import op_by_op, split_joint
-from .mismatch import AutocastMismatch, PlanMismatch
+from .mismatch import AutocastMismatch, PlanMismatch, check_step_autocast
 from .regions import RegionBackend, RegionMismatch
 
 __all__ = ["PlannedModule", "ShapeEntry", "PlanMismatch", "AutocastMismatch", "ShapeWarning", "BudgetWarning", "apply"]
@@ -294,9 +293,7 @@ class PlannedModule(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             return self._infer(*args, **kwargs)
         check_input_devices(self.module, args, kwargs, allow_meta=False)
-        why = autocast_mismatch(self.plan.model.autocast, step_autocast(self.module, args, kwargs))
-        if why:
-            raise AutocastMismatch(why)
+        check_step_autocast(self.plan.model.autocast, self.module, args, kwargs)
         self._call_key = _key(describe_inputs(args, kwargs))
         if self._regions is not None:
             return self._run_regions(args, kwargs)
