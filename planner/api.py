@@ -405,18 +405,18 @@ def plan_profile(
         raise TypeError(f"model_info must be a planner.ModelInfo (e.g. ModelInfo(fingerprint=..., class_name=...)), "
                         f"not {type(model_info).__name__}")
     device_type = allocator_device_type(gp)
-    usable = budget_bytes * (1 - budget_margin(gp.joint, device_type))
+    margin = budget_margin(gp.joint, device_type)
     # Inductor's channels-last layouts for convolutions on the CPU: their copies counted (or the layouts off)
     engine, inductor_options = layout_choice(engine, gp.joint, device_type, layout_optimization)
     prob = build_problem(gp, granularity=granularity(device_type), objective=objective, engine=engine,
                          loop=loop.loop if loop is not None else None)
     baseline = prob.evaluate(frozenset())
     _log(progress, f"no-checkpoint peak {baseline.sim.peak_bytes / GiB:.4f} GiB, budget {budget_bytes / GiB:.4f} GiB")
-    if baseline.sim.peak_bytes <= usable:
+    if baseline.sim.peak_bytes <= budget_bytes * (1 - margin):
         ev, info = baseline, SolverInfo(name="none", status="budget fits without recomputation", seconds=0.0)
     else:
         ev, info = _solve(prob, budget_bytes, device_type, solver=solver, time_limit_s=time_limit_s, progress=progress)
-    fused = recompute_fused(prob, ev, usable_bytes(budget_bytes, device_type, budget_margin(gp.joint, device_type)))
+    fused = recompute_fused(prob, ev, usable_bytes(budget_bytes, device_type, margin))
     if fused is not ev:
         ev, info = fused, dataclasses.replace(info, status=f"{info.status}; fused values recomputed")
     p = build_plan(prob, ev, baseline=baseline, budget_bytes=budget_bytes,
