@@ -25,7 +25,7 @@ import runtime
 from helpers import grads_of, measured_step_peak, run_step
 from planner.executor import is_extern, recompute_costs
 from planner.inductor_layout import INDUCTOR_CONV_CPU_MARGIN
-from profiles import capture, profile_graph
+from profiles import capture, measure_peak, profile_graph
 from runtime.inductor import plans_key
 
 SCHEMA = json.loads((__import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "plan.schema.json").read_text())
@@ -132,6 +132,55 @@ def test_dropout_and_another_batch_size_equal_torch_compile_and_no_grad_runs_com
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert len(wrapped.compiled_graphs) == graphs and wrapped._inference is not None
 
+
+
+def test_inductor_plan_in_the_everyday_loop_holds_the_budget_and_equals_torch_compile():
+    """``loss = loss_fn(wrapped(**batch)); loss.backward(); opt.step(); opt.zero_grad()``
+    with ``AdamW(foreach=True)``, the plan for Inductor made for that loop at 75% of the
+    memory above parameters, inputs and optimizer state: every iteration (the first,
+    which allocates the state, and later ones) measures within the budget and at most
+    the predicted peak, and losses and then gradients equal ``torch.compile``'s run."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=64, n_positions=64, use_cache=False,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg).train()
+    ids = torch.randint(0, 64, (4, 64), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids}
+
+    def loss_fn(out):
+        return nn.functional.cross_entropy(out.logits.float().flatten(0, 1), ids.flatten())
+
+    static = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers(), ids])
+    with planner.prepare(model, inputs, executor="inductor", loss_fn=loss_fn, optimizer="adamw") as step:
+        full = step.plan(2**40)
+        state = full.training_loop.optimizer_state_bytes
+        p = step.plan(int(static + state + 0.75 * (full.baseline_peak_bytes - static - state)))
+    assert p.recomputed and state > 0 and p.training_loop.loss == "loss_fn"
+    ref_model, planned_model = copy.deepcopy(model), copy.deepcopy(model)
+    ref, wrapped = torch.compile(ref_model, dynamic=False), runtime.apply(planned_model, p)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=True) for m in (ref_model, planned_model)]
+
+    def iteration(module, opt):
+        loss = loss_fn(module(**inputs))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    wrapped(**inputs)  # compiled before measuring (no backward: nothing accumulates)
+    for i in range(3):
+        expected = iteration(ref, opts[0])
+        peak, loss = measure_peak(lambda: iteration(wrapped, opts[1]))
+        measured = static + (state if i else 0) + peak
+        assert measured <= p.predicted_peak_bytes <= p.budget_bytes, (i, measured, p.predicted_peak_bytes)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"loss of iteration {i}: {m}")
+    # the gradients after three updates (AdamW turns the attention key bias's gradient, rounding
+    # noise around 0, into updates of lr's size: weights are compared through losses and gradients)
+    losses = []
+    for module in (ref, wrapped):
+        losses.append(loss_fn(module(**inputs)))
+        losses[-1].backward()
+    _assert_same(planned_model, ref_model, losses[1].detach(), losses[0].detach(), rtol=1e-4, atol=1e-5)
 
 @pytest.mark.filterwarnings("ignore::planner.LossNotCountedWarning")  # the model's output is not a loss; the loss is not what this tests
 def test_executor_mismatches_and_compiled_models_are_handled_before_compiling(gpt):
