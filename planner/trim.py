@@ -16,6 +16,11 @@ that recomputes nothing), and only the likely ones are arranged: at most
 Keeping a value instead of recomputing it is always a valid plan (a kept value
 needs no inputs in backward), and the result is never costlier than the plan it
 starts from.
+
+:func:`keep_aliases` then keeps the views a plan rebuilds in backward from storage
+backward holds anyway (a transpose of a weight, a view of a saved value): the ILP has
+no variable for values that own no bytes, so it writes them as recomputed. Keeping
+them costs no bytes when the exact simulation says so, and spares backward the ops.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from .evaluation import Evaluation
 from .plan_type import SolverInfo
 from .problem import Problem
 
-__all__ = ["trim", "as_run", "MAX_ARRANGED", "MAX_SINGLES"]
+__all__ = ["trim", "keep_aliases", "as_run", "MAX_ARRANGED", "MAX_SINGLES"]
 
 #: Arranged evaluations one :func:`trim` makes at most.
 MAX_ARRANGED = 6
@@ -113,6 +118,24 @@ def trim(prob: Problem, ev: Evaluation, budget: int, *, max_arranged: int = MAX_
     return best if prob.rank(best) <= prob.rank(ev) else ev
 
 
+def keep_aliases(prob: Problem, ev: Evaluation, budget: int) -> Evaluation:
+    """``ev`` with the recomputed values that own no bytes (views, transposes,
+    detaches: not a multi-output op or a value taken out of one) kept instead, where
+    every storage they refer to is held in backward anyway (a parameter, a buffer, an
+    input, or a value the plan keeps); one exact evaluation, taken when it fits
+    ``budget`` and ranks no worse, else ``ev``."""
+    static = prob.gp.static_storages
+    held = set(static).union(*(prob.gp.nodes[x].storages for x in ev.saved))
+    multi = set(prob.parent.values())
+    free = frozenset(n for n in ev.recompute
+                     if prob.own_bytes.get(n, 1) == 0 and n not in prob.parent and n not in multi
+                     and set(prob.gp.nodes[n].storages) <= held)
+    if not free:
+        return ev
+    kept = prob.evaluate(ev.recompute - free)
+    return kept if kept.sim.peak_bytes <= budget and prob.rank(kept) <= prob.rank(ev) else ev
+
+
 def as_run(prob: Problem, found: tuple[Evaluation, SolverInfo], usable: int, *,
            trimmed: bool = True) -> tuple[Evaluation, SolverInfo] | None:
     """A plan the solvers found on the graphs as split (``found``), evaluated as the
@@ -129,4 +152,7 @@ def as_run(prob: Problem, found: tuple[Evaluation, SolverInfo], usable: int, *,
     kept = trim(prob, run, usable)
     if kept is not run:
         info = dataclasses.replace(info, status=f"{info.status}; {len(run.recomputed) - len(kept.recomputed)} values kept again (planner.trim)")
-    return kept, info
+    aliases = keep_aliases(prob, kept, usable)
+    if aliases is not kept:
+        info = dataclasses.replace(info, status=f"{info.status}; {len(kept.recomputed) - len(aliases.recomputed)} views kept")
+    return aliases, info

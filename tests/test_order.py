@@ -19,7 +19,7 @@ from planner.joint_index import fast_schedule
 from planner.schedule import GraphOrder, schedule_of
 from planner.simulate import simulate
 from planner.sqrt import solve_sqrt
-from planner.trim import MAX_ARRANGED, trim
+from planner.trim import MAX_ARRANGED, keep_aliases, trim
 from profiles import capture, measure_peak, profile_graph
 from profiles._torch_private import make_boxed
 from runtime.partition import split_joint
@@ -172,6 +172,36 @@ def test_trim_keeps_what_the_arranged_step_has_room_for():
     arranged = [k for k in prob.evaluations if k[0] == "arranged"]
     assert len(arranged) <= 2 + 2 * MAX_ARRANGED, len(arranged)
 
+
+
+def test_views_of_what_backward_holds_are_kept_not_rebuilt():
+    """The ILP writes a view of a kept value (or of a weight) as rebuilt in backward: it
+    has no variable for values that own no bytes. ``keep_aliases`` keeps those views at
+    no cost in bytes or time, and the plan it gives runs exact, as simulated."""
+    model, inputs = _case("gpt2")
+    _, gp = _profiled("gpt2")
+    prob = build_problem(gp)
+    ev = prob.evaluate(_recompute_sets("gpt2")["sqrt"])
+    static = set(gp.static_storages)
+    held = static.union(*(gp.nodes[x].storages for x in ev.saved))
+    multi = set(prob.parent.values())
+
+    def free(e):
+        return {n for n in e.recompute if prob.own_bytes[n] == 0 and n not in prob.parent and n not in multi
+                and set(gp.nodes[n].storages) <= held}
+
+    assert free(ev), "the case should rebuild views of kept values"
+    kept = keep_aliases(prob, ev, ev.sim.peak_bytes)
+    assert kept.recompute == ev.recompute - free(ev)
+    assert kept.sim.peak_bytes <= ev.sim.peak_bytes and kept.cost_s <= ev.cost_s and len(kept.recomputed) < len(ev.recomputed)
+    assert keep_aliases(prob, ev, kept.sim.peak_bytes - 1) is ev  # nothing over the budget
+    p = plan_profile(gp, ev.sim.peak_bytes, solver="ilp")
+    assert p.recomputed and "views kept" in p.solver.status
+    views = {n for n in p.recomputed if prob.own_bytes[n] == 0 and n not in prob.parent and n not in multi}
+    assert not {n for n in views if set(gp.nodes[n].storages) <= static.union(
+        *(gp.nodes[d.name].storages for d in p.nodes if d.decision == "save"))}
+    wrapped, planned_model = assert_same_step(model, lambda m: runtime.apply(m, p), inputs)
+    assert measured_step_peak(wrapped, planned_model, inputs) <= p.predicted_peak_bytes + 64
 
 def _example_args(op):
     """Arguments of the right kinds for one functional op of ``planner.reuse``'s table."""
