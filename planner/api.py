@@ -38,6 +38,7 @@ from .search import lowest_plan, search_ilp
 from .sqrt import solve_sqrt
 from .step_profiles import StepProfiles
 from .trim import as_run
+from .zero_tangents import profile_as_run
 
 __all__ = [
     "plan",
@@ -408,6 +409,7 @@ def plan_profile(
     margin = budget_margin(gp.joint, device_type)
     # Inductor's channels-last layouts for convolutions on the CPU: their copies counted (or the layouts off)
     engine, inductor_options = layout_choice(engine, gp.joint, device_type, layout_optimization)
+    gp = profile_as_run(gp, loss=loop.loss if loop is not None else None, blocks=engine is not None and engine.blocks is not None)
     prob = build_problem(gp, granularity=granularity(device_type), objective=objective, engine=engine,
                          loop=loop.loop if loop is not None else None)
     baseline = prob.evaluate(frozenset())

@@ -34,6 +34,7 @@ from .plan_type import Plan
 from .schedule import schedule_of
 from .simulate import simulate
 from .training_loop import TrainingLoop
+from .zero_tangents import profile_as_run
 
 __all__ = ["resimulate", "LoopNotResimulated"]
 
@@ -102,6 +103,7 @@ def resimulate(plan: Plan, joint: fx.GraphModule, forward: fx.GraphModule, backw
     engine = with_layout_copies(from_record(plan.distributed), joint, plan.inductor_options)
     sched = schedule_of(forward, backward)
     if plan.executor == "eager":  # as the runtime runs it op by op: arranged for memory (Inductor orders its own)
+        gp = profile_as_run(gp, loss=plan.training_loop.loss if plan.training_loop else None, blocks=False)
         arr = arrange(gp, sched, granularity=granularity(device), engine=engine)
         sched, gp = arr.schedule, arr.profile
     return simulate(gp, sched, granularity=granularity(device), engine=engine, loop=loop).peak_bytes

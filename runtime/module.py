@@ -36,6 +36,7 @@ from planner import LoopNotResimulated, resimulate
 from planner.deepspeed_config import DeepSpeedSettings
 from planner.distributed import from_record
 from planner.plan_type import GiB, Plan
+from planner.zero_tangents import skippable_tangents, skips_zero_tangents
 from profiles import available_targets
 from profiles._torch_private import (
     aot_autograd,
@@ -68,6 +69,7 @@ from .inductor import PlanPartitioner, compile_inference, compile_planned, compi
 from .partition import op_by_op, split_joint
 from .mismatch import AutocastMismatch, PlanMismatch, check_step_autocast
 from .regions import RegionBackend, RegionMismatch
+from .zero_grads import accept_missing_tangents, skip_zero_grads
 
 __all__ = ["PlannedModule", "ShapeEntry", "PlanMismatch", "AutocastMismatch", "ShapeWarning", "BudgetWarning", "apply"]
 
@@ -137,62 +139,72 @@ class PlannedModule(nn.Module):
             )
         self.module = model
         self.plan = plan
-        graphs: list = []
         #: (forward, backward) GraphModules of each compilation, for inspection.
-        self.compiled_graphs = graphs
+        self.compiled_graphs: list = []
         self.shapes: dict[str, ShapeEntry] = {}
         if plan.model.inputs:
             self.shapes[_key(plan.model.inputs)] = ShapeEntry(how="planned", plan=plan, predicted_peak_bytes=plan.predicted_peak_bytes)
         self._call_key = ""
-
-        def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
-            use = self._choose(joint, num_fwd_outputs)
-            prepare_joint(joint, dropout=use.dropout, num_fwd_outputs=num_fwd_outputs)
-            fwd, bwd, _ = split_joint(joint, frozenset(use.recomputed), num_fwd_outputs=num_fwd_outputs)
-            entry = self.shapes.get(self._call_key)
-            if entry is not None and entry.how == "reused" and entry.predicted_peak_bytes is None:
-                try:
-                    peak = resimulate(use, joint, fwd, bwd, num_fwd_outputs=num_fwd_outputs,
-                                      parameters=list(self.module.parameters()))
-                except LoopNotResimulated as e:
-                    warnings.warn(f"inputs {self._call_key} differ from the planned {plan.model.to_dict().get('inputs')}; "
-                                  f"the plan's decisions still apply, but {e}", ShapeWarning, stacklevel=2)
-                    peak = None
-                self.shapes[self._call_key] = dataclasses.replace(entry, predicted_peak_bytes=peak)
-                if peak is not None and peak > use.budget_bytes:
-                    warnings.warn(
-                        f"inputs {self._call_key} differ from the planned {plan.model.to_dict().get('inputs')}; the plan's "
-                        f"decisions still apply, but the step is predicted to peak at {peak / GiB:.4f} GiB, over the "
-                        f"budget of {use.budget_bytes / GiB:.4f} GiB; plan for these shapes with planner.plan(...) "
-                        "to stay within it",
-                        BudgetWarning,
-                        stacklevel=2,
-                    )
-            if self.executor == "eager":  # as the planner simulated it (Inductor orders the graphs itself)
-                fwd, bwd = arrange_graphs(joint, num_fwd_outputs, fwd, bwd, dropout=use.dropout,
-                                          granularity=granularity(graph_device_type(joint)),
-                                          engine=from_record(use.distributed))
-            graphs.append((fwd, bwd))
-            return fwd, bwd
+        #: Whether gradients of outputs other than the loss reach backward as None (runtime.zero_grads).
+        self._skip_zero_grads = skips_zero_tangents(loss=plan.training_loop.loss if plan.training_loop else None,
+                                                    executor=self.executor, regions=bool(plan.regions), blocks=False)
 
         allow_recompiles()
         regions = None
         if plan.regions:  # a model that breaks the graph: each region split by its own decisions
             if self.executor != "eager":
                 raise PlanMismatch("a plan for a model that breaks the graph runs op by op only: apply it with compile='eager'")
-            regions = RegionBackend(plan, graphs)
+            regions = RegionBackend(plan, self.compiled_graphs)
             compiled = torch.compile(model, backend=regions, fullgraph=False, dynamic=False)
         elif self.executor == "inductor":
-            compiled = compile_planned(model, PlanPartitioner(partition, self._plans_key), self.compile_options, plan)
+            compiled = compile_planned(model, PlanPartitioner(self._partition, self._plans_key), self.compile_options, plan)
         else:
             # attention rewritten as the capture rewrote it (profiles.causal_sdpa)
             backend = with_causal_sdpa(aot_autograd(fw_compiler=op_by_op, bw_compiler=op_by_op,
-                                                    partition_fn=partition))
+                                                    partition_fn=self._partition))
             compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
         # Not submodules: the compiled wrappers would list the parameters again.
         object.__setattr__(self, "_compiled", compiled)
         object.__setattr__(self, "_regions", regions)
         object.__setattr__(self, "_inference", None)
+
+    # -- the partition hook: the plan's split of each compiled joint graph -----------
+    def _partition(self, joint, joint_inputs, *, num_fwd_outputs, **kw):
+        use = self._choose(joint, num_fwd_outputs)
+        prepare_joint(joint, dropout=use.dropout, num_fwd_outputs=num_fwd_outputs)
+        fwd, bwd, _ = split_joint(joint, frozenset(use.recomputed), num_fwd_outputs=num_fwd_outputs)
+        entry = self.shapes.get(self._call_key)
+        if entry is not None and entry.how == "reused" and entry.predicted_peak_bytes is None:
+            self._resimulate(entry, use, joint, fwd, bwd, num_fwd_outputs)
+        if self.executor == "eager":  # as the planner simulated it (Inductor orders the graphs itself)
+            fwd, bwd = arrange_graphs(joint, num_fwd_outputs, fwd, bwd, dropout=use.dropout,
+                                      granularity=granularity(graph_device_type(joint)),
+                                      engine=from_record(use.distributed), zero_tangents=self._skip_zero_grads)
+            if self._skip_zero_grads:
+                bwd = accept_missing_tangents(bwd, skippable_tangents(joint))
+        self.compiled_graphs.append((fwd, bwd))
+        return fwd, bwd
+
+    def _resimulate(self, entry: "ShapeEntry", use: Plan, joint, fwd, bwd, num_fwd_outputs: int) -> None:
+        """Record the predicted peak of reused decisions at new shapes; warn when it is over the budget."""
+        planned = self.plan.model.to_dict().get("inputs")
+        try:
+            peak = resimulate(use, joint, fwd, bwd, num_fwd_outputs=num_fwd_outputs,
+                              parameters=list(self.module.parameters()))
+        except LoopNotResimulated as e:
+            warnings.warn(f"inputs {self._call_key} differ from the planned {planned}; "
+                          f"the plan's decisions still apply, but {e}", ShapeWarning, stacklevel=3)
+            peak = None
+        self.shapes[self._call_key] = dataclasses.replace(entry, predicted_peak_bytes=peak)
+        if peak is not None and peak > use.budget_bytes:
+            warnings.warn(
+                f"inputs {self._call_key} differ from the planned {planned}; the plan's "
+                f"decisions still apply, but the step is predicted to peak at {peak / GiB:.4f} GiB, over the "
+                f"budget of {use.budget_bytes / GiB:.4f} GiB; plan for these shapes with planner.plan(...) "
+                "to stay within it",
+                BudgetWarning,
+                stacklevel=3,
+            )
 
     def _plans_key(self) -> str:
         """What the partition hook applies to the call being compiled: the plan, and
@@ -302,7 +314,10 @@ class PlannedModule(nn.Module):
                 # one graph even inside DistributedDataParallel's forward; backward traced as eager runs it
                 with no_ddp_graph_split(), backward_without_autocast(), \
                         (compiling() if self.executor == "inductor" else contextlib.nullcontext()):
-                    return self._compiled(*args, **kwargs)
+                    out = self._compiled(*args, **kwargs)
+                if self._skip_zero_grads:
+                    skip_zero_grads(out)
+                return out
             except Exception as e:
                 inner = backend_error_cause(e)
                 if isinstance(inner, _Replan) and attempt == 0:

@@ -12,6 +12,7 @@ import planner
 import runtime
 from helpers import assert_same_step, measured_step_peak, run_step, tiny_gpt2
 from planner.api import plan_profile
+from planner.zero_tangents import profile_as_run
 from profiles import capture, profile_graph
 
 
@@ -108,7 +109,7 @@ def test_plan_keeps_the_cheaper_dropout_treatment(gpt2):
     joint = capture(model, inputs, dropout="mask")
     costs = {}
     for mode, j in (("mask", joint), ("replay", with_dropout(joint, "replay"))):
-        gp = profile_graph(j)
+        gp = profile_as_run(profile_graph(j), loss="model", blocks=False)  # as plan() profiles a model returning its loss
         p = plan_profile(gp, budget)
         extra = sum(n.time_s for n in gp.nodes.values() if "replay_dropout_mask" in n.op and n.phase == "forward")
         costs[mode] = (p.recompute_time_s + extra, p.recomputed)
