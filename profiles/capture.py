@@ -22,6 +22,7 @@ from ._torch_private import (
     no_aot_autograd_cache,
 )
 from .capture_errors import DataDependentShape, GraphBreak, explain_capture_failure
+from .batch_norm_stats import drop_unread_running_stats
 from .dropout_pass import rewrite_dropout
 from .executors import JointRecorded, check_executor, recording_backend
 from .joint import CaptureError, JointGraph, mutated_primals
@@ -66,13 +67,16 @@ def prepare_joint(gm: fx.GraphModule, *, dropout: str = "mask", num_fwd_outputs:
 
     Buffers the step updates in place (BatchNorm statistics) are marked so that,
     when a recomputed BatchNorm needs them in backward, AOTAutograd hands them over
-    without autograd's version check (training-mode BatchNorm does not read them)."""
+    without autograd's version check (training-mode BatchNorm does not read them), and
+    training-mode BatchNorm backward is not handed the new statistics it does not read
+    (:mod:`profiles.batch_norm_stats`)."""
     if num_fwd_outputs is not None:
         mutated = mutated_primals(gm, num_fwd_outputs)
         for node in gm.graph.find_nodes(op="placeholder"):
             if node.name in mutated:
                 node.meta["saved_tensor_with_no_vc_check"] = True
     record_layer_norm_stat_dtypes(gm)
+    drop_unread_running_stats(gm)
     return rewrite_dropout(gm, dropout)
 
 
