@@ -30,7 +30,8 @@ from torch import nn  # noqa: E402
 
 import planner  # noqa: E402
 import runtime  # noqa: E402
-from profiles import measure_peak, storage_bytes  # noqa: E402
+from profiles import storage_bytes  # noqa: E402
+from step_peak import step_peak  # noqa: E402
 
 
 def make(hidden: int, layers: int) -> nn.Module:
@@ -58,8 +59,6 @@ def ctc_loss_fn(labels: torch.Tensor):
 
 
 def measure(model: nn.Module, module, inputs: dict, loss_fn) -> int:
-    static = storage_bytes([*model.parameters(), *model.buffers(), *inputs.values()])
-
     def step():
         torch.manual_seed(0)
         out = module(**inputs)
@@ -67,11 +66,7 @@ def measure(model: nn.Module, module, inputs: dict, loss_fn) -> int:
         loss.backward()
         return loss.detach()
 
-    step()  # compile, warm up
-    model.zero_grad(set_to_none=True)
-    delta, _ = measure_peak(step)
-    model.zero_grad(set_to_none=True)
-    return static + delta
+    return step_peak(model, step, [*model.parameters(), *model.buffers(), *inputs.values()])
 
 
 def rows_for(model: nn.Module, inputs: dict, loss_fn, fractions: list[float]) -> list:

@@ -30,7 +30,8 @@ from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import planner  # noqa: E402
 import runtime  # noqa: E402
-from profiles import measure_peak, storage_bytes  # noqa: E402
+from profiles import storage_bytes  # noqa: E402
+from step_peak import step_peak  # noqa: E402
 
 
 class BrokenGPT2(nn.Module):
@@ -65,19 +66,13 @@ class BrokenGPT2(nn.Module):
 
 
 def measure(model, module, ids) -> int:
-    static = storage_bytes(list(model.parameters()) + [ids])
-
     def step():
         torch.manual_seed(0)
         loss = module(ids)
         loss.backward()
         return loss.detach()
 
-    step()  # compile, warm up
-    model.zero_grad(set_to_none=True)
-    delta, _ = measure_peak(step)
-    model.zero_grad(set_to_none=True)
-    return static + delta
+    return step_peak(model, step, [*model.parameters(), ids])
 
 
 def main(argv=None) -> None:
