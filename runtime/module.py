@@ -316,7 +316,7 @@ class PlannedModule(nn.Module):
                         (compiling() if self.executor == "inductor" else contextlib.nullcontext()):
                     out = self._compiled(*args, **kwargs)
                 if self._skip_zero_grads:
-                    skip_zero_grads(out)
+                    skip_zero_grads(out, self.module.parameters())
                 return out
             except Exception as e:
                 inner = backend_error_cause(e)

@@ -65,10 +65,13 @@ def accept_missing_tangents(bwd: fx.GraphModule, skippable: dict[str, tuple[str,
     return bwd
 
 
-def skip_zero_grads(outputs) -> None:
-    """Let the compiled functions that made ``outputs`` (tensors, nested in lists,
+def skip_zero_grads(outputs, parameters) -> None:
+    """Let the compiled function that made ``outputs`` (tensors, nested in lists,
     tuples, dicts or Hugging Face ``ModelOutput`` s) receive ``None`` for an output's
-    missing gradient instead of zeros."""
+    missing gradient instead of zeros. Only a compiled function whose backward
+    accumulates into one of ``parameters`` (the planned model's, as its forward
+    sees them) is changed: not one upstream of an output that is a view of an input."""
+    own = {id(p) for p in parameters if p.requires_grad}
     seen: set = set()
     todo = [(t.grad_fn, 0) for t in _tensors(outputs) if t.grad_fn is not None]
     while todo:
@@ -77,7 +80,8 @@ def skip_zero_grads(outputs) -> None:
             continue
         seen.add(node)
         if type(node).__name__ == _COMPILED_NODE:
-            node.materialize_grads = False
+            if any(id(getattr(fn, "variable", None)) in own for fn, _ in node.next_functions if fn is not None):
+                node.materialize_grads = False
             continue
         todo.extend((fn, depth + 1) for fn, _ in node.next_functions if fn is not None)
 
