@@ -6,8 +6,8 @@ for the logits, and by default AOTAutograd's autograd function is handed a zero
 tensor of their size before backward starts, which the backward graph adds to the
 logits' gradient from the loss (``add(tangents_2, grad)``). Eager PyTorch allocates
 no such tensor. The runtime (:mod:`runtime.zero_grads`) lets those gradients
-arrive as ``None`` instead, and runs such an ``add`` as its other operand: the
-same values, without the tensor or the sum.
+arrive as ``None`` instead, and runs such an ``add`` as its other operand (or a copy
+of it in the sum's layout): the same values, without the zero tensor.
 
 :func:`skippable_tangents` names the tangents that can arrive as ``None`` and
 their ``add``; :func:`without_zero_tangents` gives the profile the simulator needs
@@ -35,12 +35,13 @@ def skips_zero_tangents(*, loss: str | None, executor: str, regions: bool, block
     return loss == "model" and executor == "eager" and not regions and not blocks
 
 
-def skippable_tangents(gm: fx.GraphModule) -> dict[str, tuple[str, str]]:
-    """``{tangent: (add, other)}`` for each tangent of more than one element whose only
-    use is ``add(tangent, other)`` (either order, no ``alpha``) with ``other`` of the
-    same shape, dtype and strides as the sum: the sum is ``other`` when the tangent is
-    zero. Names are the joint graph's (the backward graph keeps them)."""
-    found: dict[str, tuple[str, str]] = {}
+def skippable_tangents(gm: fx.GraphModule) -> dict[str, tuple[str, str, bool]]:
+    """``{tangent: (add, other, alias)}`` for each tangent of more than one element whose
+    only use is ``add(tangent, other)`` (either order, no ``alpha``) with ``other`` of the
+    sum's shape and dtype: with the tangent missing the sum is ``other``'s values, which
+    ``alias`` (``other`` has the sum's strides too) lets the step use as they are, else
+    copied into the sum's layout. Names are the joint graph's (the backward graph keeps them)."""
+    found: dict[str, tuple[str, str, bool]] = {}
     for t in gm.graph.find_nodes(op="placeholder"):
         val = t.meta.get("val")
         if not t.name.startswith("tangents") or not isinstance(val, torch.Tensor) or val.numel() <= 1 or len(t.users) != 1:
@@ -54,24 +55,25 @@ def skippable_tangents(gm: fx.GraphModule) -> dict[str, tuple[str, str]]:
         ov, uv = other.meta.get("val"), use.meta.get("val")
         if not (isinstance(ov, torch.Tensor) and isinstance(uv, torch.Tensor)):
             continue
-        if ov.shape == val.shape == uv.shape and ov.dtype == val.dtype == uv.dtype and ov.stride() == uv.stride():
-            found[t.name] = (use.name, other.name)
+        if ov.shape == val.shape == uv.shape and ov.dtype == val.dtype == uv.dtype:
+            found[t.name] = (use.name, other.name, ov.stride() == uv.stride())
     return found
 
 
-def without_zero_tangents(gp: GraphProfile, skippable: dict[str, tuple[str, str]]) -> GraphProfile:
+def without_zero_tangents(gp: GraphProfile, skippable: dict[str, tuple[str, str, bool]]) -> GraphProfile:
     """``gp`` for the step whose ``skippable`` tangents arrive as ``None``: they refer
-    to no storage, and each ``add`` allocates nothing and refers (with its views) to
-    its other operand's storage."""
+    to no storage; an ``add`` whose other operand it may alias allocates nothing and
+    refers (with its views) to that operand's storage; any other ``add`` allocates its
+    copy of the operand, as it allocated the sum."""
     if not skippable:
         return gp
     nodes = dict(gp.nodes)
     remap: dict[int, int] = {}
-    for t, (add, other) in skippable.items():
+    for t, (add, other, alias) in skippable.items():
         nodes[t] = dataclasses.replace(nodes[t], storages=(), bytes=0)
-        nodes[add] = dataclasses.replace(nodes[add], bytes=0, temp_bytes=0)
         own, into = nodes[add].storages, nodes[other].storages
-        if len(own) == 1 and len(into) == 1:
+        if alias and len(own) == 1 and len(into) == 1:
+            nodes[add] = dataclasses.replace(nodes[add], bytes=0, temp_bytes=0)
             remap[own[0]] = into[0]
 
     def resolve(s: int) -> int:

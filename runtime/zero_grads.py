@@ -6,7 +6,8 @@ turn a missing output gradient into a zero tensor (what its
 ``ctx.set_materialize_grads(False)`` would do), and :func:`accept_missing_tangents`
 makes the backward graph take ``None`` for it: a tangent whose only use is an
 ``add`` (:func:`planner.zero_tangents.skippable_tangents`) is skipped there, as
-eager autograd does; any other tangent becomes the zeros the engine would have
+eager autograd does (the other operand used as the sum, or copied into its layout);
+any other tangent becomes the zeros the engine would have
 made, before backward's first op, which is when the engine made them.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-__all__ = ["skip_zero_grads", "accept_missing_tangents", "add_unless_none", "zeros_if_none"]
+__all__ = ["skip_zero_grads", "accept_missing_tangents", "add_unless_none", "add_or_copy", "zeros_if_none"]
 
 #: The autograd node of AOTAutograd's compiled function (``grad_fn`` of its outputs).
 _COMPILED_NODE = "CompiledFunctionBackward"
@@ -33,6 +34,15 @@ def add_unless_none(a, b):
     return torch.ops.aten.add.Tensor(a, b)
 
 
+def add_or_copy(a, b, size, stride):
+    """``a + b`` (``aten.add.Tensor``), or a copy of the one that is not ``None`` with
+    the sum's ``size`` and ``stride``."""
+    if a is not None and b is not None:
+        return torch.ops.aten.add.Tensor(a, b)
+    x = b if a is None else a
+    return torch.empty_strided(size, stride, dtype=x.dtype, device=x.device).copy_(x)
+
+
 def zeros_if_none(t, size, stride, dtype, device):
     """``t``, or the zero gradient the autograd engine makes for a missing one."""
     if t is not None:
@@ -40,9 +50,10 @@ def zeros_if_none(t, size, stride, dtype, device):
     return torch.empty_strided(size, stride, dtype=dtype, device=device).zero_()
 
 
-def accept_missing_tangents(bwd: fx.GraphModule, skippable: dict[str, tuple[str, str]]) -> fx.GraphModule:
+def accept_missing_tangents(bwd: fx.GraphModule, skippable: dict[str, tuple[str, str, bool]]) -> fx.GraphModule:
     """Rewrite ``bwd`` (in place; returned) to take ``None`` for any tangent: each
-    ``skippable`` tangent's ``add`` becomes :func:`add_unless_none`, every other
+    ``skippable`` tangent's ``add`` becomes :func:`add_unless_none` (or :func:`add_or_copy`
+    where the sum's strides are not the operand's), every other
     tangent of a tensor passes through :func:`zeros_if_none` before backward's first op."""
     graph = bwd.graph
     nodes = {n.name: n for n in graph.nodes}
@@ -51,7 +62,12 @@ def accept_missing_tangents(bwd: fx.GraphModule, skippable: dict[str, tuple[str,
         if not t.name.startswith("tangents"):
             continue
         if t.name in skippable and skippable[t.name][0] in nodes:
-            nodes[skippable[t.name][0]].target = add_unless_none
+            add = nodes[skippable[t.name][0]]
+            if skippable[t.name][2]:
+                add.target = add_unless_none
+            else:
+                val = add.meta["val"]
+                add.target, add.args = add_or_copy, (*add.args, tuple(val.shape), tuple(val.stride()))
             continue
         val = t.meta.get("val")
         if not isinstance(val, torch.Tensor) or not t.users:

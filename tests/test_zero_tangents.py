@@ -46,12 +46,12 @@ def test_the_logits_tangent_is_skipped_and_the_step_stays_at_or_below_eager():
     model, inputs = _mistral()
     joint = capture(model, inputs)
     skippable = skippable_tangents(joint.gm)
-    ((tangent, (add, other)),) = skippable.items()  # the logits' gradient, added to the loss's
+    ((tangent, (add, other, alias)),) = skippable.items()  # the logits' gradient, added to the loss's
     logits = joint.gm.graph.find_nodes(op="placeholder")
     assert [n for n in logits if n.name == tangent][0].meta["val"].shape == (2, 32, 512)
     gp = profile_graph(joint)
     skipped = without_zero_tangents(gp, skippable)
-    assert skipped.nodes[tangent].storages == () and skipped.nodes[add].storages == gp.nodes[other].storages
+    assert alias and skipped.nodes[tangent].storages == () and skipped.nodes[add].storages == gp.nodes[other].storages
 
     probe = copy.deepcopy(model)
     eager_peak = measured_step_peak(probe, probe, inputs)
@@ -96,3 +96,25 @@ def test_a_missing_tangent_with_another_use_becomes_zeros():
     assert torch.equal(bwd(x, None)[0], torch.zeros(4, 3))
     g = torch.randn(4, 3)
     assert torch.equal(bwd(x, g)[0], g * x)
+
+
+def test_a_missing_tangent_added_to_another_layout_gives_a_copy_in_the_sums_layout():
+    """``add(tangent, x)`` whose sum is laid out otherwise than ``x`` (a transposed
+    gradient): with the tangent missing, the step gets ``x``'s values in the sum's
+    strides, as a new buffer; with it, the sum."""
+    graph = fx.Graph()
+    x, tangent = graph.placeholder("x"), graph.placeholder("tangents_1")
+    tangent.meta["val"] = torch.empty(4, 3)
+    t = graph.call_function(torch.ops.aten.t.default, (x,))
+    add = graph.call_function(torch.ops.aten.add.Tensor, (tangent, t))
+    add.meta["val"] = torch.empty(4, 3)
+    graph.output((add,))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    t.meta["val"] = torch.empty(3, 4).t()
+    assert skippable_tangents(gm) == {"tangents_1": (add.name, t.name, False)}
+    bwd = accept_missing_tangents(gm, skippable_tangents(gm))
+    base = torch.randn(3, 4)
+    got = bwd(base, None)[0]
+    assert got.stride() == (3, 1) and torch.equal(got, base.t()) and got.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
+    g = torch.randn(4, 3)
+    assert torch.equal(bwd(base, g)[0], g + base.t())
