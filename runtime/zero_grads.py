@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from profiles._torch_private import is_compiled_function_node
+
 __all__ = ["skip_zero_grads", "accept_missing_tangents", "add_unless_none", "add_or_copy", "zeros_if_none"]
 
-#: The autograd node of AOTAutograd's compiled function (``grad_fn`` of its outputs).
-_COMPILED_NODE = "CompiledFunctionBackward"
 #: Autograd nodes walked from an output to its compiled function at most (views
 #: AOTAutograd regenerates outside the function lie between them).
 _MAX_WALK = 4
@@ -95,7 +95,7 @@ def skip_zero_grads(outputs, parameters) -> None:
         if node is None or node in seen or depth > _MAX_WALK:
             continue
         seen.add(node)
-        if type(node).__name__ == _COMPILED_NODE:
+        if is_compiled_function_node(node):
             if any(id(getattr(fn, "variable", None)) in own for fn, _ in node.next_functions if fn is not None):
                 node.materialize_grads = False
             continue
