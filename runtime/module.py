@@ -170,6 +170,8 @@ class PlannedModule(nn.Module):
 
     # -- the partition hook: the plan's split of each compiled joint graph -----------
     def _partition(self, joint, joint_inputs, *, num_fwd_outputs, **kw):
+        """AOTAutograd's partition hook: ``joint`` split by the plan chosen for this call's
+        shapes, arranged as simulated when run op by op; the pair is kept in ``compiled_graphs``."""
         use = self._choose(joint, num_fwd_outputs)
         prepare_joint(joint, dropout=use.dropout, num_fwd_outputs=num_fwd_outputs)
         fwd, bwd, _ = split_joint(joint, frozenset(use.recomputed), num_fwd_outputs=num_fwd_outputs)
