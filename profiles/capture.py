@@ -23,6 +23,7 @@ from ._torch_private import (
 )
 from .capture_errors import DataDependentShape, GraphBreak, explain_capture_failure
 from .batch_norm_stats import drop_unread_running_stats
+from .clone_elision import drop_same_layout_clones
 from .dropout_pass import rewrite_dropout
 from .executors import JointRecorded, check_executor, recording_backend
 from .joint import CaptureError, JointGraph, mutated_primals
@@ -69,7 +70,8 @@ def prepare_joint(gm: fx.GraphModule, *, dropout: str = "mask", num_fwd_outputs:
     when a recomputed BatchNorm needs them in backward, AOTAutograd hands them over
     without autograd's version check (training-mode BatchNorm does not read them), and
     training-mode BatchNorm backward is not handed the new statistics it does not read
-    (:mod:`profiles.batch_norm_stats`)."""
+    (:mod:`profiles.batch_norm_stats`), and copies eager does not make are read as the
+    value they copy (:mod:`profiles.clone_elision`)."""
     if num_fwd_outputs is not None:
         mutated = mutated_primals(gm, num_fwd_outputs)
         for node in gm.graph.find_nodes(op="placeholder"):
@@ -77,6 +79,7 @@ def prepare_joint(gm: fx.GraphModule, *, dropout: str = "mask", num_fwd_outputs:
                 node.meta["saved_tensor_with_no_vc_check"] = True
     record_layer_norm_stat_dtypes(gm)
     drop_unread_running_stats(gm)
+    drop_same_layout_clones(gm)
     return rewrite_dropout(gm, dropout)
 
 

@@ -90,11 +90,11 @@ def _plans(model, inputs, loss_fn, fractions, *, grad_accumulation=False, optimi
     return [planner.plan_profile(gp, int(base + f * (full.baseline_peak_bytes - base)), loop=setup) for f in fractions]
 
 
-@pytest.mark.parametrize("name, fractions", [("gpt2", (0.6, 0.4)), ("llama", (0.4,)), ("t5", (0.4,))],
+@pytest.mark.parametrize("name, fractions", [("gpt2", (0.6, 0.4)), ("llama", (0.4,)), ("t5", (0.5,))],
                          ids=["gpt2", "llama", "t5"])
 def test_loss_outside_the_model_stays_within_budget(name, fractions):
-    """At 60% and 40% of the step's memory above the parameters and inputs (Llama and
-    T5 at the tighter 40% only: each budget is a compile of the model), the measured
+    """At 60% and 40% of the step's memory above the parameters and inputs (Llama at the
+    tighter 40% only, T5 at 50%, near its minimum: each budget is a compile of the model), the measured
     peak of the everyday loop is within the budget and the prediction within 5% of it;
     the loss's own forward and backward are counted."""
     model, inputs = _make(name)
