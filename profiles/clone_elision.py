@@ -50,23 +50,30 @@ def drop_same_layout_clones(gm: fx.GraphModule) -> int:
     """Replace each same-layout ``clone`` of joint graph ``gm`` that no output of the
     graph aliases by its input, and name the input's storage where a view of the
     copy named the copy's (in place; recompiled when changed). Returns how many were dropped."""
+    clones = [n for n in gm.graph.find_nodes(op="call_function", target=_CLONE)
+              if _same_layout_copy(n) and not any(u.op == "output" for u in n.users)]
+    if not clones:
+        return 0
+    keys = {n: _keys(n) for n in gm.graph.nodes}
+    sharing: dict = {}  # storage key -> the nodes whose tensors refer to it
+    for n, ks in keys.items():
+        for k in ks:
+            sharing.setdefault(k, []).append(n)
     out = gm.graph.output_node().args[0]
-    outputs = out if isinstance(out, (list, tuple)) else [out]
-    held = {k for o in outputs if isinstance(o, fx.Node) for k in _keys(o)}
+    held = {k for o in (out if isinstance(out, (list, tuple)) else [out]) if isinstance(o, fx.Node) for k in keys[o]}
     dropped = 0
-    for node in list(gm.graph.find_nodes(op="call_function", target=_CLONE)):
-        if not _same_layout_copy(node) or any(u.op == "output" for u in node.users):
-            continue
-        (key,) = _keys(node)
+    for node in clones:
+        (key,) = keys[node]
         if key in held:
             continue
-        (into,) = _keys(node.args[0])
+        (into,) = keys[node.args[0]]
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
-        for other in gm.graph.nodes:  # views of the copy (and views of those) share its storage
-            keys = _keys(other)
-            if key in keys:
-                other.meta["storage_keys"] = [into if k == key else k for k in keys]
+        for other in sharing.pop(key, ()):  # views of the copy (and views of those) share its storage
+            if other is not node:
+                keys[other] = [into if k == key else k for k in keys[other]]
+                other.meta["storage_keys"] = keys[other]
+                sharing.setdefault(into, []).append(other)
         dropped += 1
     if dropped:
         gm.graph.lint()
