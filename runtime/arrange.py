@@ -13,7 +13,7 @@ import torch.fx as fx
 from planner.order import arrange, reorder_graph
 from planner.reuse import apply_reuse
 from planner.schedule import schedule_of
-from planner.zero_tangents import skippable_tangents, without_zero_tangents
+from planner.zero_tangents import without_zero_tangents
 from profiles.joint import JointGraph
 from profiles.graph_profile import profile_graph
 
@@ -22,14 +22,14 @@ __all__ = ["arrange_graphs"]
 
 def arrange_graphs(joint: fx.GraphModule, num_fwd_outputs: int, fwd: fx.GraphModule, bwd: fx.GraphModule, *,
                    dropout: str, granularity: int = 1, engine=None,
-                   zero_tangents: bool = False) -> tuple[fx.GraphModule, fx.GraphModule]:
+                   skipped_tangents: dict | None = None) -> tuple[fx.GraphModule, fx.GraphModule]:
     """``(forward, backward)`` reordered and rewritten as :func:`planner.order.arrange` chooses;
-    ``zero_tangents``: for the step whose skippable tangents arrive as ``None``
-    (:mod:`planner.zero_tangents`), as the planner simulated it."""
+    ``skipped_tangents``: the tangents that arrive as ``None``
+    (:func:`planner.zero_tangents.skippable_tangents`), as the planner simulated them."""
     jg = JointGraph(gm=joint, num_fwd_outputs=num_fwd_outputs, primal_roles=[], primal_names=[], dropout=dropout)
     gp = profile_graph(jg, measure_temps=False)
-    if zero_tangents:
-        gp = without_zero_tangents(gp, skippable_tangents(joint))
+    if skipped_tangents:
+        gp = without_zero_tangents(gp, skipped_tangents)
     arr = arrange(gp, schedule_of(fwd, bwd), granularity=granularity, engine=engine)
     if arr.reordered[0]:
         fwd = reorder_graph(fwd, arr.schedule.forward)

@@ -179,11 +179,12 @@ class PlannedModule(nn.Module):
         if entry is not None and entry.how == "reused" and entry.predicted_peak_bytes is None:
             self._resimulate(entry, use, joint, fwd, bwd, num_fwd_outputs)
         if self.executor == "eager":  # as the planner simulated it (Inductor orders the graphs itself)
+            skipped = skippable_tangents(joint) if self._skip_zero_grads else None
             fwd, bwd = arrange_graphs(joint, num_fwd_outputs, fwd, bwd, dropout=use.dropout,
                                       granularity=granularity(graph_device_type(joint)),
-                                      engine=from_record(use.distributed), zero_tangents=self._skip_zero_grads)
-            if self._skip_zero_grads:
-                bwd = accept_missing_tangents(bwd, skippable_tangents(joint))
+                                      engine=from_record(use.distributed), skipped_tangents=skipped)
+            if skipped is not None:
+                bwd = accept_missing_tangents(bwd, skipped)
         self.compiled_graphs.append((fwd, bwd))
         return fwd, bwd
 

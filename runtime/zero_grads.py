@@ -65,7 +65,7 @@ def accept_missing_tangents(bwd: fx.GraphModule, skippable: dict[str, tuple[str,
             add = nodes[skippable[t.name][0]]
             if add.target is not torch.ops.aten.add.Tensor or add.kwargs:
                 raise AssertionError(f"backward node {add.name} (the sum with {t.name}) was rewritten to {add.target} "
-                                     "before tangents were made optional; arrange with zero_tangents=True")
+                                     "before tangents were made optional; arrange with skipped_tangents=")
             if skippable[t.name][2]:
                 add.target = add_unless_none
             else:
