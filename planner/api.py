@@ -26,7 +26,7 @@ from .distributed import EngineBytes
 from .engine_setup import EngineSetup, engine_setup, for_graph
 from .evaluation import Evaluation
 from .fused_recompute import recompute_fused
-from .inductor_layout import budget_margin, layout_choice, warn_unmodelled_layouts
+from .inductor_layout import budget_margin, layout_choice, warn_unmodelled_layouts, with_layout_copies
 from .ilp import backend_name, solve_ilp
 from .loop_capture import LoopSetup, loop_setup, optimizer_spec
 from .memory_model import refine
@@ -408,8 +408,9 @@ def plan_profile(
     device_type = allocator_device_type(gp)
     margin = budget_margin(gp.joint, device_type)
     # Inductor's channels-last layouts for convolutions on the CPU: their copies counted (or the layouts off)
-    engine, inductor_options = layout_choice(engine, gp.joint, device_type, layout_optimization)
+    inductor_options = layout_choice(gp.joint, device_type, layout_optimization)
     gp = profile_as_run(gp, loss=loop.loss if loop is not None else None, blocks=engine is not None and engine.blocks is not None)
+    engine, gp = with_layout_copies(engine, gp, inductor_options)
     prob = build_problem(gp, granularity=granularity(device_type), objective=objective, engine=engine,
                          loop=loop.loop if loop is not None else None)
     baseline = prob.evaluate(frozenset())

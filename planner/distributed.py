@@ -88,6 +88,10 @@ class EngineBytes:
     #: Per-block FSDP2 (``fsdp_wrap="blocks"``): the bytes that vary along the step, added at
     #: each node on top of ``forward``/``backward`` (a :class:`planner.fsdp_blocks.BlockBytes`); None otherwise.
     blocks: object | None = None
+    #: Inductor's channels-last copies of a graph that convolves on the CPU, added at each node
+    #: as they live (a :class:`planner.layout_copies.LayoutCopies`); None otherwise. With them the
+    #: step is simulated as Inductor runs it (:mod:`planner.inductor_fusion`).
+    layout: object | None = None
 
     @property
     def held(self) -> int:

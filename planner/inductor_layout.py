@@ -3,14 +3,15 @@
 Inductor lays convolutions out channels-last on the CPU, which is faster (without
 it a ResNet-18-like net's step took 6% longer) and as accurate as eager (without it,
 Inductor's convolution weight gradients were 500x further from a float64 reference
-on that net), but copies the convolutions' weights and the inputs they read
-(:func:`profiles.inductor_conv.layout_copy_bytes`), copies the op-by-op simulation
-does not make. :func:`layout_choice` says how to plan such a graph: with the
-layouts, their copies counted at every point of the step (an upper bound: measured,
-the copies were at most that); without them (``layout_optimization=False``: no
-copies, less memory, a slower and less accurate step) only when the compile options
-given to ``plan()`` ask for it. Either way a value read by several kernels is
-stored once (:data:`profiles.inductor_conv.CONV_CPU_OPTIONS`).
+on that net), but copies the convolutions' weights and the inputs they read,
+copies the op-by-op simulation does not make. :func:`layout_choice` says how to
+plan such a graph: with the layouts, their copies counted as they live and the
+step simulated as Inductor runs it (:func:`with_layout_copies`:
+:mod:`planner.layout_copies`, :mod:`planner.inductor_fusion`); without them
+(``layout_optimization=False``: no copies, a slower and less accurate step, the
+graphs simulated op by op) only when the compile options given to ``plan()`` ask
+for it. Either way a value read by several kernels is stored once
+(:data:`profiles.inductor_conv.CONV_CPU_OPTIONS`).
 The plan records the options its peak assumes (``Plan.inductor_options``), which
 the runtime compiles with. Inductor orders the backward graph itself, which the
 plan's budget leaves :data:`INDUCTOR_CONV_CPU_MARGIN` for (:func:`budget_margin`).
@@ -22,10 +23,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import replace
 
-from profiles.inductor_conv import CONV_CPU_OPTIONS, graph_convolves, layout_copy_bytes, unmodelled_options
+from profiles.graph_profile import GraphProfile
+from profiles.inductor_conv import CONV_CPU_OPTIONS, graph_convolves, unmodelled_options
 from profiles.joint import JointGraph
 
 from .distributed import EngineBytes
+from .layout_copies import channels_last_temps, layout_copies
 
 __all__ = ["INDUCTOR_CONV_CPU_MARGIN", "LAYOUT_OFF_OPTIONS", "InductorLayoutWarning", "warn_unmodelled_layouts",
            "budget_margin", "layout_choice", "with_layout_copies"]
@@ -73,27 +76,28 @@ def budget_margin(joint: JointGraph, device_type: str) -> float:
     return INDUCTOR_CONV_CPU_MARGIN if _conv_on_cpu(joint, device_type) else 0.0
 
 
-def layout_choice(engine: EngineBytes | None, joint: JointGraph, device_type: str,
-                  layout_optimization: bool | None = None) -> tuple[EngineBytes | None, tuple]:
-    """How to plan ``joint``'s step: ``(bytes beyond the simulated step, Plan.inductor_options)``.
-    ``(engine, ())`` unless ``joint`` is Inductor's graph that convolves on the CPU; then
-    with the channels-last copies added to ``engine``'s bytes, or without layouts when
+def layout_choice(joint: JointGraph, device_type: str, layout_optimization: bool | None = None) -> tuple:
+    """How to plan ``joint``'s step: the ``Plan.inductor_options`` its peak assumes. ``()``
+    unless ``joint`` is Inductor's graph that convolves on the CPU; then with the
+    channels-last layouts (:data:`CONV_CPU_OPTIONS`), or without them when
     ``layout_optimization`` (from the compile options) is False."""
     if not _conv_on_cpu(joint, device_type):
-        return engine, ()
+        return ()
     if layout_optimization is False:
-        return engine, tuple(LAYOUT_OFF_OPTIONS.items())
-    return with_layout_copies(engine, joint.gm, CONV_CPU_OPTIONS), tuple(CONV_CPU_OPTIONS.items())
+        return tuple(LAYOUT_OFF_OPTIONS.items())
+    return tuple(CONV_CPU_OPTIONS.items())
 
 
-def with_layout_copies(engine: EngineBytes | None, gm, inductor_options) -> EngineBytes | None:
-    """``engine``'s bytes (None: none) with the channels-last copies of joint graph ``gm``
-    added to every point of forward and backward, when ``inductor_options`` (a dict or
-    ``Plan.inductor_options``) are a conv plan's with layouts; else ``engine``."""
+def with_layout_copies(engine: EngineBytes | None, gp: GraphProfile,
+                       inductor_options) -> tuple[EngineBytes | None, GraphProfile]:
+    """``(engine, gp)`` as the simulator takes them for a plan compiled with
+    ``inductor_options`` (a dict or ``Plan.inductor_options``): for a conv plan with
+    layouts, ``engine``'s bytes (None: none) with the channels-last copies of ``gp``'s
+    graph as they live (:mod:`planner.layout_copies`), and ``gp`` with its convolutions'
+    temporaries on channels-last inputs; else both unchanged."""
     options = dict(inductor_options)
     if not options or options.get("layout_optimization") is False:
-        return engine
-    extra = layout_copy_bytes(gm)
-    if engine is None:
-        return EngineBytes(forward=extra, backward=extra, end=0, optimizer=0)
-    return replace(engine, forward=engine.forward + extra, backward=engine.backward + extra)
+        return engine, gp
+    copies = layout_copies(gp)
+    engine = engine if engine is not None else EngineBytes(forward=0, backward=0, end=0, optimizer=0)
+    return replace(engine, layout=copies), channels_last_temps(gp)

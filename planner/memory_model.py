@@ -148,6 +148,9 @@ def build_memory_model(
         if engine.blocks is not None:  # per-block FSDP2: what it holds at each node
             const_f = const_f + np.array(node_bytes(engine.blocks, fwd, "forward"), dtype=float)
             const_b = const_b + np.array(node_bytes(engine.blocks, bwd, "backward"), dtype=float)
+        if engine.layout is not None:  # Inductor's channels-last copies, as they live
+            const_f = const_f + np.array(engine.layout.along("forward", fwd), dtype=float)
+            const_b = const_b + np.array(engine.layout.along("backward", bwd), dtype=float)
     const_l, save_loop = _loop_rows(step, loop or TrainingLoop(), engine, cand_bytes)
     # forward rows: a saved candidate stays live after its last forward use
     save_forward = np.zeros((len(fwd), len(candidates)))
@@ -238,6 +241,8 @@ def _loop_rows(step: _Step, loop: TrainingLoop, engine: EngineBytes | None,
     const, save = [], []
     if loop.loss:
         engine_bytes = engine.backward if engine is not None else 0  # after forward: FSDP2's all-gather output freed
+        if engine is not None and engine.layout is not None:
+            engine_bytes += engine.layout.held
         const.append(step.static_bytes + held + engine_bytes + max(b for _, _, b in loop.loss))
         save.append(candidate_bytes)
     if loop.has_optimizer:

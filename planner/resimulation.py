@@ -100,7 +100,7 @@ def resimulate(plan: Plan, joint: fx.GraphModule, forward: fx.GraphModule, backw
             temps = synthetic_cpu_temps(jg)
         nodes = {name: dataclasses.replace(ni, temp_bytes=temps[name]) if name in temps else ni for name, ni in gp.nodes.items()}
         gp = dataclasses.replace(gp, nodes=nodes)
-    engine = with_layout_copies(from_record(plan.distributed), joint, plan.inductor_options)
+    engine, gp = with_layout_copies(from_record(plan.distributed), gp, plan.inductor_options)
     sched = schedule_of(forward, backward)
     if plan.executor == "eager":  # as the runtime runs it op by op: arranged for memory (Inductor orders its own)
         gp = profile_as_run(gp, loss=plan.training_loop.loss if plan.training_loop else None, blocks=False)

@@ -10,7 +10,11 @@ are added to every point of forward and of backward, and to the level at the end
 of backward while gradients are reduced. The training loop around the step
 (:mod:`planner.training_loop`: the loss outside the model, held gradients, the
 optimizer) adds the points of phase ``"loss"`` between forward and backward and
-one of phase ``"optimizer"`` (``opt.step()``) after backward.
+one of phase ``"optimizer"`` (``opt.step()``) after backward. A plan compiled by
+Inductor with channels-last layouts (``engine.layout``) adds the layout copies
+as they live, and runs each graph as Inductor does (:mod:`planner.inductor_fusion`):
+a pointwise value read by one kernel is not allocated, a kernel may write over
+an input that dies at it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from profiles.allocator import round_bytes
 from profiles.graph_profile import GraphProfile
 
 from .distributed import EngineBytes
+from .inductor_fusion import fused_graph, writes_over_input
 from .recomputed_copies import recomputed_copies
 from .schedule import GraphOrder, Schedule
 from .training_loop import TrainingLoop
@@ -118,6 +123,10 @@ class _Liveness:
         #: Per-block FSDP2's bytes along the step (planner.fsdp_blocks), and at the node being run:
         #: its bytes beyond ``extra``, and the level of the moment just before it (0: none).
         self.blocks = engine.blocks if engine is not None else None
+        #: Inductor's channels-last copies (planner.layout_copies), and whether graphs run fused.
+        self.layout = engine.layout if engine is not None else None
+        if self.layout is not None:
+            self.extra["loss"] += self.layout.held
         self.delta = self.floor = 0
         self.peak, self.peak_node, self.peak_phase = 0, "", ""
         self.peak_storages: frozenset[int] = frozenset()
@@ -172,6 +181,11 @@ class _Liveness:
         """Run one graph: allocate each node's storages, free each value after its
         last use (graph inputs too in backward). Returns the graph's outputs."""
         info = self.info
+        inlined: frozenset[str] = frozenset()
+        if self.layout is not None:
+            fused = fused_graph(info, order)
+            inlined = fused.inlined
+            order = GraphOrder(nodes=tuple((n, op, fused.inputs[n]) for n, op, _ in order.nodes), outputs=order.outputs)
         copies = self.copies = (recomputed_copies(info, order, self.live_storages(), self.sizes, self.origin)
                                 if phase == "backward" else {})
         last_use: dict[str, int] = {}
@@ -180,16 +194,27 @@ class _Liveness:
                 last_use[a] = i
         outputs = set(order.outputs)
         walk = self.blocks.walk(phase, [(n, op) for n, op, _ in order.nodes]) if self.blocks is not None else None
+        layout = self.layout.along(phase, [n for n, _, _ in order.nodes]) if self.layout is not None else None
         for i, (name, op, inputs) in enumerate(order.nodes):
             if walk is not None:
                 self.delta, entry = walk.enter(name, op)
                 self.floor = 0 if entry is None else self.static_bytes + self.live + self.extra[phase] + entry
+            if layout is not None:
+                self.delta = (self.delta if walk is not None else 0) + layout[i]
+            if name in inlined:
+                continue
+            dying = [a for a in dict.fromkeys(inputs) if last_use.get(a) == i and a not in outputs]
             if op == "call_function":
-                self.acquire(copies.get(name, info[name].storages))
+                mine = copies.get(name, info[name].storages)
+                over = (writes_over_input(info, name, mine, [(a, copies.get(a, info[a].storages)) for a in dying],
+                                          self.sizes, self.refs) if self.layout is not None else None)
+                if over is not None:
+                    self.release(copies.get(over, info[over].storages))
+                    dying.remove(over)
+                self.acquire(mine)
             self.record(name, phase, info[name].temp_bytes if op == "call_function" else 0)
-            for a in set(inputs):
-                if last_use.get(a) == i and a not in outputs:
-                    self.release(copies.get(a, info[a].storages))
+            for a in dying:
+                self.release(copies.get(a, info[a].storages))
             if name not in last_use and name not in outputs:
                 if op == "call_function" or phase == "backward":
                     self.release(copies.get(name, info[name].storages))

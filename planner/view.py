@@ -86,8 +86,9 @@ def _inductor_headline(plan) -> list[tuple[str, str]]:
     options = dict(getattr(plan, "inductor_options", ()))
     if not options:
         return []
-    layouts = ("channels-last layouts off (compile_options): less memory, a slower and less accurate step"
-               if options.get("layout_optimization") is False else "channels-last layouts, their copies counted")
+    layouts = ("channels-last layouts off (compile_options): no copies, a slower and less accurate step"
+               if options.get("layout_optimization") is False
+               else "channels-last layouts, their copies counted as they live, graphs simulated fused")
     return [("inductor", f"{layouts}; compiled with {', '.join(f'{k}={v!r}' for k, v in options.items())}")]
 
 

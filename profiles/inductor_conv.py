@@ -7,11 +7,11 @@ simulation of the joint graph does not:
   channels-last. It copies each convolution's weight into that layout in forward,
   and the copies are kept for the convolutions' backward; a model input a
   convolution reads is copied likewise. Measured on ResNet-18-like nets, the step
-  peaked above the simulation by the weights' bytes plus up to the input's
+  peaked above the op-by-op simulation by the weights' bytes plus up to the input's
   (2,846,912 B against 2,791,104 B of weights and a 196,608 B input; 3,633,344 B
-  against the same weights and an 884,736 B input). The planner counts
-  :func:`layout_copy_bytes` (those weights and inputs) on top of every point of the
-  step; without layouts (``layout_optimization=False``, on request) the step took 6%
+  against the same weights and an 884,736 B input). The planner counts each copy
+  from its first forward reader to its last backward one (:mod:`planner.layout_copies`);
+  without layouts (``layout_optimization=False``, on request) the step took 6%
   longer there and Inductor's convolution weight gradients were 500x less accurate.
 - inlining a pointwise value read by several kernels (``realize_reads_threshold``,
   4 reads by default): each consumer kernel recomputes it from its inputs, which stay
@@ -33,8 +33,7 @@ from typing import Iterable
 
 from torch import fx
 
-__all__ = ["CONV_CPU_OPTIONS", "is_convolution", "graph_convolves", "ops_convolve", "unmodelled_options",
-           "layout_copy_bytes"]
+__all__ = ["CONV_CPU_OPTIONS", "is_convolution", "graph_convolves", "ops_convolve", "unmodelled_options"]
 
 #: Inductor options for a graph that convolves on the CPU (see the module docstring).
 CONV_CPU_OPTIONS = {"realize_reads_threshold": 0}
@@ -55,23 +54,6 @@ def unmodelled_options(options: dict | None, assumed: dict = CONV_CPU_OPTIONS) -
     """The settings in ``options`` that undo ``assumed`` (by default :data:`CONV_CPU_OPTIONS`), as ``"key=value"``."""
     given = options or {}
     return [f"{k}={given[k]!r}" for k in assumed if k in given and given[k] != assumed[k]]
-
-
-def layout_copy_bytes(gm: fx.GraphModule) -> int:
-    """Bytes of what Inductor's channels-last layouts copy in joint graph ``gm``'s forward:
-    the weight of each convolution, and its input when that is an input of the graph,
-    each value once."""
-    seen, total = set(), 0
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or "convolution" not in str(n.target) or "backward" in str(n.target):
-            continue
-        for arg in n.args[:2]:
-            val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
-            if arg in seen or val is None or (arg is n.args[0] and arg.op != "placeholder"):
-                continue
-            seen.add(arg)
-            total += val.numel() * val.element_size()
-    return total
 
 
 def ops_convolve(ops: Iterable[str]) -> bool:

@@ -23,12 +23,12 @@ import torch.fx as fx
 from torch.profiler import ProfilerActivity, profile
 
 from . import rng_ops  # noqa: F401  (the planner_rng ops)
-from ._torch_private import profiler_cpu_memory_events, record_function_ranges, tree_map
+from ._torch_private import profiler_active, profiler_cpu_memory_events, real_tensors, record_function_ranges, tree_map
 from .allocator import graph_device
 from .joint import JointGraph
 from .profiler_notices import quiet_profiler_notices
 
-__all__ = ["run_nodes", "synthetic_cpu_temps"]
+__all__ = ["run_nodes", "synthetic_cpu_temps", "channels_last_conv_temps"]
 
 
 def _materialize(val: Any, device: torch.device) -> Any:
@@ -133,6 +133,24 @@ def synthetic_cpu_temps(joint: JointGraph) -> dict[str, int]:
         torch.set_rng_state(rng)
 
 
+def channels_last_conv_temps(joint: JointGraph) -> dict[str, int]:
+    """``{node name: temporary bytes}`` of the graph's convolutions and their backward,
+    measured on the CPU on synthetic inputs whose 4-d tensors are channels-last: as
+    Inductor calls them on the CPU, where it lays convolutions out that way (a
+    library convolution takes other temporaries on contiguous inputs). Real tensors
+    even inside a fake-tensor trace; ``{}`` while a profiler runs (a nested session
+    would end the caller's)."""
+    if profiler_active():
+        return {}
+    rng = torch.get_rng_state()
+    try:
+        with real_tensors(), torch.no_grad():
+            return _cpu_temps(joint, torch.device("cpu"), only=lambda n: "convolution" in str(n.target),
+                              channels_last=True)
+    finally:
+        torch.set_rng_state(rng)
+
+
 _RANGE_PREFIX = "planner_node::"
 
 
@@ -153,33 +171,38 @@ def _signature(n: fx.Node):
     return (str(n.target), tuple(tree_map(sig, list(n.args))), tuple(sorted((k, repr(tree_map(sig, v))) for k, v in n.kwargs.items())))
 
 
-def _synthetic(val: Any, device: torch.device) -> Any:
-    """A tensor with ``val``'s layout: ones for floating point, zeros otherwise
-    (valid indices, false masks). Temporaries depend on layouts, not values."""
+def _synthetic(val: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """A tensor with ``val``'s layout (channels-last for a 4-d tensor when
+    ``channels_last``): ones for floating point, zeros otherwise (valid indices,
+    false masks). Temporaries depend on layouts, not values."""
     if isinstance(val, torch.Tensor):
-        t = torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype, device=device)
+        if channels_last and val.dim() == 4:
+            t = torch.empty(tuple(val.shape), dtype=val.dtype, device=device, memory_format=torch.channels_last)
+        else:
+            t = torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype, device=device)
         return t.fill_(1) if (val.dtype.is_floating_point or val.dtype.is_complex) else t.zero_()
     return val
 
 
-def _cpu_temps(joint: JointGraph, device: torch.device) -> dict[str, int]:
+def _cpu_temps(joint: JointGraph, device: torch.device, only=None, channels_last: bool = False) -> dict[str, int]:
     """Each distinct (op, argument layouts) runs once on synthetic inputs, inside
     one profiler session with a ``record_function`` range per run. Its temporaries:
     the peak of allocator events within the range above the start, less what is
-    still allocated at its end (the outputs, freed after the range)."""
+    still allocated at its end (the outputs, freed after the range). ``only``: the
+    nodes to measure (default: all); ``channels_last``: 4-d inputs channels-last."""
     gm = joint.gm
     by_sig: dict[Any, list[str]] = {}
     first: dict[Any, fx.Node] = {}
     for n in gm.graph.nodes:
-        if n.op != "call_function" or n.target is operator.getitem:
+        if n.op != "call_function" or n.target is operator.getitem or (only is not None and not only(n)):
             continue
         key = _signature(n)
         by_sig.setdefault(key, []).append(n.name)
         first.setdefault(key, n)
     with quiet_profiler_notices(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for key, n in first.items():
-            args = tree_map(lambda a: _synthetic(a.meta.get("val"), device) if isinstance(a, fx.Node) else a, n.args)
-            kwargs = tree_map(lambda a: _synthetic(a.meta.get("val"), device) if isinstance(a, fx.Node) else a, n.kwargs)
+            make = lambda a: _synthetic(a.meta.get("val"), device, channels_last) if isinstance(a, fx.Node) else a  # noqa: E731
+            args, kwargs = tree_map(make, n.args), tree_map(make, n.kwargs)
             if n.target is torch.ops.planner_rng.replay_dropout_mask.default:
                 args = (torch.ops.planner_rng.state(torch.empty(0, device=device)), *args[1:])  # a valid state
             try:

@@ -260,9 +260,10 @@ def test_conv_net_compiled_by_inductor_on_cpu_peaks_as_predicted_within_its_budg
     keeping buffers the op-by-op simulation does not. A plan whose graph convolves is
     compiled with that value stored once, and (``planner.inductor_layout``):
 
-    - by default with the layouts, their copies counted (as all live at every point: the
-      weights' and the input's bytes, an upper bound): the measured peak is at most the
-      predicted one and at most the copies below it;
+    - by default with the layouts, simulated as Inductor runs it (the copies as they
+      live, convolution temporaries on channels-last inputs, pointwise values fused
+      into their one reader, kernels writing over a dying input): the measured peak is
+      the predicted one within 0.2%, at most it;
     - with ``compile_options={"layout_optimization": False}`` without them: no copies,
       the measured peak is the predicted one within 1%.
 
@@ -272,14 +273,13 @@ def test_conv_net_compiled_by_inductor_on_cpu_peaks_as_predicted_within_its_budg
     model = _ConvNet()
     g = torch.Generator().manual_seed(0)
     inputs = (torch.randn(2, 3, 16, 16, generator=g), torch.randint(0, 10, (2,), generator=g))
-    copies = sum(m.weight.nbytes for m in model.modules() if isinstance(m, nn.Conv2d)) + inputs[0].nbytes
     # options that undo them warn when planning; the graph planned is the same (they act after it)
     with pytest.warns(planner.InductorLayoutWarning, match="realize_reads_threshold=4"):
         step = planner.prepare(model, inputs, executor="inductor", compile_options={"realize_reads_threshold": 4})
     with step:
         fast = step.plan(2**30)
     with planner.prepare(model, inputs, executor="inductor", compile_options={"layout_optimization": False}) as step:
-        low = step.plan(int(0.97 * (fast.predicted_peak_bytes - copies) / (1 - INDUCTOR_CONV_CPU_MARGIN)))
+        low = step.plan(int(0.97 * step.plan(2**30).predicted_peak_bytes / (1 - INDUCTOR_CONV_CPU_MARGIN)))
     assert dict(fast.inductor_options) == {"realize_reads_threshold": 0}
     assert not any(is_extern(d.op) for d in fast.nodes if d.decision == "recompute")  # at most fused values
     assert dict(low.inductor_options) == {"layout_optimization": False, "realize_reads_threshold": 0} and low.recomputed
@@ -288,7 +288,7 @@ def test_conv_net_compiled_by_inductor_on_cpu_peaks_as_predicted_within_its_budg
     ref_model = copy.deepcopy(model)
     _, loss_r = run_step(ref_model, inputs)
     applied = {}
-    for p, below in ((fast, copies), (low, 0.01 * low.predicted_peak_bytes)):
+    for p, below in ((fast, 0.002 * fast.predicted_peak_bytes), (low, 0.01 * low.predicted_peak_bytes)):
         planned_model = copy.deepcopy(model)
         wrapped = applied[p is fast] = runtime.apply(planned_model, p)
         _, loss_p = run_step(wrapped, inputs)
