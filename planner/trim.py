@@ -4,7 +4,9 @@ The solvers search the graphs the partition emits, in the order it emits them
 (:meth:`planner.problem.Problem.unarranged`). The runtime then arranges those
 graphs for memory (:func:`planner.order.arrange`), which lowers the step's peak,
 so a plan found for a budget often fits with room to spare and recomputes values
-it could keep. :func:`trim` hands that room back: it keeps values again, the
+it could keep. So does a plan compiled by Inductor, whose graphs are not arranged
+but simulated fused (:mod:`planner.inductor_fusion`, for a graph that convolves on
+the CPU), which the ILP's rows do not see. :func:`trim` hands that room back: it keeps values again, the
 costliest recomputation first, as long as the exact simulation of the arranged
 step (:meth:`planner.problem.Problem.evaluate`) stays within the budget.
 
@@ -78,7 +80,7 @@ def trim(prob: Problem, ev: Evaluation, budget: int, *, max_arranged: int = MAX_
     (bisection on the estimate), confirmed or lowered by bisection on arranged
     evaluations; then up to :data:`MAX_SINGLES` single units, costliest first, while
     calls are left."""
-    if not ev.recompute or ev.sim.peak_bytes > budget or not prob.arrange:
+    if not ev.recompute or ev.sim.peak_bytes > budget or not (prob.arrange or prob.gp.joint.executor == "inductor"):
         return ev
     probe = _Probe(prob, ev, budget, max_arranged)
     nodes = prob.gp.nodes
