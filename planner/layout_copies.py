@@ -10,7 +10,7 @@ gives the bytes of copies live at each node of either graph, which the simulator
 (:mod:`planner.simulate`) and the ILP's rows (:mod:`planner.memory_model`) add to
 the step. With them, and the graphs simulated as Inductor runs them
 (:mod:`planner.inductor_fusion`), the predicted peak of a ResNet-18-like net (16
-images of 32x32) was at most 0.2% above the measured one at five budgets, and
+images of 32x32) was at most 0.3% above the measured one at five budgets, and
 equal to it on a small conv net (BENCHMARKS.md, "ResNet").
 
 A library convolution takes other temporaries on channels-last inputs than on the
