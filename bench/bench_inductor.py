@@ -21,7 +21,7 @@ of every configuration before step i+1 of any); the median is reported. Loss and
 gradients of planned + Inductor are compared with ``torch.compile``'s (same seed).
 
     python bench/bench_inductor.py [--model gpt2|resnet|all] [--steps 20] [--device cpu|cuda] [--out FILE]
-        [--fractions 0.5,0.3] [--amb 0.5,0.3] [--threads 1]
+        [--fractions 0.5,0.3] [--amb 0.5,0.3] [--threads 1] [--executors eager,inductor] [--lean]
 """
 
 from __future__ import annotations
@@ -155,13 +155,16 @@ def _amb_module(wl: Workload, fraction: float):
 
 
 def _configs(wl: Workload, eager_peak: int, executors=("eager", "inductor"), amb=AMB_FRACTIONS,
-             fractions=FRACTIONS) -> list[dict]:
-    """Every configuration: label, kind, module, and for planned ones the plan."""
+             fractions=FRACTIONS, lean: bool = False) -> list[dict]:
+    """Every configuration: label, kind, module, and for planned ones the plan. ``lean``:
+    only ``torch.compile``, the planned fractions and ``activation_memory_budget`` (fewer
+    configurations interleaved, so less noise between them)."""
     act = eager_peak - wl.static
-    budgets = [("above eager's peak", 2 * eager_peak)] + [(f"{int(f * 100)}% of activations", int(wl.static + f * act)) for f in fractions]
-    out = [{"label": "eager", "kind": "eager", "module": wl.model},
-           {"label": "torch.compile", "kind": "compile", "module": torch.compile(wl.model)}]
-    if wl.device.type == "cpu" and any(isinstance(m, torch.nn.Conv2d) for m in wl.model.modules()):
+    budgets = ([] if lean else [("above eager's peak", 2 * eager_peak)]) + [
+        (f"{int(f * 100)}% of activations", int(wl.static + f * act)) for f in fractions]
+    out = ([] if lean else [{"label": "eager", "kind": "eager", "module": wl.model}]) + [
+        {"label": "torch.compile", "kind": "compile", "module": torch.compile(wl.model)}]
+    if not lean and wl.device.type == "cpu" and any(isinstance(m, torch.nn.Conv2d) for m in wl.model.modules()):
         opts = ", ".join(f"{k}={v}" for k, v in CONV_CPU_OPTIONS.items())
         out.append({"label": f"torch.compile, {opts}", "kind": "compile-conv-options",
                     "module": torch.compile(wl.model, options=dict(CONV_CPU_OPTIONS))})
@@ -264,6 +267,8 @@ def main(argv=None) -> None:
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
                     help="planned budgets: fractions of eager's activations (besides one above eager's peak)")
     ap.add_argument("--executors", default="eager,inductor", help="planned configurations: eager (op by op), inductor")
+    ap.add_argument("--lean", action="store_true",
+                    help="only torch.compile, the planned fractions and activation_memory_budget (less noise)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -275,7 +280,7 @@ def main(argv=None) -> None:
     for name in names:
         which = {"executors": tuple(e for e in args.executors.split(",") if e),
                  "amb": tuple(float(f) for f in args.amb.split(",") if f),
-                 "fractions": tuple(float(f) for f in args.fractions.split(",") if f)}
+                 "fractions": tuple(float(f) for f in args.fractions.split(",") if f), "lean": args.lean}
         results["workloads"].append(run_workload(name, device, args.steps, args.scale, **which))
         print(table(results["workloads"][-1]) + "\n", flush=True)
     results["machine"]["load_after"] = os.getloadavg()
