@@ -236,13 +236,14 @@ def test_inductor_cost_model_prices_fused_ops_at_their_arithmetic():
 
 
 class _ConvNet(nn.Module):
-    """A conv stem and two residual blocks (the second downsamples through a 1x1 conv), cross-entropy;
-    no BatchNorm, so that Inductor compiles few kernels."""
+    """A conv stem and two residual blocks (the second downsamples through a 1x1 conv), one
+    BatchNorm (reductions, a value read by several kernels), cross-entropy; small, so that
+    Inductor compiles few kernels."""
 
     def __init__(self, w: int = 4):
         super().__init__()
         self.stem = nn.Conv2d(3, w, 3, 1, 1)
-        self.a = nn.Sequential(nn.Conv2d(w, w, 3, 1, 1), nn.ReLU(), nn.Conv2d(w, w, 3, 1, 1))
+        self.a = nn.Sequential(nn.Conv2d(w, w, 3, 1, 1), nn.BatchNorm2d(w), nn.ReLU(), nn.Conv2d(w, w, 3, 1, 1))
         self.b = nn.Sequential(nn.Conv2d(w, 2 * w, 3, 2, 1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, 1, 1))
         self.down = nn.Conv2d(w, 2 * w, 1, 2)
         self.fc = nn.Linear(2 * w, 10)
