@@ -10,8 +10,9 @@ each of ``Plan.distributed.fsdp_blocks`` then on the model
 (``runtime.fully_shard_blocks``): the eager model, then ``runtime.apply(model, low)``
 (each block compiled on its own and split by the plan, the code between blocks
 eager). The planned run's gradients equal the eager run's at both steps; each
-second step, measured from torch.profiler allocator events, peaks within 5% of its
-plan's prediction, the planned one within the budget.
+second step, measured from torch.profiler allocator events (run again while a rank's
+profiler missed a free), peaks within 5% of its plan's prediction, the planned one
+within the budget.
 """
 
 from __future__ import annotations
@@ -79,23 +80,43 @@ def _run(base, inputs, plan: planner.Plan, planned: bool) -> tuple[tuple, int, i
     return grads, storage_bytes(inputs.values()) + peak, missed
 
 
+#: Runs of one case at most, while a rank's profiler missed a free.
+TRIES = 3
+
+
+def _clean_run(base, inputs, plan: planner.Plan, planned: bool) -> tuple[tuple, int, int]:
+    """:func:`_run`, again (every rank together) while any rank's profiler missed a free,
+    which leaves that rank's measured peak an upper bound by the block it missed (about
+    one run in six); the last run's results."""
+    import torch.distributed as dist
+
+    for _ in range(TRIES):
+        grads, peak, missed = _run(base, inputs, plan, planned)
+        any_missed = torch.tensor([missed])
+        dist.all_reduce(any_missed, op=dist.ReduceOp.MAX)
+        if any_missed.item() == 0:
+            break
+    return grads, peak, missed
+
+
 def on_rank(rank: int, plans: list[str]) -> dict:
     """On one rank: the eager GPT-2 wrapped per block as the plan records, then the same
     under the low plan; their second steps' absolute peaks and the frees the profiler missed."""
     p, low = (planner.Plan.from_json(s) for s in plans)
     base, inputs = _gpt2(), _inputs(rank)
-    ref, measured, missed = _run(base, inputs, p, planned=False)
-    got, planned, planned_missed = _run(base, inputs, low, planned=True)
+    ref, measured, missed = _clean_run(base, inputs, p, planned=False)
+    got, planned, planned_missed = _clean_run(base, inputs, low, planned=True)
     for step in range(2):  # the same FSDP2 step, exactly
         assert_same_grads(ref[step], got[step], f"rank {rank} per-block plan, step {step + 1}", rtol=0, atol=0)
     return {"measured": measured, "missed_frees": missed, "planned": planned, "planned_missed_frees": planned_missed}
 
 
 def check(results: list[dict], p: planner.Plan, low: planner.Plan) -> None:
-    """Every rank's peak within 5% of its plan's; the planned one within the budget too
-    (``missed_frees``: reported, not asserted)."""
-    # A free the profiler missed (a buffer whose last reference gloo's thread dropped: about one run in
-    # six, on either rank) leaves the measured peak an upper bound (profiles.memory.allocator_peak).
+    """Every rank's peak within 5% of its plan's; the planned one within the budget too.
+    A free the profiler missed (a buffer whose last reference gloo's thread dropped: about
+    one run in six, on either rank) leaves the measured peak an upper bound
+    (profiles.memory.allocator_peak); :func:`on_rank` runs such a case again, up to
+    :data:`TRIES` times, so ``missed_frees`` is 0 unless every try missed one."""
     for rank, r in enumerate(results):
         assert abs(r["measured"] - p.predicted_peak_bytes) <= 0.05 * r["measured"], (rank, r, p.predicted_peak_bytes)
         assert r["planned"] <= low.budget_bytes, (rank, r, low.budget_bytes)
