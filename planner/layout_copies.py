@@ -22,13 +22,12 @@ on channels-last synthetic inputs.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from torch import fx
 
-from profiles.graph_profile import GraphProfile
+from profiles.graph_profile import GraphProfile, with_temps
 from profiles.inductor_conv import is_convolution
 from profiles.timing import channels_last_conv_temps
 
@@ -106,7 +105,4 @@ def layout_copies(gp: GraphProfile) -> LayoutCopies:
 def channels_last_temps(gp: GraphProfile) -> GraphProfile:
     """``gp`` with the temporaries of its convolutions and their backward as measured on
     channels-last inputs (:func:`profiles.timing.channels_last_conv_temps`)."""
-    temps = channels_last_conv_temps(gp.joint)
-    nodes = {name: dataclasses.replace(ni, temp_bytes=temps[name]) if name in temps else ni
-             for name, ni in gp.nodes.items()}
-    return dataclasses.replace(gp, nodes=nodes)
+    return with_temps(gp, channels_last_conv_temps(gp.joint))

@@ -15,7 +15,6 @@ predict a peak without them.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -24,7 +23,7 @@ import torch.fx as fx
 from profiles._torch_private import profiler_active, real_tensors
 from profiles.allocator import granularity, graph_device_type, round_bytes
 from profiles.joint import JointGraph
-from profiles.graph_profile import profile_graph
+from profiles.graph_profile import profile_graph, with_temps
 from profiles.timing import synthetic_cpu_temps
 
 from .distributed import from_record
@@ -98,8 +97,7 @@ def resimulate(plan: Plan, joint: fx.GraphModule, forward: fx.GraphModule, backw
     if device == "cpu" and not profiler_active():
         with real_tensors():
             temps = synthetic_cpu_temps(jg)
-        nodes = {name: dataclasses.replace(ni, temp_bytes=temps[name]) if name in temps else ni for name, ni in gp.nodes.items()}
-        gp = dataclasses.replace(gp, nodes=nodes)
+        gp = with_temps(gp, temps)
     engine, gp = with_layout_copies(from_record(plan.distributed), gp, plan.inductor_options)
     sched = schedule_of(forward, backward)
     if plan.executor == "eager":  # as the runtime runs it op by op: arranged for memory (Inductor orders its own)

@@ -29,7 +29,7 @@ from .joint import JointGraph, mutated_primals
 from .nodes import FlopCountError, is_recomputable, module_path, node_flops, op_name, value_tensors
 from .timing import run_nodes, synthetic_cpu_temps
 
-__all__ = ["NodeInfo", "GraphProfile", "FlopCountWarning", "profile_graph", "count_flops"]
+__all__ = ["NodeInfo", "GraphProfile", "FlopCountWarning", "profile_graph", "count_flops", "with_temps"]
 
 
 class FlopCountWarning(UserWarning):
@@ -225,6 +225,13 @@ def _add_measured(joint: JointGraph, infos: dict[str, NodeInfo], device: torch.d
         if measure_time:
             kw["time_s"] = secs
         infos[name] = dataclasses.replace(infos[name], **kw)
+
+
+def with_temps(gp: GraphProfile, temps: dict[str, int]) -> GraphProfile:
+    """``gp`` with the temporary bytes of the nodes ``temps`` names (``{name: bytes}``) replaced."""
+    nodes = {name: dataclasses.replace(ni, temp_bytes=temps[name]) if name in temps else ni
+             for name, ni in gp.nodes.items()}
+    return dataclasses.replace(gp, nodes=nodes)
 
 
 def profile_graph(

@@ -125,10 +125,15 @@ def run_nodes(joint: JointGraph, *, measure_time: bool = True, measure_temps: bo
 def synthetic_cpu_temps(joint: JointGraph) -> dict[str, int]:
     """``{node name: temporary bytes}`` measured on the CPU on synthetic inputs only,
     one op at a time (no captured values needed: used for meta-device models)."""
+    return _synthetic_temps(joint)
+
+
+def _synthetic_temps(joint: JointGraph, **kw) -> dict[str, int]:
+    """:func:`_cpu_temps` on the CPU without gradients, the RNG state restored after."""
     rng = torch.get_rng_state()
     try:
         with torch.no_grad():
-            return _cpu_temps(joint, torch.device("cpu"))
+            return _cpu_temps(joint, torch.device("cpu"), **kw)
     finally:
         torch.set_rng_state(rng)
 
@@ -142,13 +147,8 @@ def channels_last_conv_temps(joint: JointGraph) -> dict[str, int]:
     would end the caller's)."""
     if profiler_active():
         return {}
-    rng = torch.get_rng_state()
-    try:
-        with real_tensors(), torch.no_grad():
-            return _cpu_temps(joint, torch.device("cpu"), only=lambda n: "convolution" in str(n.target),
-                              channels_last=True)
-    finally:
-        torch.set_rng_state(rng)
+    with real_tensors():
+        return _synthetic_temps(joint, only=lambda n: "convolution" in str(n.target), channels_last=True)
 
 
 _RANGE_PREFIX = "planner_node::"
