@@ -90,13 +90,15 @@ def layout_copies(gp: GraphProfile) -> LayoutCopies:
     made: dict[str, int] = {}
     freed: dict[str, int] = {}
     forward_only = 0
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
     for value, nbytes in _copied(gm).items():
-        readers = {u for u in value.users if u.op == "call_function"}
-        first = next(u for u in gm.graph.nodes if u in readers and u.name in forward)
+        readers = [u for u in value.users if u.op == "call_function"]
+        first = min((u for u in readers if u.name in forward), key=position.__getitem__)
         made[first.name] = made.get(first.name, 0) + nbytes
-        backward = [u for u in gm.graph.nodes if u in readers and u.name not in forward]
+        backward = [u for u in readers if u.name not in forward]
         if backward:
-            freed[backward[-1].name] = freed.get(backward[-1].name, 0) + nbytes
+            last = max(backward, key=position.__getitem__)
+            freed[last.name] = freed.get(last.name, 0) + nbytes
         else:
             forward_only += nbytes
     return LayoutCopies(made=made, freed=freed, forward_only=forward_only, total=sum(made.values()))
