@@ -2,9 +2,10 @@
 
 With layout optimisation (the default on the CPU), Inductor copies each
 convolution's weight, and a graph input a convolution reads, into the
-channels-last layout when the first forward convolution reads it; forward hands
-the copy to backward, and backward frees it after its last reader there (the
-weight's ``convolution_backward``): ``del primals_N`` in Inductor's generated code.
+channels-last layout in the first kernel of the forward graph, before anything
+else runs; forward hands the copy to backward, and backward frees it after its
+last reader there (the weight's ``convolution_backward``): ``del primals_N`` in
+Inductor's generated code.
 A copy backward never reads is freed as forward returns. :class:`LayoutCopies`
 gives the bytes of copies live at each node of either graph, which the simulator
 (:mod:`planner.simulate`) and the ILP's rows (:mod:`planner.memory_model`) add to
@@ -14,10 +15,10 @@ images of 32x32) was at most 0.3% above the measured one at five budgets, and
 equal to it on a small conv net (BENCHMARKS.md, "ResNet").
 
 A library convolution takes other temporaries on channels-last inputs than on the
-contiguous ones the op-by-op profile measures (on that net none the size of an
-activation in backward, where the profile measured one or two):
-:func:`channels_last_temps` measures each convolution and its backward again,
-on channels-last synthetic inputs.
+contiguous ones the op-by-op profile measures: :func:`channels_last_temps` measures
+each convolution and its backward again, on channels-last synthetic inputs, and
+keeps the larger of both (on channels-last inputs alone a conv net whose loss is
+computed outside it measured one activation above the prediction).
 """
 
 from __future__ import annotations
@@ -39,8 +40,6 @@ __all__ = ["LayoutCopies", "layout_copies", "channels_last_temps"]
 class LayoutCopies:
     """Bytes of the channels-last copies along a step (see the module docstring)."""
 
-    #: Per forward node: bytes of the copies it is the first reader of (made as it runs).
-    made: Mapping[str, int]
     #: Per backward node: bytes of the copies it is the last reader of (freed after it).
     freed: Mapping[str, int]
     #: Bytes of the copies backward does not read (freed as forward returns).
@@ -56,13 +55,9 @@ class LayoutCopies:
     def along(self, phase: str, names: Iterable[str]) -> list[int]:
         """Bytes of copies live while each of ``names`` (a graph's nodes in run order) runs,
         in ``phase`` (``"forward"`` or ``"backward"``)."""
-        out = []
         if phase == "forward":
-            live = 0
-            for name in names:
-                live += self.made.get(name, 0)
-                out.append(live)
-            return out
+            return [self.total for _ in names]
+        out = []
         live = self.held
         for name in names:
             out.append(live)
@@ -87,24 +82,22 @@ def layout_copies(gp: GraphProfile) -> LayoutCopies:
     """The channels-last copies of ``gp``'s joint graph along its step."""
     gm = gp.gm
     forward = {name for name, ni in gp.nodes.items() if ni.phase == "forward"}
-    made: dict[str, int] = {}
     freed: dict[str, int] = {}
-    forward_only = 0
+    forward_only = total = 0
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     for value, nbytes in _copied(gm).items():
-        readers = [u for u in value.users if u.op == "call_function"]
-        first = min((u for u in readers if u.name in forward), key=position.__getitem__)
-        made[first.name] = made.get(first.name, 0) + nbytes
-        backward = [u for u in readers if u.name not in forward]
+        total += nbytes
+        backward = [u for u in value.users if u.op == "call_function" and u.name not in forward]
         if backward:
             last = max(backward, key=position.__getitem__)
             freed[last.name] = freed.get(last.name, 0) + nbytes
         else:
             forward_only += nbytes
-    return LayoutCopies(made=made, freed=freed, forward_only=forward_only, total=sum(made.values()))
+    return LayoutCopies(freed=freed, forward_only=forward_only, total=total)
 
 
 def channels_last_temps(gp: GraphProfile) -> GraphProfile:
-    """``gp`` with the temporaries of its convolutions and their backward as measured on
-    channels-last inputs (:func:`profiles.timing.channels_last_conv_temps`)."""
-    return with_temps(gp, channels_last_conv_temps(gp.joint))
+    """``gp`` with the temporaries of its convolutions and their backward the larger of its
+    own and those measured on channels-last inputs (:func:`profiles.timing.channels_last_conv_temps`)."""
+    measured = channels_last_conv_temps(gp.joint)
+    return with_temps(gp, {name: max(temp, gp.nodes[name].temp_bytes) for name, temp in measured.items()})

@@ -262,9 +262,10 @@ def test_conv_net_compiled_by_inductor_on_cpu_peaks_as_predicted_within_its_budg
     compiled with that value stored once, and (``planner.inductor_layout``):
 
     - by default with the layouts, simulated as Inductor runs it (the copies as they
-      live, convolution temporaries on channels-last inputs, pointwise values fused
-      into their one reader, kernels writing over a dying input): the measured peak is
-      the predicted one within 0.2%, at most it;
+      live, convolution temporaries the larger of those on contiguous and on
+      channels-last inputs, pointwise values fused into their one reader, kernels
+      writing over a dying input): the measured peak is at most the predicted one and
+      within 5% of it;
     - with ``compile_options={"layout_optimization": False}`` without them: no copies,
       the measured peak is the predicted one within 1%.
 
@@ -289,7 +290,7 @@ def test_conv_net_compiled_by_inductor_on_cpu_peaks_as_predicted_within_its_budg
     ref_model = copy.deepcopy(model)
     _, loss_r = run_step(ref_model, inputs)
     applied = {}
-    for p, below in ((fast, 0.002 * fast.predicted_peak_bytes), (low, 0.01 * low.predicted_peak_bytes)):
+    for p, below in ((fast, 0.05 * fast.predicted_peak_bytes), (low, 0.01 * low.predicted_peak_bytes)):
         planned_model = copy.deepcopy(model)
         wrapped = applied[p is fast] = runtime.apply(planned_model, p)
         _, loss_p = run_step(wrapped, inputs)
@@ -306,3 +307,66 @@ def test_conv_net_compiled_by_inductor_on_cpu_peaks_as_predicted_within_its_budg
     assert measured_step_peak(wrapped, wrapped.module, wider) <= entry.predicted_peak_bytes
     with pytest.warns(planner.InductorLayoutWarning, match="layout_optimization=True"):
         runtime.apply(copy.deepcopy(model), low, compile_options={"layout_optimization": True})
+
+
+class _ConvLogits(nn.Module):
+    """A conv stem and a residual block with a BatchNorm, returning logits (the loss outside)."""
+
+    def __init__(self, w: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, w, 3, 1, 1)
+        self.a = nn.Sequential(nn.Conv2d(w, w, 3, 1, 1), nn.BatchNorm2d(w), nn.ReLU(), nn.Conv2d(w, w, 3, 1, 1))
+        self.fc = nn.Linear(w, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return self.fc(torch.relu(self.a(h) + h).mean((2, 3)))
+
+
+def test_conv_plan_for_inductor_in_the_everyday_loop_holds_the_budget():
+    """The loss outside the model and ``AdamW(foreach=True)`` around a conv net planned for
+    Inductor at its minimum budget: every iteration measures at most the predicted peak,
+    within the budget, and its losses and final gradients equal ``torch.compile``'s. (With
+    the convolutions' temporaries taken from channels-last inputs alone, this loop measured
+    one activation, 32 KiB, above its prediction and 9% over the budget.)"""
+    torch.manual_seed(0)
+    model = _ConvLogits()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+
+    def loss_fn(out):
+        return nn.functional.cross_entropy(out, y)
+
+    static = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers(), x])
+    with planner.prepare(model, (x,), executor="inductor", loss_fn=loss_fn, optimizer="adamw") as step:
+        state = step.plan(2**40).training_loop.optimizer_state_bytes
+        with pytest.raises(planner.BudgetTooSmall) as too_small:
+            step.plan(static)
+        p = step.plan(too_small.value.min_budget_bytes)
+    ref_model, planned_model = copy.deepcopy(model), copy.deepcopy(model)
+    ref, wrapped = torch.compile(ref_model, dynamic=False), runtime.apply(planned_model, p)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=True) for m in (ref_model, planned_model)]
+
+    def iteration(module, opt):
+        loss = loss_fn(module(x))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    wrapped(x), ref(x)  # compiled before measuring (both: BatchNorm's running statistics move alike)
+    for i in range(3):
+        expected = iteration(ref, opts[0])
+        peak, loss = measure_peak(lambda: iteration(wrapped, opts[1]))
+        measured = static + (state if i else 0) + peak
+        assert measured <= p.predicted_peak_bytes <= p.budget_bytes, (i, measured, p.predicted_peak_bytes)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # the gradients after three updates (AdamW turns gradient rounding noise into updates of lr's
+    # size, which BatchNorm's running statistics then follow: compared through losses and gradients)
+    losses = []
+    for module in (ref, wrapped):
+        losses.append(loss_fn(module(x)))
+        losses[-1].backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(ref_model.named_parameters(), planned_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

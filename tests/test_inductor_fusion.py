@@ -69,10 +69,10 @@ def test_a_generated_kernel_writes_over_a_dying_input_of_its_size_only():
     assert writes_over_input(info, "conv", (1,), [("x", (0,))], [64, 64], {0: 1}) is None
 
 
-def test_layout_copies_live_from_their_first_forward_reader_to_their_last_backward_one():
-    copies = LayoutCopies(made={"conv_a": 100, "conv_b": 10}, freed={"conv_bwd_b": 10, "conv_bwd_a": 90},
-                          forward_only=10, total=110)
+def test_layout_copies_live_from_the_start_of_forward_to_their_last_backward_reader():
+    copies = LayoutCopies(freed={"conv_bwd_b": 10, "conv_bwd_a": 90}, forward_only=10, total=110)
     assert copies.held == 100
-    assert copies.along("forward", ["x", "conv_a", "relu", "conv_b"]) == [0, 100, 100, 110]
+    # made by forward's first kernel, before anything else runs
+    assert copies.along("forward", ["x", "conv_a", "relu", "conv_b"]) == [110, 110, 110, 110]
     # live while the last reader runs, freed after it
     assert copies.along("backward", ["g", "conv_bwd_b", "conv_bwd_a", "end"]) == [100, 100, 90, 0]
