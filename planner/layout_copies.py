@@ -66,14 +66,15 @@ class LayoutCopies:
 
 
 def _copied(gm: fx.GraphModule) -> dict[fx.Node, int]:
-    """The graph inputs Inductor copies (convolution weights, inputs read by a convolution) and their bytes."""
+    """The values Inductor copies (each convolution's weight, as given to it: a parameter, or
+    its cast under autocast; a graph input a convolution reads) and their bytes."""
     out: dict[fx.Node, int] = {}
     for n in gm.graph.nodes:
         if n.op != "call_function" or not is_convolution(str(n.target)) or "backward" in str(n.target):
             continue
         for arg in n.args[:2]:
             val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
-            if val is not None and arg.op == "placeholder":
+            if val is not None and (arg is n.args[1] or arg.op == "placeholder"):
                 out[arg] = val.numel() * val.element_size()
     return out
 
